@@ -1,7 +1,7 @@
 """Accuracy of the analytic model against PyTorch's own accounting (fake-tensor oracle).
 
 Run: python benchmarks/bench_accuracy.py [--markdown]
-Prints, for each case of ``planner.oracle_panel.PANEL``: the oracle's peak (MemTracker over two
+Prints, for each case of ``planner.truth.oracle_panel.PANEL``: the oracle's peak (MemTracker over two
 training steps), ours, the error, the phase of the peak, and FLOPs (FlopCounterMode, eager
 attention) against ours; then median and max |error|.
 """
@@ -13,12 +13,13 @@ import statistics
 import sys
 import time
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import load_model_config
-from planner.estimate import estimate
-from planner.oracle_panel import PANEL
-from planner.specs import TrainingSetup
-from planner.trace import reduce_layers, trace_flops, trace_training_step
+from planner.cost.estimate import estimate
+from planner.specs.catalog import load_model_config
+from planner.specs.configs import reduce_layers
+from planner.specs.model import model_spec_from_config
+from planner.specs.setup import TrainingSetup
+from planner.truth.oracle_panel import PANEL
+from planner.truth.trace import trace_flops, trace_training_step
 
 
 def measure(case):

@@ -3,7 +3,7 @@
     python benchmarks/bench_calibration.py                       # CPU, smollm2-135m-instruct
     python benchmarks/bench_calibration.py --device cuda --models smollm2-135m-instruct llama-3.1-8b
 
-For every model: `planner.profile.calibrate_device` on the default grid (reduced layers, see
+For every model: `planner.truth.profile.calibrate_device` on the default grid (reduced layers, see
 planner/profile.py), the accuracy table (every point, before and after), the profile written
 under models_catalog/calibrations/, and a transfer check: a few points of the model at its full
 depth, measured the same way but never fitted, predicted with the profile. Prints markdown
@@ -19,13 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from planner.calibrate import (
-    _spec_for,
-    accuracy_table,
-    predict_peak_bytes,
-    predict_reserved_bytes,
-    save_profile,
-)
+from planner.cost.calibrated import _spec_for, predict_peak_bytes, predict_reserved_bytes
+from planner.specs.profile import save_profile
+from planner.truth.calibrate import accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"cpu": {"step_time": 0.15, "peak": 0.05}, "cuda": {"step_time": 0.10, "reserved": 0.05}}
@@ -58,12 +54,12 @@ def markdown_table(profile) -> str:
 
 def transfer_check(profile, model: str, device: str, points: int) -> list[dict]:
     """Measure ``points`` set-ups at the model's full depth (never fitted) and predict them."""
-    from planner.calibrate import default_corrections
-    from planner.catalog import load_model_config
-    from planner.profile import GridPoint, run_grid
-    from planner.specs import TrainingSetup
-    from planner.throughput import step_time
-    from planner.trace import num_layers_of
+    from planner.cost.step_time import step_time
+    from planner.specs.catalog import load_model_config
+    from planner.specs.configs import num_layers_of
+    from planner.specs.profile import default_corrections
+    from planner.specs.setup import TrainingSetup
+    from planner.truth.profile import GridPoint, run_grid
 
     config = load_model_config(model)[0]
     layers = num_layers_of(config)
@@ -91,7 +87,7 @@ def transfer_check(profile, model: str, device: str, points: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from planner.profile import calibrate_device
+    from planner.truth.profile import calibrate_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

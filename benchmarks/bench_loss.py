@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import lossfit, pruning, scaling, stopping
+from planner.loss import fitting, pruning, scaling, stopping
 
 ROOT = Path(__file__).resolve().parents[1]
 CHINCHILLA_CSV = ROOT.parent / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
@@ -90,9 +90,9 @@ def chinchilla_refit(full: bool) -> str:
     if full:
         keep = loss < np.sort(loss)[-5]
         t0 = time.perf_counter()
-        with lossfit.single_threaded_blas():
-            theta, obj = lossfit.multistart_lse_fit(np.log(n[keep]), np.log(d[keep]), np.log(loss[keep]), 1e-3,
-                                                    lossfit.grid_starts(lossfit.HOFFMANN_GRID))
+        with fitting.single_threaded_blas():
+            theta, obj = fitting.multistart_lse_fit(np.log(n[keep]), np.log(d[keep]), np.log(loss[keep]), 1e-3,
+                                                    fitting.grid_starts(fitting.HOFFMANN_GRID))
         dt = time.perf_counter() - t0
         p = dict(zip(("A", "B", "E"), np.exp(theta[:3]), strict=True)) | {"alpha": theta[3], "beta": theta[4]}
         rows.append({"fit": "planner, Hoffmann grid, every start to convergence", **{k: f"{p[k]:.5g}" for k in NAMES},

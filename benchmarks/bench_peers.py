@@ -14,13 +14,14 @@ from __future__ import annotations
 import statistics
 import sys
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import load_model_config
-from planner.estimate import estimate
-from planner.oracle_panel import PANEL
-from planner.params import count_params
-from planner.specs import TrainingSetup
-from planner.trace import reduce_layers, trace_training_step
+from planner.cost.estimate import estimate
+from planner.cost.params import count_params
+from planner.specs.catalog import load_model_config
+from planner.specs.configs import reduce_layers
+from planner.specs.model import model_spec_from_config
+from planner.specs.setup import TrainingSetup
+from planner.truth.oracle_panel import PANEL
+from planner.truth.trace import trace_training_step
 
 
 def llm_analysis_peak(spec, setup) -> float | None:

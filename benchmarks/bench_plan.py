@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 
-from planner import optimize, pruning, scaling
-from planner.plan import PlanRequest
+from planner.loss import pruning, scaling
+from planner.search import optimize
+from planner.search.plan import PlanRequest
 
 
 def _table(rows: list[dict]) -> str:
@@ -159,7 +160,7 @@ def _memory_switch() -> dict:
         qlora = _fits_any(model, gpu, "qlora", request)
         expect = "full" if full else ("lora" if lora else ("qlora" if qlora else None))
         agree += rec == expect or (expect == "lora" and rec == "qlora")
-    return {"problem": f"memory limit: method switch, {len(pairs)} (model, GPU) pairs", "known answer": "planner.memory's verdict",
+    return {"problem": f"memory limit: method switch, {len(pairs)} (model, GPU) pairs", "known answer": "planner.cost.memory's verdict",
             "plan": f"{agree}/{len(pairs)} agree", "error": f"{len(pairs) - agree} disagree"}
 
 

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import load_model_config
-from planner.estimate import sweep
-from planner.specs import TrainingSetup
+from planner.cost.estimate import sweep
+from planner.specs.catalog import load_model_config
+from planner.specs.model import model_spec_from_config
+from planner.specs.setup import TrainingSetup
 
 
 def sweep_rate(model: str = "llama-3.1-8b") -> tuple[int, float]:

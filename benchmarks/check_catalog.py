@@ -33,7 +33,7 @@ def transformers_param_count(config: dict) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from planner.catalog import list_models, load_model_config
+    from planner.specs.catalog import list_models, load_model_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=0.025, help="allowed |ratio - 1| (default 0.025)")

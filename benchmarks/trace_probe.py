@@ -19,8 +19,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.specs import TrainingSetup  # noqa: E402
-from planner.trace import CATEGORIES, PHASES, trace_training_step  # noqa: E402
+from planner.specs.setup import TrainingSetup  # noqa: E402
+from planner.truth.trace import CATEGORIES, PHASES, trace_training_step  # noqa: E402
 
 CATALOG = ROOT / "models_catalog" / "models"
 DEFAULT_MODELS = ("llama-3.1-8b", "qwen2.5-0.5b", "gpt2", "gemma-2-2b", "mixtral-8x7b", "qwen3-30b-a3b")

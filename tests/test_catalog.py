@@ -1,4 +1,4 @@
-"""The catalogs (models_catalog/) and their loader (planner.catalog).
+"""The catalogs (models_catalog/) and their loader (planner.specs.catalog).
 
 Structure and coverage tests read JSON only. The ``oracle`` tests build every catalog model with
 transformers on the meta device (no weights) and compare its parameter count with the published one.
@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 
-from planner.catalog import catalog_root, list_gpus, list_models, load_gpu, load_model_config
 from planner.errors import PlannerError
-from planner.specs import GpuSpec
+from planner.specs.catalog import catalog_root, list_gpus, list_models, load_gpu, load_model_config
+from planner.specs.hardware import GpuSpec
 
 # Published counts are rounded ("7.61B", "70B"); transformers' exact count must lie within this band.
 PARAM_TOLERANCE = 0.025
@@ -336,7 +336,7 @@ def test_unknown_gpu_names_closest_entries():
 
 def test_catalog_imports_neither_torch_nor_transformers():
     code = (
-        "import sys, planner.catalog as c; c.list_gpus(); c.load_model_config('gpt2'); "
+        "import sys, planner.specs.catalog as c; c.list_gpus(); c.load_model_config('gpt2'); "
         "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

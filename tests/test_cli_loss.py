@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner import scaling
 from planner.cli import main
+from planner.loss import scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUE = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}

@@ -39,7 +39,7 @@ def test_estimate_table_and_zero_sharding(capsys):
 
 
 def test_estimate_accepts_a_config_path(capsys, tmp_path):
-    from planner.catalog import load_model_config
+    from planner.specs.catalog import load_model_config
 
     config, _ = load_model_config("smollm2-135m-instruct")
     path = tmp_path / "config.json"
@@ -104,11 +104,10 @@ def test_fit_reports_rows_and_fixes(capsys):
 
 def test_fit_max_micro_batch_is_the_boundary(capsys):
     """The reported micro-batch fits and one more does not (the estimate agrees with fit)."""
-    from planner.catalog import load_gpu
-    from planner.cli_train import load_spec
-    from planner.feasibility import usable_allocated_bytes
-    from planner.memory import training_memory
-    from planner.specs import TrainingSetup
+    from planner.cost.memory import training_memory
+    from planner.search.fit import usable_allocated_bytes
+    from planner.specs.catalog import load_gpu, load_spec
+    from planner.specs.setup import TrainingSetup
 
     code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "a100-80gb", "--seq-len", "2048", "--json")
     row = next(r for r in json.loads(out)["rows"] if r["method"] == "lora" and r["checkpointing"] == "none")

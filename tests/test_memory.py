@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import load_model_config
-from planner.estimate import sweep
-from planner.memory import inference_memory, training_memory
-from planner.params import count_params
-from planner.specs import InferenceSetup, TrainingSetup
+from planner.cost.estimate import sweep
+from planner.cost.memory import inference_memory, training_memory
+from planner.cost.params import count_params
+from planner.specs.catalog import load_model_config
+from planner.specs.model import model_spec_from_config
+from planner.specs.setup import InferenceSetup, TrainingSetup
 
 
 @pytest.fixture(scope="module")

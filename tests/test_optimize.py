@@ -1,4 +1,4 @@
-"""The search (planner.optimize): Pareto front against brute force, known answers, infeasibility."""
+"""The search (planner.search.optimize): Pareto front against brute force, known answers, infeasibility."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from planner import optimize, pruning, scaling
 from planner.errors import PlannerError
-from planner.plan import Allocation, CompareRequest, PlanRequest
+from planner.loss import pruning, scaling
+from planner.search import optimize
+from planner.search.plan import Allocation, CompareRequest, PlanRequest
 
 LAW = scaling.load_law("besiroglu2024")
 FINE_STEP = 10 ** (1 / optimize.LADDER_FINE_PER_DECADE)  # spacing of the pre-training size ladder near the optimum
@@ -90,9 +91,9 @@ def test_dominance_pruning_finds_the_exhaustive_optimum():
 
 
 def test_step_decomposition_matches_direct_step_time():
-    from planner.cli_train import load_spec
-    from planner.specs import TrainingSetup
-    from planner.throughput import step_time
+    from planner.cost.step_time import step_time
+    from planner.specs.catalog import load_spec
+    from planner.specs.setup import TrainingSetup
 
     ctx = optimize.make_context(PlanRequest(gpu="h100-sxm", compute_flops=1e20))
     spec = load_spec("qwen2.5-0.5b")
@@ -199,12 +200,11 @@ def test_pool_with_a_selection_method_prunes_as_the_pruning_model_says():
 
 
 def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpointing=None) -> bool:
-    """Independent oracle: does any set-up of the search space fit, by planner.memory directly?"""
-    from planner.catalog import load_gpu
-    from planner.cli_train import load_spec
-    from planner.feasibility import usable_allocated_bytes
-    from planner.memory import training_memory
-    from planner.specs import TrainingSetup
+    """Independent oracle: does any set-up of the search space fit, by planner.cost.memory directly?"""
+    from planner.cost.memory import training_memory
+    from planner.search.fit import usable_allocated_bytes
+    from planner.specs.catalog import load_gpu, load_spec
+    from planner.specs.setup import TrainingSetup
 
     spec, budget = load_spec(model), usable_allocated_bytes(load_gpu(gpu))
     for ckpt in checkpointing or request.checkpointing:
@@ -306,8 +306,8 @@ def test_cost_objective_is_cheaper_within_tolerance():
 
 
 def test_synthetic_configs_hit_the_requested_size():
-    from planner.architecture import model_spec_from_config
-    from planner.params import count_params
+    from planner.cost.params import count_params
+    from planner.specs.model import model_spec_from_config
 
     for n in (3e7, 1e8, 1e9, 7e9, 7e10, 1e12):
         got = count_params(model_spec_from_config(optimize.synthetic_llama_config(n))).total

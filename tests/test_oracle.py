@@ -1,6 +1,6 @@
 """Peak bytes and FLOPs against PyTorch's own accounting of the real transformers model.
 
-The oracle (planner.trace) runs two training steps on fake CPU tensors under MemTracker and
+The oracle (planner.truth.trace) runs two training steps on fake CPU tensors under MemTracker and
 FlopCounterMode. Tolerances (issue 2): every case within 10% of the oracle's peak, the median
 within 3%; FLOPs within 1%. The analytic model runs with device="cpu" so that CPU kernels'
 embedding-gradient buffer is priced as the oracle sees it (CUDA differs only there).
@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from planner.oracle_panel import PANEL
+from planner.truth.oracle_panel import PANEL
 
 pytestmark = pytest.mark.oracle
 
@@ -22,11 +22,12 @@ _results: dict = {}
 
 def _measure(case):
     if case.label not in _results:
-        from planner.architecture import model_spec_from_config
-        from planner.catalog import load_model_config
-        from planner.estimate import estimate
-        from planner.specs import TrainingSetup
-        from planner.trace import reduce_layers, trace_flops, trace_training_step
+        from planner.cost.estimate import estimate
+        from planner.specs.catalog import load_model_config
+        from planner.specs.configs import reduce_layers
+        from planner.specs.model import model_spec_from_config
+        from planner.specs.setup import TrainingSetup
+        from planner.truth.trace import trace_flops, trace_training_step
 
         config = reduce_layers(load_model_config(case.model)[0], case.num_layers)
         setup = TrainingSetup(**case.setup)
@@ -51,8 +52,8 @@ def test_median_peak_error_over_panel():
 
 
 def test_panel_covers_the_issue():
-    from planner.architecture import model_spec_from_config
-    from planner.catalog import load_model_config
+    from planner.specs.catalog import load_model_config
+    from planner.specs.model import model_spec_from_config
 
     specs = {c.model: model_spec_from_config(load_model_config(c.model)[0], c.model) for c in PANEL}
     assert len({s.model_type for s in specs.values()}) >= 8

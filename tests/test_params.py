@@ -2,9 +2,9 @@
 
 import pytest
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import list_models, load_model_config
-from planner.params import count_params, lora_params
+from planner.cost.params import count_params, lora_params
+from planner.specs.catalog import list_models, load_model_config
+from planner.specs.model import model_spec_from_config
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -42,7 +42,7 @@ def test_lora_params_equal_peft(name, targets):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from planner.trace import reduce_layers
+    from planner.specs.configs import reduce_layers
 
     config = reduce_layers(load_model_config(name)[0], 2)
     with torch.device("meta"):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from planner import pruning, scaling
 from planner.errors import PlannerError
+from planner.loss import pruning, scaling
 
 LAW = scaling.load_law("besiroglu2024")
 

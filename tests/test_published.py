@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from planner.architecture import model_spec_from_config
-from planner.catalog import load_model_config
-from planner.memory import kv_cache_bytes, nf4_bytes, training_memory
-from planner.params import count_params
-from planner.specs import TrainingSetup
+from planner.cost.memory import kv_cache_bytes, nf4_bytes, training_memory
+from planner.cost.params import count_params
+from planner.specs.catalog import load_model_config
+from planner.specs.model import model_spec_from_config
+from planner.specs.setup import TrainingSetup
 
 # LLaMA-65B (Touvron et al. 2023, Table 2: dim 8192, 64 heads, 80 layers; 65.2B parameters)
 LLAMA_65B = {
@@ -96,7 +96,7 @@ def test_full_checkpointing_keeps_layer_inputs():
 
 
 def _layers_only(spec, setup):
-    from planner.memory import _layer_activations
+    from planner.cost.memory import _layer_activations
 
     total, _, _ = _layer_activations(spec, setup, np.float64(setup.micro_batch), np.float64(setup.seq_len), 1)
     return float(total)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner import scaling
 from planner.errors import PlannerError
+from planner.loss import scaling
 
 CHINCHILLA_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
 

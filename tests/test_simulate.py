@@ -5,7 +5,7 @@ import json
 import pytest
 
 from planner.cli import main
-from planner.oracle_panel import PANEL
+from planner.truth.oracle_panel import PANEL
 
 pytestmark = pytest.mark.oracle
 
@@ -51,7 +51,7 @@ def test_simulate_agrees_with_estimate_on_panel(case, capsys):
 
 
 def test_simulate_text_and_unsupported_architecture(tmp_path, capsys):
-    """A config transformers builds but planner.architecture cannot represent: the oracle
+    """A config transformers builds but planner.specs.model cannot represent: the oracle
     answers alone and says why."""
     config = {
         "model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 256,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from planner import scaling, stopping
 from planner.errors import PlannerError
+from planner.loss import scaling, stopping
 
 T = np.arange(100.0, 20001.0, 100.0)
 

@@ -1,4 +1,4 @@
-"""Step-time model (planner.throughput): structure, vectorization, closed forms, corrections."""
+"""Step-time model (planner.cost.step_time): structure, vectorization, closed forms, corrections."""
 
 import subprocess
 import sys
@@ -6,11 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from planner.catalog import load_gpu
-from planner.cli_train import load_spec
-from planner.errors import PlannerError
-from planner.specs import TrainingSetup
-from planner.throughput import (
+from planner.cost.step_time import (
     DEFAULT_MAX_EFFICIENCY,
     DEFAULT_PRICE_USD_PER_GPU_HOUR,
     default_efficiency,
@@ -20,6 +16,9 @@ from planner.throughput import (
     ring_gather_s,
     step_time,
 )
+from planner.errors import PlannerError
+from planner.specs.catalog import load_gpu, load_spec
+from planner.specs.setup import TrainingSetup
 
 H100 = load_gpu("h100-sxm")
 KEYS = ("compute_s", "memory_s", "recompute_s", "optimizer_s", "communication_s", "step_time_s", "tokens_per_s", "mfu",
@@ -68,7 +67,7 @@ def test_tokens_per_s_and_mfu_definitions(llama8b):
     r = step_time(llama8b, setup, H100)
     tokens = 2 * 2048 * 4 * 8
     assert _f(r["tokens_per_s"]) == pytest.approx(tokens / _f(r["step_time_s"]))
-    from planner.estimate import training_flops
+    from planner.cost.estimate import training_flops
 
     model_flops = float(training_flops(llama8b, setup).model) * 4 * 8
     assert _f(r["mfu"]) == pytest.approx(model_flops / (_f(r["step_time_s"]) * H100.peak_flops_for("bf16") * 8))
@@ -161,6 +160,6 @@ def test_prices():
 
 
 def test_analytic_path_does_not_import_torch():
-    code = ("import sys, planner.throughput, planner.calibrate; "
+    code = ("import sys, planner.cost.step_time, planner.truth.calibrate; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

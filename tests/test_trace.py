@@ -1,4 +1,4 @@
-"""The fake-tensor oracle (planner.trace) checked against facts that need no analytic model of ours:
+"""The fake-tensor oracle (planner.truth.trace) checked against facts that need no analytic model of ours:
 byte sizes of the tensors that must exist (parameters, gradients, AdamW moments), closed-form FLOPs of
 a dense decoder, linearity of activations in the micro-batch, and what each set-up switch must change.
 
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from planner.specs import TrainingSetup
-from planner.trace import reduce_layers
+from planner.specs.configs import reduce_layers
+from planner.specs.setup import TrainingSetup
 
 # -- tiny configs, written out so the tests do not depend on the catalog ------------------------------
 D, FF, V, L, H, KV = 64, 176, 1000, 2, 4, 2
@@ -54,7 +54,7 @@ def setup(**kw) -> TrainingSetup:
 
 
 def trace(config=LLAMA, count_flops=False, num_layers=None, **kw):
-    from planner.trace import trace_training_step
+    from planner.truth.trace import trace_training_step
 
     return trace_training_step(config, setup(**kw), num_layers=num_layers, count_flops=count_flops)
 
@@ -63,7 +63,7 @@ def trace(config=LLAMA, count_flops=False, num_layers=None, **kw):
 
 
 def test_module_imports_without_torch():
-    code = "import sys, planner.trace; assert 'torch' not in sys.modules, 'planner.trace imported torch'"
+    code = "import sys, planner.truth.trace; assert 'torch' not in sys.modules, 'planner.truth.trace imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -96,7 +96,7 @@ def test_reduce_layers_truncates_per_layer_lists_and_index_lists():
     ],
 )
 def test_untraceable_setups_raise_not_implemented(kw, match):
-    from planner.trace import trace_training_step
+    from planner.truth.trace import trace_training_step
 
     with pytest.raises(NotImplementedError, match=match):
         trace_training_step(LLAMA, setup(**kw))
@@ -274,7 +274,7 @@ def test_checkpointing_reduces_saved_activations():
 
 @pytest.mark.oracle
 def test_dropout_override_reaches_the_model_and_sdpa_stays_flash_without_it():
-    from planner.trace import build_model
+    from planner.truth.trace import build_model
 
     model = build_model(LLAMA, setup(dropout=0.1), device="meta")
     assert model.config.attention_dropout == 0.1
@@ -295,7 +295,7 @@ def test_gemma2_falls_back_to_eager_with_a_note():
 
 @pytest.mark.oracle
 def test_dense_flops_match_closed_form():
-    from planner.trace import trace_flops
+    from planner.truth.trace import trace_flops
 
     fwd, bwd, by_module = trace_flops(LLAMA, setup())
     linear = L * LAYER_LINEAR + V * D  # matmul weights: layers and lm_head (the embedding is a lookup)
@@ -310,7 +310,7 @@ def test_dense_flops_match_closed_form():
 
 @pytest.mark.oracle
 def test_moe_flops_count_only_the_routed_experts():
-    from planner.trace import trace_flops
+    from planner.truth.trace import trace_flops
 
     fwd, bwd, _ = trace_flops(MIXTRAL, setup(precision="bf16"))
     experts_per_token = 2 * 3 * D * 128  # top-2 of 4 experts, gate/up/down
@@ -323,7 +323,7 @@ def test_moe_flops_count_only_the_routed_experts():
 
 @pytest.mark.oracle
 def test_lora_backward_skips_frozen_weight_gradients():
-    from planner.trace import trace_flops
+    from planner.truth.trace import trace_flops
 
     fwd, bwd, _ = trace_flops(LLAMA, setup(method="lora", lora_rank=4))
     # frozen weights need only the input gradient: backward is about one forward, not two
@@ -334,7 +334,7 @@ def test_lora_backward_skips_frozen_weight_gradients():
 def test_build_model_runs_a_real_step_on_cpu():
     import torch
 
-    from planner.trace import build_model
+    from planner.truth.trace import build_model
 
     model = build_model(LLAMA, setup(method="lora"), device="cpu")
     ids = torch.randint(0, V, (1, 8))
@@ -350,7 +350,7 @@ def test_build_model_qlora_quantizes_on_cpu():
     import bitsandbytes as bnb
     import torch
 
-    from planner.trace import build_model
+    from planner.truth.trace import build_model
 
     model = build_model(LLAMA, setup(method="qlora", precision="bf16"), device="cpu")
     linear = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -362,7 +362,7 @@ def test_build_model_qlora_quantizes_on_cpu():
 def test_fallback_lion_matches_its_definition():
     import torch
 
-    from planner.trace import Lion
+    from planner.truth.trace import Lion
 
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)

@@ -1,0 +1,172 @@
+"""Verbs of ground truth: `planner simulate` (the fake-tensor oracle beside the analytic
+estimate) and `planner calibrate` (short real runs, or a run the user already profiled, fitted
+into a calibration profile that `planner estimate|fit --calibration` apply)."""
+
+from __future__ import annotations
+
+import sys
+
+from planner.errors import PlannerError
+
+
+def register(subparsers) -> None:
+    from planner.cli.train import _add_setup_arguments, positive_int
+
+    sim = subparsers.add_parser(
+        "simulate", help="PyTorch's own account of a training step (fake tensors) beside the analytic estimate"
+    )
+    sim.add_argument("--model", required=True, help="catalog name, HF repo id, or path to a config.json")
+    _add_setup_arguments(sim)
+    sim.add_argument("--layers", type=positive_int, default=None,
+                     help="trace only the first N decoder layers (memory is linear in layers); default: all")
+    sim.add_argument("--json", action="store_true", help="one JSON object, SI units")
+    sim.set_defaults(handler=run_simulate)
+
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="short real runs on this device (or --from a profiled run) -> a calibration profile JSON",
+        description="Measure peak memory and step time of short real runs (random weights, synthetic tokens), "
+        "fit corrections on some points, report held-out accuracy, and write the profile. With --from FILE, "
+        "learn from a run already profiled: a torch.cuda.memory._snapshot() pickle, a torch.profiler Chrome "
+        "trace, an HF Trainer trainer_state.json, or a CSV.",
+    )
+    cal.add_argument("--model", help="catalog name, HF repo id, or path to a config.json")
+    cal.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    cal.add_argument("--out", help="where to write the profile JSON")
+    cal.add_argument("--layers", type=positive_int, default=None,
+                     help="decoder layers of the runs (default: 2 on CPU, 4 on CUDA; a depth family uses 3x); "
+                     "with --from: the layers the profiled run had, when fewer than the config's")
+    cal.add_argument("--steps", type=positive_int, default=None, help="timed steps per point (default: 3 CPU, 5 CUDA)")
+    cal.add_argument("--quick", action="store_true", help="a smaller grid (tests, smoke checks)")
+    cal.add_argument("--threads", type=positive_int, default=None,
+                     help="CPU threads (default 1, timed by process CPU time; more threads are timed by wall clock)")
+    cal.add_argument("--budget", type=float, default=None,
+                     help="seconds after which no new point is started (default: 200 on CPU, none on CUDA)")
+    src = cal.add_argument_group("learning from a profiled run (--from)")
+    src.add_argument("--from", dest="from_file", help="memory snapshot pickle, Chrome trace JSON, trainer_state.json or CSV")
+    src.add_argument("--format", choices=("auto", "snapshot", "chrome-trace", "trainer-state", "csv"), default="auto")
+    src.add_argument("--gpu", help="catalog GPU the run was on (default: read from the file, or --base's device)")
+    src.add_argument("--base", help="an existing profile to add these measurements to (and refit)")
+    # the set-up of the profiled run (the same flags as `planner estimate`); --precision also
+    # sets the precision of the short runs (default there: fp32 on CPU, bf16-mixed on CUDA)
+    _add_setup_arguments(src)
+    cal.set_defaults(precision=None)
+    cal.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
+    cal.set_defaults(handler=run_calibrate)
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_simulate(args) -> int:
+    from planner.cli.train import setup_from_args
+    from planner.io.report import to_json
+    from planner.specs.catalog import load_model_config
+    from planner.truth.profile import model_name
+    from planner.truth.simulate import simulate, simulate_text
+
+    config, source = load_model_config(args.model)
+    setup = setup_from_args(args)
+    result = simulate(config, model_name(args.model, source), setup, args.layers)
+    print(to_json(result) if args.json else simulate_text(result))
+    return 0
+
+
+def run_calibrate(args) -> int:
+    if args.from_file:
+        return _calibrate_from_file(args)
+    if not args.model:
+        raise PlannerError("calibrate needs --model NAME (short real runs) or --from FILE (a profiled run)")
+    if not args.out:
+        raise PlannerError("calibrate needs --out PROFILE.json")
+    try:
+        import torch
+    except ImportError:
+        raise PlannerError("calibrate runs the real model: install torch and transformers "
+                           "(pip install -e '.[oracle]')") from None
+    from planner.specs.profile import save_profile
+    from planner.truth.profile import calibrate_device
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = args.budget if args.budget is not None else (200.0 if device == "cpu" else None)
+    profile = calibrate_device(args.model, device, num_layers=args.layers, precision=args.precision, quick=args.quick,
+                               timed_steps=args.steps, budget_s=budget, threads=args.threads, progress=_progress)
+    save_profile(profile, args.out)
+    _print_profile(profile, args)
+    print(f"profile written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _print_profile(profile, args) -> None:
+    from planner.truth.calibrate import accuracy_table
+
+    if args.json:
+        print(profile.model_dump_json(indent=2))
+        return
+    print(f"device: {profile.device.name} ({profile.device.kind}; roofline from {profile.device.spec_source})")
+    print(accuracy_table(profile))
+
+
+def _calibrate_from_file(args) -> int:
+    import datetime as dt
+    from pathlib import Path
+
+    from planner import __version__
+    from planner.cli.train import setup_from_args
+    from planner.specs.catalog import load_gpu, load_model_config
+    from planner.specs.profile import DeviceInfo, Profile, default_corrections, load_profile, save_profile
+    from planner.truth.calibrate import assign_splits, fit_profile
+    from planner.truth.ingest import detect_format, measurements_from_file, read_chrome_trace
+    from planner.truth.profile import model_name
+
+    path = Path(args.from_file)
+    if not path.is_file():
+        raise PlannerError(f"--from {path}: no such file")
+    if not args.model:
+        raise PlannerError("--from needs --model NAME: the model the profiled run trained (and its set-up flags)")
+    if not args.out:
+        raise PlannerError("calibrate needs --out PROFILE.json")
+    fmt = detect_format(path) if args.format == "auto" else args.format
+    config, source = load_model_config(args.model)
+    name = model_name(args.model, source)
+    if args.precision is None:
+        args.precision = "bf16"
+    setup = setup_from_args(args)
+    base = load_profile(args.base) if args.base else None
+
+    gpu_name = args.gpu
+    if gpu_name is None and fmt == "chrome-trace":
+        gpu_name = read_chrome_trace(path)["device_name"]
+    if gpu_name is not None:
+        gpu = load_gpu(gpu_name)
+        device = DeviceInfo(kind="cuda", name=gpu.name, memory_bytes=gpu.memory_bytes, spec=gpu, spec_source="catalog")
+        if base is not None and not base.matches(gpu):
+            raise PlannerError(f"--base was measured on {base.device.name}, the file's run on {gpu.name}")
+    elif base is not None:
+        device = base.device
+    else:
+        raise PlannerError("say which GPU the run was on: --gpu NAME (see `planner catalog gpus`), or --base PROFILE")
+
+    new, facts = measurements_from_file(path, fmt, name, setup, args.layers)
+    measurements = list(base.measurements) if base else []
+    configs = dict(base.configs) if base else {}
+    configs.setdefault(name, config)
+    for m in new:
+        if m.model not in configs:
+            extra, extra_source = load_model_config(m.model)
+            configs[m.model] = extra
+    measurements += assign_splits(new) if len(new) >= 6 else new
+    profile = Profile(
+        created=dt.datetime.now(dt.timezone.utc), planner_version=__version__, device=device, configs=configs,
+        measurements=measurements, corrections=default_corrections(device.kind),
+        notes=(list(base.notes) if base else []) + [f"ingested {path.name} ({fmt}): {facts}"],
+    )
+    profile = fit_profile(profile, progress=_progress)
+    save_profile(profile, args.out)
+    if len(new) < 6 and not base:
+        print("note: fewer than 6 points, none held out: the errors below are in-sample", file=sys.stderr)
+    _print_profile(profile, args)
+    print(f"profile written to {args.out}", file=sys.stderr)
+    return 0
+

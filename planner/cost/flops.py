@@ -1,0 +1,140 @@
+"""FLOPs of one training micro-batch, per component, counted the way ``FlopCounterMode`` does.
+
+Convention (PyTorch ``torch.utils.flop_counter``): only matrix products count, 2 FLOPs per
+multiply-add; attention scores and values are counted over the full ``seq x seq`` square (a
+causal mask does not reduce them); bias additions, norms, activations, softmax and the loss are
+not counted. Backward: a linear costs one product for the input gradient (when the input needs
+one) and one for the weight gradient (when the weight is trained); attention backward is twice
+its forward. With checkpointing the recomputed forward is counted apart (``recompute``).
+
+Every function takes scalars or numpy arrays (broadcast) for the token counts and LoRA rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.specs.model import LayerSpec, Linear, ModelSpec
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one micro-batch; each field a float or an array over candidates."""
+
+    forward: object
+    backward: object
+    recompute: object  # forward work repeated in backward by activation checkpointing
+    by_component: dict  # component -> forward + backward FLOPs (no recompute)
+
+    @property
+    def model(self):
+        """Forward + backward, as FlopCounterMode counts one step without checkpointing."""
+        return self.forward + self.backward
+
+    @property
+    def executed(self):
+        """What the hardware runs: forward + backward + recompute."""
+        return self.forward + self.backward + self.recompute
+
+
+def linear_forward_flops(lin: Linear, tokens, routed_fraction=1.0):
+    """2 x in x out per token (PyTorch flop_counter ``mm_flop``); experts see top-k/E of tokens."""
+    return 2.0 * lin.in_features * lin.out_features * tokens * lin.count * routed_fraction
+
+
+def attention_core_forward_flops(layer: LayerSpec, micro_batch, seq_len):
+    """Q K^T and softmax(..) V: 2 x 2 x b x heads x s^2 x head_dim (``sdpa_flop_count`` / bmm)."""
+    return 4.0 * micro_batch * layer.num_heads * np.square(seq_len, dtype=np.float64) * layer.head_dim
+
+
+def lora_forward_flops(lin: Linear, rank, tokens):
+    """x A^T then (.) B^T: 2 x r x (in + out) per token (Hu et al. 2021's low-rank update)."""
+    return 2.0 * rank * (lin.in_features + lin.out_features) * tokens
+
+
+def _layer_linears_flops(layer: LayerSpec, tokens):
+    """Forward FLOPs of each linear group of a layer: attention, mlp, experts, router."""
+    routed = layer.experts_per_token / layer.num_experts if layer.num_experts else 1.0
+    attention = sum(linear_forward_flops(lin, tokens) for lin in layer.attention)
+    mlp = sum(linear_forward_flops(lin, tokens) for lin in layer.mlp)
+    experts = sum(linear_forward_flops(lin, tokens, routed) for lin in layer.experts)
+    router = linear_forward_flops(layer.router, tokens) if layer.router is not None else 0.0
+    return attention, mlp, experts + router
+
+
+def step_flops(
+    spec: ModelSpec,
+    micro_batch,
+    seq_len,
+    *,
+    trainable_base: bool = True,
+    lora_rank=0,
+    lora_linears: tuple[tuple[int, Linear], ...] = (),
+    recompute_fraction=0.0,
+) -> StepFlops:
+    """FLOPs of one micro-batch: forward, backward, recompute and per component.
+
+    ``trainable_base``: full fine-tuning (input and weight gradients of every linear). With
+    LoRA the base weights are frozen, so autograd computes input gradients only, and only where
+    the input depends on an adapter: nothing below the first adapted layer, and in that layer
+    nothing for the projections that read the (frozen) normed residual: q/k/v. Attention core
+    backward is twice its forward (two products for each of the two forward products).
+    ``recompute_fraction``: share of the layers' forward repeated in backward (1 for full
+    per-layer checkpointing; the embedding and the head are not checkpointed).
+    """
+    tokens = np.asarray(micro_batch, dtype=np.float64) * np.asarray(seq_len, dtype=np.float64)
+    keys = ("attention", "attention_core", "mlp", "experts", "lora", "lm_head")
+    forward = dict.fromkeys(keys, 0.0)
+    backward = dict.fromkeys(keys, 0.0)
+    first_adapted = min((index for index, _ in lora_linears), default=0)
+    for index, layer in enumerate(spec.layers):
+        attention, mlp, experts = _layer_linears_flops(layer, tokens)
+        core = attention_core_forward_flops(layer, micro_batch, seq_len)
+        forward["attention"] += attention
+        forward["attention_core"] += core
+        forward["mlp"] += mlp
+        forward["experts"] += experts
+        if trainable_base:
+            backward["attention"] += 2.0 * attention
+            backward["attention_core"] += 2.0 * core
+            backward["mlp"] += 2.0 * mlp
+            backward["experts"] += 2.0 * experts
+        elif index > first_adapted:
+            backward["attention"] += attention
+            backward["attention_core"] += 2.0 * core
+            backward["mlp"] += mlp
+            backward["experts"] += experts
+        elif index == first_adapted:
+            out_proj = layer.attention[-1]
+            backward["attention"] += linear_forward_flops(out_proj, tokens)
+            backward["attention_core"] += 2.0 * core
+            backward["mlp"] += mlp
+            backward["experts"] += experts
+    for index, lin in lora_linears:
+        lora = lora_forward_flops(lin, lora_rank, tokens)
+        forward["lora"] += lora
+        # weight grads of B and A and the gradient through B always; through A (the input
+        # gradient) unless the input is the frozen normed residual of the first adapted layer
+        reads_frozen_input = index == first_adapted and lin in spec.layers[index].attention[:-1]
+        through_a = rank_in(lin, lora_rank, tokens)
+        backward["lora"] += 2.0 * lora - (through_a if reads_frozen_input else 0.0)
+    head = 2.0 * spec.hidden_size * spec.vocab_size * tokens
+    forward["lm_head"] = head
+    backward["lm_head"] = head * (2.0 if trainable_base else 1.0)
+    total_forward = sum(forward.values())
+    total_backward = sum(backward.values())
+    recompute = (total_forward - forward["lm_head"] - _unrecomputed_tail(spec, tokens)) * recompute_fraction
+    by_component = {key: forward[key] + backward[key] for key in keys}
+    return StepFlops(total_forward, total_backward, recompute, by_component)
+
+
+def _unrecomputed_tail(spec: ModelSpec, tokens):
+    """Forward FLOPs of each dense layer's final (down) projection, skipped by early stop."""
+    return sum(linear_forward_flops(layer.mlp[-1], tokens) for layer in spec.layers if layer.mlp and not layer.num_experts)
+
+
+def rank_in(lin: Linear, rank, tokens):
+    """x A^T alone: 2 x in x r per token."""
+    return 2.0 * lin.in_features * rank * tokens

@@ -1,0 +1,89 @@
+"""Parameter counts by group, equal to transformers' own count (tested for every catalog entry).
+
+Counting convention: tied input and output embeddings count once, as ``sum(p.numel() for p in
+model.parameters())`` does. Buffers (rotary frequencies) are not parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.specs.model import Linear, ModelSpec
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int  # token (+ learned position) embeddings
+    attention: int  # q/k/v/o projections and their biases, all layers
+    mlp: int  # dense MLPs and shared experts, all layers
+    experts: int  # routed experts and routers, all layers
+    norms: int  # every norm weight and bias, including the final norm
+    lm_head: int  # 0 when tied to the input embedding
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.mlp + self.experts + self.norms + self.lm_head
+
+    @property
+    def non_embedding(self) -> int:
+        """Kaplan et al. 2020's N: everything but the embeddings and the output head."""
+        return self.attention + self.mlp + self.experts + self.norms
+
+    def active(self, spec: ModelSpec) -> int:
+        """Parameters a token passes through: routed experts scaled by top-k / num_experts."""
+        routed = 0
+        for layer in spec.layers:
+            if layer.num_experts:
+                expert_weights = sum(lin.params for lin in layer.experts)
+                routed += expert_weights - expert_weights * layer.experts_per_token // layer.num_experts
+        return self.total - routed
+
+
+def _sum(linears: tuple[Linear, ...]) -> int:
+    return sum(lin.params for lin in linears)
+
+
+def count_params(spec: ModelSpec) -> ParamCounts:
+    """Exact parameter count by group, from the layer lists of the ModelSpec."""
+    vocab, hidden = spec.vocab_size, spec.hidden_size
+    norm_dim, norm_bias = spec.final_norm
+    return ParamCounts(
+        embedding=vocab * hidden + spec.position_embeddings * hidden,
+        attention=sum(_sum(layer.attention) for layer in spec.layers),
+        mlp=sum(_sum(layer.mlp) for layer in spec.layers),
+        experts=sum(_sum(layer.experts) + (layer.router.params if layer.router else 0) for layer in spec.layers),
+        norms=sum(dim * (2 if bias else 1) for layer in spec.layers for dim, bias in layer.norms)
+        + norm_dim * (2 if norm_bias else 1),
+        lm_head=0 if spec.tied_embeddings else vocab * hidden + (vocab if spec.lm_head_bias else 0),
+    )
+
+
+def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear]]:
+    """(layer index, linear) pairs that peft adapts for ``target_modules``.
+
+    ``all-linear`` adapts every ``nn.Linear`` of the decoder layers except the output head
+    (peft ``tuners_utils._maybe_include_all_linear_layers``); named targets match the last
+    component of the module name, as peft does for a list of strings.
+    """
+    from planner.errors import PlannerError
+    from planner.specs.setup import ALL_LINEAR
+
+    every = [(i, lin) for i, layer in enumerate(spec.layers) for lin in layer.linears if lin.is_module]
+    if tuple(targets) == (ALL_LINEAR,):
+        return every
+    wanted = set(targets)
+    chosen = [(i, lin) for i, lin in every if lin.name.split(".")[-1] in wanted]
+    names = sorted({lin.name.split(".")[-1] for _, lin in every})
+    missing = wanted - {lin.name.split(".")[-1] for _, lin in chosen}
+    if missing:
+        raise PlannerError(
+            f"LoRA target(s) {', '.join(sorted(missing))} not in {spec.name}; its linear modules: "
+            f"{', '.join(names)} (or 'all-linear')"
+        )
+    return chosen
+
+
+def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank):
+    """Adapter parameters: A (rank x in) and B (out x rank) per adapted linear (Hu et al. 2021)."""
+    per_rank = sum(lin.in_features + lin.out_features for _, lin in lora_targets(spec, targets))
+    return per_rank * rank

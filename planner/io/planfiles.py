@@ -1,0 +1,84 @@
+"""Plan files: a ``PlanRequest``, ``Plan`` or ``CompareRequest`` read from or written to JSON or
+YAML (by extension), validated by the same pydantic models as the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from planner.errors import PlannerError
+from planner.search.plan import CompareRequest, Plan, PlanRequest
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def read_data(path: str | Path) -> dict:
+    """A JSON or YAML file (by extension) -> dict; a clear one-line error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlannerError(f"no such file: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise PlannerError(f"{path}: plan files are .json, .yaml or .yml")
+    except json.JSONDecodeError as exc:
+        raise PlannerError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except Exception as exc:  # yaml.YAMLError
+        if isinstance(exc, PlannerError):
+            raise
+        raise PlannerError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PlannerError(f"{path} must hold one object (a mapping), not a {type(data).__name__}")
+    return data
+
+
+def _validate(model, data: dict, path) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise PlannerError(f"{path}: {where}: {first['msg']}") from None
+
+
+def load_request(path: str | Path) -> PlanRequest:
+    """A plan file: a PlanRequest, or a saved Plan (its request is taken)."""
+    data = read_data(path)
+    if "recommended" in data and "request" in data:
+        data = data["request"]
+    return _validate(PlanRequest, data, path)
+
+
+def load_plan(path: str | Path) -> Plan:
+    return _validate(Plan, read_data(path), path)
+
+
+def load_compare(path: str | Path) -> CompareRequest:
+    return _validate(CompareRequest, read_data(path), path)
+
+
+def write_data(obj: BaseModel | dict, path: str | Path) -> Path:
+    """Write a model or dict as JSON or YAML (by extension)."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    elif path.suffix.lower() == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        raise PlannerError(f"{path}: write .json, .yaml or .yml")
+    return path

@@ -1,0 +1,146 @@
+"""Text tables and JSON for people and machines: the verbs' tables are laid out here, with
+the unit formatting of ``planner.units``. ``--json`` output is SI numbers, never formatted strings.
+"""
+
+from __future__ import annotations
+
+import json
+
+from planner.units import fmt_bytes, fmt_count, fmt_flops, fmt_seconds
+
+
+def to_json(obj) -> str:
+    """JSON for machines: numpy scalars and arrays become plain numbers and lists."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot serialize {type(value).__name__} to JSON")
+
+
+def render_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table (pandas' own renderer) from already-formatted rows."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.to_string(index=False)
+
+
+# ----------------------------------------------------------------------------- memory verbs
+
+
+def estimate_text(result: dict) -> str:
+    """`planner estimate` for people: components, phases, peak, FLOPs."""
+    s = result["setup"]
+    lines = [
+        f"{result['model']}: {s['method']} fine-tuning, {s['precision']}, {s['optimizer']} ({s['optimizer_impl']}), "
+        f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens, checkpointing {s['checkpointing']}, "
+        f"attention {s['attention']}"
+        + (f", {s['num_gpus']} GPUs ZeRO-{s['zero']} TP {s['tensor_parallel']}" if s["num_gpus"] > 1 else ""),
+        f"parameters: {fmt_count(result['params']['total'])} total, {fmt_count(result['params']['trainable'])} trainable",
+        "",
+        "memory by component (bytes per GPU):",
+    ]
+    components = dict(result["components"])
+    if result["setup"]["checkpointing"] == "none":
+        components.pop("saved_activations_with_checkpointing", None)  # the same as activations
+    rows = [{"component": k, "size": fmt_bytes(v)} for k, v in components.items() if v]
+    lines.append(render_table(rows))
+    lines += ["", "live memory at each phase's peak:"]
+    rows = [
+        {"phase": k, "allocated": fmt_bytes(v), "peak": "<- peak" if k == result["peak_phase"] else ""}
+        for k, v in result["phases"].items()
+    ]
+    lines.append(render_table(rows))
+    over = result["overheads"]
+    lines += [
+        "",
+        f"peak allocated: {fmt_bytes(result['peak_bytes'])} ({result['peak_phase']}); "
+        f"+ allocator reserve {fmt_bytes(over['allocator_reserve_bytes'])} + CUDA context "
+        f"{fmt_bytes(over['cuda_context_bytes'])} = {fmt_bytes(over['estimated_device_bytes'])} on the device",
+        f"FLOPs per micro-batch: {fmt_flops(result['flops_per_step'])} "
+        f"(forward {fmt_flops(result['flops']['forward'])}, backward {fmt_flops(result['flops']['backward'])}"
+        + (f", recompute {fmt_flops(result['flops']['recompute'])}" if result["flops"]["recompute"] else "")
+        + ")",
+    ]
+    if "gpu" in result:
+        g = result["gpu"]
+        verdict = "fits" if g["fits"] else "does NOT fit"
+        lines.append(
+            f"{g['name']} ({fmt_bytes(g['memory_bytes'])}): {verdict}, headroom {fmt_bytes(g['headroom_bytes'])}"
+        )
+    if "step_time_s" in result:
+        lines.append(
+            f"calibrated: step {fmt_seconds(result['step_time_s'])}, reserved {fmt_bytes(result['reserved_bytes'])}"
+        )
+    return "\n".join(lines)
+
+
+def fit_text(payload: dict) -> str:
+    """`planner fit` for people: one row per set-up, fitting ones first."""
+    rows = []
+    for r in payload["rows"]:
+        rows.append(
+            {
+                "method": r["method"],
+                "precision": r["precision"],
+                "optimizer": r["optimizer"],
+                "checkpointing": r["checkpointing"],
+                "peak @b=1": fmt_bytes(r["peak_bytes"]),
+                "fits": "yes" if r["fits"] else "no",
+                "max micro-batch": r["max_micro_batch"] or "-",
+                "max seq @b=1": r["max_seq_len"] or "-",
+                "headroom": fmt_bytes(r["headroom_bytes"]),
+            }
+        )
+    head = (
+        f"{payload['model']} on {payload['num_gpus']} x {payload['gpu']} at sequence {payload['seq_len']} "
+        f"(usable for tensors: {fmt_bytes(payload['usable_bytes'])} per GPU)"
+    )
+    lines = [head, render_table(rows)]
+    if payload.get("short_by_bytes") is not None:
+        lines.append(f"\nnothing fits: the lightest set-up is short by {fmt_bytes(payload['short_by_bytes'])}")
+        for i, fix in enumerate(payload["fixes"], 1):
+            lines.append(f"  {i}. {fix['fix']}")
+    return "\n".join(lines)
+
+
+def inference_fit_text(result: dict) -> str:
+    return "\n".join(
+        [
+            f"{result['model']} served on {result['gpu']} (bf16 weights and KV cache):",
+            f"  weights {fmt_bytes(result['weights_bytes'])}, KV cache at {result['context_len']} tokens "
+            f"{fmt_bytes(result['kv_cache_bytes'])}, peak {fmt_bytes(result['peak_bytes'])} of "
+            f"{fmt_bytes(result['usable_bytes'])}: {'fits' if result['fits'] else 'does NOT fit'}",
+            f"  longest context at batch 1: {result['max_context_len'] or '-'} tokens",
+            f"  largest batch at {result['context_len']} tokens: {result['max_batch'] or '-'}",
+        ]
+    )
+
+
+def catalog_text(models: list[dict], gpus: list[dict]) -> str:
+    parts = []
+    if models:
+        rows = [
+            {"model": m["name"], "type": m["model_type"], "params": fmt_count(m["params"]) if m["params"] else "-",
+             "hf repo": m["hf_repo"] or ""}
+            for m in models
+        ]
+        parts.append(render_table(rows))
+    if gpus:
+        rows = [
+            {"gpu": g["name"], "memory": fmt_bytes(g["memory_bytes"]),
+             "bandwidth": f"{g['memory_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
+             "bf16 dense": f"{g['peak_flops'].get('bf16', 0) / 1e12:.0f} TFLOP/s", "interconnect": g["interconnect"]}
+            for g in gpus
+        ]
+        parts.append(render_table(rows))
+    return "\n\n".join(parts)

@@ -1,0 +1,165 @@
+"""What fits on a GPU: for each method and memory technique, the largest micro-batch and the
+longest sequence, the headroom; where nothing fits, the shortfall and the cheapest fixes.
+
+All searches are vectorized: a set-up is evaluated over an array of micro-batches or sequence
+lengths in one call of the memory model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.cost.memory import inference_memory, training_memory
+from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
+from planner.specs.model import ModelSpec
+from planner.specs.setup import InferenceSetup, TrainingSetup
+
+MICRO_BATCHES = np.unique(np.concatenate([np.arange(1, 257), 2 ** np.arange(9, 17)]))
+SEQ_STEP = 128
+
+
+def usable_allocated_bytes(gpu: GpuSpec, profile=None) -> float:
+    """What PyTorch may allocate: device memory less the CUDA context, less the allocator's
+    reserve (see ``memory.CUDA_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_FRACTION``); with a
+    calibration profile of this GPU, its measured context and fitted reserve instead."""
+    if profile is not None:
+        from planner.cost.calibrated import usable_allocated_bytes as calibrated_usable
+
+        return calibrated_usable(profile, gpu)
+    return (gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE_FRACTION)
+
+
+def default_setups(num_gpus: int = 1, zero: int = 0, include_all: bool = False) -> list[TrainingSetup]:
+    """The set-ups `planner fit` compares: full fine-tuning in mixed and pure bf16 with AdamW,
+    8-bit AdamW or Adafactor; LoRA and QLoRA with AdamW; each without, with selective and with
+    full checkpointing. ``include_all`` adds SGD, Lion and fp32."""
+    optimizers = ["adamw", "adamw-8bit", "adafactor"] + (["sgd", "lion"] if include_all else [])
+    precisions = ["bf16-mixed", "bf16"] + (["fp32"] if include_all else [])
+    setups = []
+    for ckpt in ("none", "selective", "full"):
+        for precision in precisions:
+            for optimizer in optimizers:
+                setups.append(
+                    TrainingSetup(method="full", precision=precision, optimizer=optimizer, checkpointing=ckpt,
+                                  num_gpus=num_gpus, zero=zero)
+                )
+        for method in ("lora", "qlora"):
+            setups.append(TrainingSetup(method=method, precision="bf16", checkpointing=ckpt, num_gpus=num_gpus, zero=zero))
+    return setups
+
+
+@dataclass(frozen=True)
+class FitRow:
+    setup: TrainingSetup
+    peak_bytes: float  # at micro-batch 1 and the requested sequence length
+    fits: bool
+    max_micro_batch: int  # 0 when micro-batch 1 does not fit
+    max_seq_len: int  # at micro-batch 1; 0 when even SEQ_STEP does not fit
+    headroom_bytes: float  # usable minus peak at micro-batch 1 (negative: short by)
+
+    def as_dict(self) -> dict:
+        s = self.setup
+        return {
+            "method": s.method,
+            "precision": s.precision,
+            "optimizer": s.optimizer,
+            "checkpointing": s.checkpointing,
+            "peak_bytes": self.peak_bytes,
+            "fits": self.fits,
+            "max_micro_batch": self.max_micro_batch,
+            "max_seq_len": self.max_seq_len,
+            "headroom_bytes": self.headroom_bytes,
+        }
+
+
+def _largest_fitting(values: np.ndarray, peaks: np.ndarray, budget: float) -> int:
+    ok = np.nonzero(peaks <= budget)[0]
+    return int(values[ok[-1]]) if ok.size else 0
+
+
+def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, budget: float, max_seq_len: int) -> FitRow:
+    peak1 = float(training_memory(spec, setup, 1, seq_len).peak_bytes)
+    batch_peaks = training_memory(spec, setup, MICRO_BATCHES, seq_len).peak_bytes
+    seqs = np.arange(SEQ_STEP, max_seq_len + 1, SEQ_STEP)
+    seq_peaks = training_memory(spec, setup, 1, seqs).peak_bytes
+    return FitRow(
+        setup=setup,
+        peak_bytes=peak1,
+        fits=peak1 <= budget,
+        max_micro_batch=_largest_fitting(MICRO_BATCHES, np.asarray(batch_peaks), budget),
+        max_seq_len=_largest_fitting(seqs, np.asarray(seq_peaks), budget),
+        headroom_bytes=budget - peak1,
+    )
+
+
+def what_fits(
+    spec: ModelSpec,
+    gpu: GpuSpec,
+    seq_len: int,
+    num_gpus: int = 1,
+    zero: int | None = None,
+    include_all: bool = False,
+    max_seq_len: int | None = None,
+    profile=None,
+) -> dict:
+    """Every default set-up on ``gpu``: rows, and when none fits, the shortfall and fixes.
+    ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) sets the budget."""
+    zero = (3 if num_gpus > 1 else 0) if zero is None else zero
+    budget = usable_allocated_bytes(gpu, profile)
+    limit = max_seq_len or max(spec.max_position_embeddings or 0, seq_len, 4096)
+    rows = [fit_row(spec, setup, seq_len, budget, limit) for setup in default_setups(num_gpus, zero, include_all)]
+    rows.sort(key=lambda r: (not r.fits, -r.max_micro_batch, r.peak_bytes))
+    result = {"usable_bytes": budget, "rows": rows, "fixes": []}
+    if not any(row.fits for row in rows):
+        lightest = min(rows, key=lambda r: r.peak_bytes)
+        result["short_by_bytes"] = lightest.peak_bytes - budget
+        result["fixes"] = cheapest_fixes(spec, gpu, lightest.setup, seq_len, budget, limit)
+    return result
+
+
+def cheapest_fixes(
+    spec: ModelSpec, gpu: GpuSpec, lightest: TrainingSetup, seq_len: int, budget: float, limit: int
+) -> list[dict]:
+    """Fixes for a job where no set-up fits, cheapest first: a shorter sequence with the lightest
+    set-up, sharding over more GPUs of this kind (ZeRO-3), a larger GPU of the catalog."""
+    from planner.specs.catalog import list_gpus
+
+    fixes = []
+    seqs = np.arange(SEQ_STEP, limit + 1, SEQ_STEP)
+    max_seq = _largest_fitting(seqs, np.asarray(training_memory(spec, lightest, 1, seqs).peak_bytes), budget)
+    if max_seq:
+        fixes.append({"fix": f"shorter sequences: up to {max_seq} tokens", "change": "seq_len", "value": max_seq})
+    for n in (2, 4, 8, 16, 32, 64, 128):
+        sharded = lightest.model_copy(update={"num_gpus": n, "zero": 3})
+        if float(training_memory(spec, sharded, 1, seq_len).peak_bytes) <= budget:
+            fixes.append({"fix": f"{n} x {gpu.name} with ZeRO-3 / FSDP", "change": "num_gpus", "value": n})
+            break
+    need = float(training_memory(spec, lightest, 1, seq_len).peak_bytes)
+    bigger = sorted(
+        (g for g in list_gpus() if usable_allocated_bytes(g) >= need), key=lambda g: g.memory_bytes
+    )
+    if bigger:
+        fixes.append({"fix": f"a larger GPU: {bigger[0].name}", "change": "gpu", "value": bigger[0].name})
+    return fixes
+
+
+def inference_fits(spec: ModelSpec, gpu: GpuSpec, context_len: int, setup: InferenceSetup | None = None) -> dict:
+    """Longest context at batch 1 and largest batch at ``context_len`` that can be served."""
+    setup = (setup or InferenceSetup()).model_copy(update={"context_len": context_len})
+    budget = usable_allocated_bytes(gpu) * setup.num_gpus
+    contexts = np.arange(SEQ_STEP, max(spec.max_position_embeddings, context_len, SEQ_STEP) + 1, SEQ_STEP)
+    context_peaks = inference_memory(spec, setup, batch=1, context_len=contexts).peak_bytes
+    batch_peaks = inference_memory(spec, setup, batch=MICRO_BATCHES).peak_bytes
+    estimate = inference_memory(spec, setup)
+    peak = float(estimate.peak_bytes)
+    return {
+        "usable_bytes": budget,
+        "weights_bytes": float(estimate.components["weights"]),
+        "kv_cache_bytes": float(estimate.components["kv_cache"]),
+        "peak_bytes": peak,
+        "fits": peak <= budget,
+        "max_context_len": _largest_fitting(contexts, np.asarray(context_peaks), budget),
+        "max_batch": _largest_fitting(MICRO_BATCHES, np.asarray(batch_peaks), budget),
+    }

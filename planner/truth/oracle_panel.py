@@ -1,0 +1,92 @@
+"""The oracle panel: configurations on which the analytic model is checked against PyTorch's
+own accounting (``planner.truth.trace``) in ``tests/test_oracle.py`` and ``benchmarks/bench_accuracy.py``.
+
+Real catalog configs with layers reduced (memory is linear in layers beyond the embeddings and
+the head), covering multi-head, grouped- and multi-query attention, gated and plain MLPs, tied
+and untied embeddings, mixtures of experts, decoupled head_dim, parallel residual, every
+precision, full / LoRA fine-tuning, the optimizers and the checkpointing modes PyTorch can run
+on fake tensors, QLoRA and 8-bit AdamW included (bitsandbytes >= 0.49 has fake-tensor kernels).
+Dropout is off but in one eager case: with dropout CPU's SDPA falls back to the math path (CUDA's
+flash kernel keeps no mask), and CPU keeps masks in the compute dtype (CUDA: bool), which the
+analytic model reproduces with device="cpu".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PanelCase:
+    model: str
+    num_layers: int
+    setup: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        s = self.setup
+        parts = [s.get("method", "full"), s.get("precision", "bf16"), s.get("optimizer", "adamw")]
+        if s.get("optimizer_impl"):
+            parts.append(s["optimizer_impl"])
+        if s.get("checkpointing", "none") != "none":
+            parts.append(f"ckpt-{s['checkpointing']}")
+        if s.get("attention") == "eager":
+            parts.append("eager")
+        if s.get("dropout"):
+            parts.append(f"dropout{s['dropout']}")
+        if s.get("lora_targets"):
+            parts.append("+".join(s["lora_targets"]))
+        parts.append(f"b{s.get('micro_batch', 1)}s{s.get('seq_len', 2048)}")
+        return f"{self.model}/{self.num_layers}L " + " ".join(parts)
+
+
+def _case(model: str, layers: int, **setup) -> PanelCase:
+    return PanelCase(model, layers, {"dropout": 0.0, **setup})
+
+
+PANEL: tuple[PanelCase, ...] = (
+    # multi-head attention, plain GELU MLP, learned positions, tied head (GPT-2)
+    _case("gpt2", 4, micro_batch=4, seq_len=512),
+    _case("gpt2", 4, precision="fp32", micro_batch=4, seq_len=512),
+    _case("gpt2", 4, precision="bf16-mixed", micro_batch=2, seq_len=512, checkpointing="full"),
+    # grouped-query, gated MLP, tied embeddings (Llama-3.2-1B)
+    _case("llama-3.2-1b", 2, precision="bf16-mixed", micro_batch=2, seq_len=1024),
+    _case("llama-3.2-1b", 2, method="lora", micro_batch=2, seq_len=1024),
+    _case("llama-3.2-1b", 2, micro_batch=2, seq_len=1024, checkpointing="selective"),
+    _case("llama-3.2-1b", 2, micro_batch=1, seq_len=512, attention="eager"),
+    # attention dropout in eager attention (CPU keeps the mask in the compute dtype: device="cpu")
+    _case("llama-3.2-1b", 2, micro_batch=2, seq_len=1024, attention="eager", dropout=0.1),
+    # Qwen2.5: q/k/v biases, 151k vocabulary (logits dominate)
+    _case("qwen2.5-0.5b", 2, micro_batch=2, seq_len=512, checkpointing="full"),
+    _case("qwen2.5-0.5b", 2, method="lora", lora_targets=("q_proj", "v_proj"), micro_batch=2, seq_len=512),
+    _case("qwen2.5-0.5b", 2, optimizer="adamw", optimizer_impl="fused", micro_batch=1, seq_len=256),
+    # Qwen3: per-head q/k norms, head_dim decoupled from hidden/heads
+    _case("qwen3-0.6b", 2, micro_batch=2, seq_len=1024),
+    _case("qwen3-0.6b", 2, optimizer="adafactor", micro_batch=1, seq_len=512),
+    # Gemma-2: 4 norms per layer, soft-capping, eager attention (transformers refuses SDPA)
+    _case("gemma-2-2b", 2, attention="eager", micro_batch=1, seq_len=512),
+    # Gemma (multi-query attention, head_dim 256), SGD with momentum
+    _case("gemma-2b", 2, optimizer="sgd", micro_batch=2, seq_len=512),
+    _case("gemma-3-1b-it", 2, method="lora", micro_batch=2, seq_len=1024),
+    # Phi-2: parallel residual, one LayerNorm, biased projections, Python GELU
+    _case("phi-2", 2, micro_batch=2, seq_len=1024),
+    _case("phi-2", 2, precision="fp32", optimizer="lion", micro_batch=1, seq_len=512),
+    # Phi-3: fused qkv and gate_up projections
+    _case("phi-3-mini-4k-instruct", 2, method="lora", micro_batch=2, seq_len=1024),
+    # Mistral / Llama-2: a 7B layer at long sequence
+    _case("mistral-7b-v0.3", 2, method="lora", micro_batch=1, seq_len=4096),
+    _case("llama-2-7b", 2, precision="fp32", optimizer_impl="for-loop", micro_batch=1, seq_len=1024),
+    # mixtures of experts
+    # attention-only LoRA: peft's all-linear also wraps the stacked expert weights (not modelled)
+    _case("mixtral-8x7b", 2, method="lora", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+          micro_batch=1, seq_len=1024),
+    _case("qwen3-30b-a3b", 2, micro_batch=1, seq_len=1024),
+    _case("qwen1.5-moe-a2.7b-chat", 2, micro_batch=1, seq_len=1024),
+    # bitsandbytes (fake-tensor kernels): QLoRA (NF4, double quantization) and 8-bit AdamW
+    _case("llama-3.2-1b", 2, method="qlora", micro_batch=2, seq_len=1024),
+    _case("qwen3-8b", 2, method="qlora", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), micro_batch=1, seq_len=2048),
+    _case("qwen3-0.6b", 2, optimizer="adamw-8bit", micro_batch=1, seq_len=512),
+    _case("llama-3.1-8b", 2, precision="bf16-mixed", optimizer="adamw-8bit", micro_batch=1, seq_len=1024),
+    # a whole small model, every layer
+    _case("smollm2-135m-instruct", 30, precision="bf16-mixed", micro_batch=2, seq_len=1024),
+)
