@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 
 from planner.errors import PlannerError
-from planner.specs.catalog import load_spec
-from planner.specs.setup import ATTENTIONS, CHECKPOINTINGS, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS
+from planner.specs.vocabulary import (
+    ATTENTIONS,
+    CHECKPOINTINGS,
+    METHODS,
+    OPTIMIZER_IMPLS,
+    OPTIMIZERS,
+    PRECISIONS,
+)
 
 
 def positive_int(text: str) -> int:
@@ -103,7 +109,7 @@ def _load_calibration(path: str | None):
 def run_estimate(args) -> int:
     from planner.cost.estimate import estimate
     from planner.io.report import estimate_text, to_json
-    from planner.specs.catalog import load_gpu
+    from planner.specs.catalog import load_gpu, load_spec
 
     spec = load_spec(args.model)
     setup = setup_from_args(args)
@@ -124,7 +130,7 @@ def run_estimate(args) -> int:
 def run_fit(args) -> int:
     from planner.io.report import fit_text, inference_fit_text, to_json
     from planner.search.fit import inference_fits, what_fits
-    from planner.specs.catalog import load_gpu
+    from planner.specs.catalog import load_gpu, load_spec
 
     spec = load_spec(args.model)
     gpu = load_gpu(args.gpu)
@@ -152,7 +158,7 @@ def run_fit(args) -> int:
 def run_catalog(args) -> int:
     from planner.cost.params import count_params
     from planner.io.report import catalog_text, to_json
-    from planner.specs.catalog import list_gpus, list_models, load_model_config
+    from planner.specs.catalog import list_gpus, list_models, load_model_config, load_spec
 
     models = []
     if args.what in ("models", "all"):

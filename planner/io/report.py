@@ -26,12 +26,29 @@ def _json_default(value):
     raise TypeError(f"cannot serialize {type(value).__name__} to JSON")
 
 
-def render_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A plain-text table (pandas' own renderer) from already-formatted rows."""
-    import pandas as pd
+def _column_text(name: str, values: list) -> list[str]:
+    """Header and cells of one column: pandas pads the header of an all-integer or all-boolean
+    column with one space (room for a sign)."""
+    numeric = all(isinstance(v, bool) for v in values) or not any(isinstance(v, bool | str) for v in values)
+    return [f" {name}" if numeric else str(name)] + [str(v) for v in values]
 
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame.to_string(index=False)
+
+def render_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table from already-formatted rows, laid out as pandas' ``to_string(index=False)``
+    does: every column right-justified to its widest cell, one space between columns.
+
+    Rows of text, integers and booleans are laid out here (importing pandas costs a short verb
+    more than the rest of its work); anything else (floats, missing cells) goes to pandas itself.
+    ``tests/test_report.py`` checks the two layouts agree."""
+    names = columns if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
+    if not rows or not names or any(
+            set(row) - set(names) or any(not isinstance(row.get(n), str | int) for n in names) for row in rows):
+        import pandas as pd
+
+        return pd.DataFrame(rows, columns=columns).to_string(index=False)
+    cells = list(zip(*(_column_text(n, [row[n] for row in rows]) for n in names), strict=True))
+    widths = [max(len(line[i]) for line in cells) for i in range(len(names))]
+    return "\n".join(" ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in cells)
 
 
 # ----------------------------------------------------------------------------- memory verbs

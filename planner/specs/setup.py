@@ -10,23 +10,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["full", "lora", "qlora"]
-Precision = Literal["fp32", "bf16", "bf16-mixed"]
-Optimizer = Literal["adamw", "adamw-8bit", "adafactor", "sgd", "lion"]
-OptimizerImpl = Literal["foreach", "fused", "for-loop"]
-Checkpointing = Literal["none", "full", "selective"]
-Attention = Literal["sdpa", "eager"]
+from planner.specs.vocabulary import (
+    ALL_LINEAR,
+    ATTENTIONS,
+    CHECKPOINTINGS,
+    METHODS,
+    OPTIMIZER_IMPLS,
+    OPTIMIZERS,
+    PRECISIONS,
+    Attention,
+    Checkpointing,
+    Method,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+)
 
-METHODS: tuple[str, ...] = Method.__args__
-PRECISIONS: tuple[str, ...] = Precision.__args__
-OPTIMIZERS: tuple[str, ...] = Optimizer.__args__
-OPTIMIZER_IMPLS: tuple[str, ...] = OptimizerImpl.__args__
-CHECKPOINTINGS: tuple[str, ...] = Checkpointing.__args__
-ATTENTIONS: tuple[str, ...] = Attention.__args__
-
-# peft's "all-linear" shorthand: every nn.Linear of the decoder layers (not the output head).
-ALL_LINEAR = "all-linear"
-
+__all__ = ["ALL_LINEAR", "ATTENTIONS", "CHECKPOINTINGS", "METHODS", "OPTIMIZERS", "OPTIMIZER_IMPLS", "PRECISIONS",
+           "InferenceSetup", "TrainingSetup"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
