@@ -59,7 +59,8 @@ def transfer_check(profile, model: str, device: str, points: int) -> list[dict]:
     from planner.specs.configs import num_layers_of
     from planner.specs.profile import default_corrections
     from planner.specs.setup import TrainingSetup
-    from planner.truth.profile import GridPoint, run_grid
+    from planner.truth.calibration_grid import GridPoint
+    from planner.truth.profile import run_grid
 
     config = load_model_config(model)[0]
     layers = num_layers_of(config)

@@ -274,7 +274,7 @@ def test_checkpointing_reduces_saved_activations():
 
 @pytest.mark.oracle
 def test_dropout_override_reaches_the_model_and_sdpa_stays_flash_without_it():
-    from planner.truth.trace import build_model
+    from planner.truth.training_model import build_model
 
     model = build_model(LLAMA, setup(dropout=0.1), device="meta")
     assert model.config.attention_dropout == 0.1
@@ -334,7 +334,7 @@ def test_lora_backward_skips_frozen_weight_gradients():
 def test_build_model_runs_a_real_step_on_cpu():
     import torch
 
-    from planner.truth.trace import build_model
+    from planner.truth.training_model import build_model
 
     model = build_model(LLAMA, setup(method="lora"), device="cpu")
     ids = torch.randint(0, V, (1, 8))
@@ -350,7 +350,7 @@ def test_build_model_qlora_quantizes_on_cpu():
     import bitsandbytes as bnb
     import torch
 
-    from planner.truth.trace import build_model
+    from planner.truth.training_model import build_model
 
     model = build_model(LLAMA, setup(method="qlora", precision="bf16"), device="cpu")
     linear = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -362,7 +362,7 @@ def test_build_model_qlora_quantizes_on_cpu():
 def test_fallback_lion_matches_its_definition():
     import torch
 
-    from planner.truth.trace import Lion
+    from planner.truth.optimizers import Lion
 
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)

@@ -56,7 +56,10 @@ def register(subparsers) -> None:
 
 
 def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A progress line on stderr (above a progress bar, when one is drawn)."""
+    from planner.io.progress import print_line
+
+    print_line(text)
 
 
 def run_simulate(args) -> int:
@@ -68,7 +71,7 @@ def run_simulate(args) -> int:
 
     config, source = load_model_config(args.model)
     setup = setup_from_args(args)
-    result = simulate(config, model_name(args.model, source), setup, args.layers)
+    result = simulate(config, model_name(args.model, source), setup, args.layers, show_progress=not args.json)
     print(to_json(result) if args.json else simulate_text(result))
     return 0
 
@@ -91,7 +94,8 @@ def run_calibrate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = args.budget if args.budget is not None else (200.0 if device == "cpu" else None)
     profile = calibrate_device(args.model, device, num_layers=args.layers, precision=args.precision, quick=args.quick,
-                               timed_steps=args.steps, budget_s=budget, threads=args.threads, progress=_progress)
+                               timed_steps=args.steps, budget_s=budget, threads=args.threads, progress=_progress,
+                               show_progress=not args.json)
     save_profile(profile, args.out)
     _print_profile(profile, args)
     print(f"profile written to {args.out}", file=sys.stderr)
@@ -109,16 +113,33 @@ def _print_profile(profile, args) -> None:
 
 
 def _calibrate_from_file(args) -> int:
-    import datetime as dt
-    from pathlib import Path
+    """`planner calibrate --from FILE`: the measurements of a run the user profiled, added to
+    ``--base`` when given, fitted, saved and reported."""
+    from planner.specs.profile import load_profile, save_profile
+    from planner.truth.calibrate import fit_profile
+    from planner.truth.ingest import detect_format, measurements_from_file
 
-    from planner import __version__
-    from planner.cli.train import setup_from_args
-    from planner.specs.catalog import load_gpu, load_model_config
-    from planner.specs.profile import DeviceInfo, Profile, default_corrections, load_profile, save_profile
-    from planner.truth.calibrate import assign_splits, fit_profile
-    from planner.truth.ingest import detect_format, measurements_from_file, read_chrome_trace
-    from planner.truth.profile import model_name
+    path = _checked_from_file(args)
+    fmt = detect_format(path) if args.format == "auto" else args.format
+    if args.precision is None:
+        args.precision = "bf16"
+    name, config, setup = _model_and_setup(args)
+    base = load_profile(args.base) if args.base else None
+    device = _device_of_profiled_run(args, path, fmt, base)
+    new, facts = measurements_from_file(path, fmt, name, setup, args.layers)
+    profile = _profile_with(new, f"ingested {path.name} ({fmt}): {facts}", name, config, device, base)
+    profile = fit_profile(profile, progress=_progress)
+    save_profile(profile, args.out)
+    if len(new) < 6 and not base:
+        print("note: fewer than 6 points, none held out: the errors below are in-sample", file=sys.stderr)
+    _print_profile(profile, args)
+    print(f"profile written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _checked_from_file(args):
+    """The ``--from`` path, once it and ``--model`` and ``--out`` are known to be there."""
+    from pathlib import Path
 
     path = Path(args.from_file)
     if not path.is_file():
@@ -127,13 +148,24 @@ def _calibrate_from_file(args) -> int:
         raise PlannerError("--from needs --model NAME: the model the profiled run trained (and its set-up flags)")
     if not args.out:
         raise PlannerError("calibrate needs --out PROFILE.json")
-    fmt = detect_format(path) if args.format == "auto" else args.format
+    return path
+
+
+def _model_and_setup(args):
+    """(name, HF config, TrainingSetup) of the profiled run, from ``--model`` and the set-up flags."""
+    from planner.cli.train import setup_from_args
+    from planner.specs.catalog import load_model_config
+    from planner.truth.profile import model_name
+
     config, source = load_model_config(args.model)
-    name = model_name(args.model, source)
-    if args.precision is None:
-        args.precision = "bf16"
-    setup = setup_from_args(args)
-    base = load_profile(args.base) if args.base else None
+    return model_name(args.model, source), config, setup_from_args(args)
+
+
+def _device_of_profiled_run(args, path, fmt: str, base):
+    """The GPU the run was on: ``--gpu``, the Chrome trace's device name, or ``--base``'s device."""
+    from planner.specs.catalog import load_gpu
+    from planner.specs.profile import DeviceInfo
+    from planner.truth.ingest import read_chrome_trace
 
     gpu_name = args.gpu
     if gpu_name is None and fmt == "chrome-trace":
@@ -143,12 +175,22 @@ def _calibrate_from_file(args) -> int:
         device = DeviceInfo(kind="cuda", name=gpu.name, memory_bytes=gpu.memory_bytes, spec=gpu, spec_source="catalog")
         if base is not None and not base.matches(gpu):
             raise PlannerError(f"--base was measured on {base.device.name}, the file's run on {gpu.name}")
-    elif base is not None:
-        device = base.device
-    else:
-        raise PlannerError("say which GPU the run was on: --gpu NAME (see `planner catalog gpus`), or --base PROFILE")
+        return device
+    if base is not None:
+        return base.device
+    raise PlannerError("say which GPU the run was on: --gpu NAME (see `planner catalog gpus`), or --base PROFILE")
 
-    new, facts = measurements_from_file(path, fmt, name, setup, args.layers)
+
+def _profile_with(new: list, note: str, name: str, config: dict, device, base):
+    """A profile (not yet fitted) of ``base``'s measurements and configs, if any, plus ``new``
+    (held-out splits assigned when there are 6 or more) and the configs of their models."""
+    import datetime as dt
+
+    from planner import __version__
+    from planner.specs.catalog import load_model_config
+    from planner.specs.profile import Profile, default_corrections
+    from planner.truth.calibrate import assign_splits
+
     measurements = list(base.measurements) if base else []
     configs = dict(base.configs) if base else {}
     configs.setdefault(name, config)
@@ -157,16 +199,8 @@ def _calibrate_from_file(args) -> int:
             extra, extra_source = load_model_config(m.model)
             configs[m.model] = extra
     measurements += assign_splits(new) if len(new) >= 6 else new
-    profile = Profile(
+    return Profile(
         created=dt.datetime.now(dt.timezone.utc), planner_version=__version__, device=device, configs=configs,
         measurements=measurements, corrections=default_corrections(device.kind),
-        notes=(list(base.notes) if base else []) + [f"ingested {path.name} ({fmt}): {facts}"],
+        notes=(list(base.notes) if base else []) + [note],
     )
-    profile = fit_profile(profile, progress=_progress)
-    save_profile(profile, args.out)
-    if len(new) < 6 and not base:
-        print("note: fewer than 6 points, none held out: the errors below are in-sample", file=sys.stderr)
-    _print_profile(profile, args)
-    print(f"profile written to {args.out}", file=sys.stderr)
-    return 0
-

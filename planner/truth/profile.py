@@ -1,10 +1,14 @@
 """Short real training runs on this machine's device (CUDA when present, else CPU) for calibration.
 
-The model is the real ``transformers`` model built from its HF config with random weights
-(``planner.truth.trace.build_model``), trained on synthetic tokens; one step is the step of
-``planner.truth.trace`` (``grad_accum`` x (forward, loss, backward), ``optimizer.step()``,
-``zero_grad(set_to_none=True)``; autocast for ``bf16-mixed``).
-
+Owns running a grid of points (``run_grid``: one ``Measurement`` per ``GridPoint`` of
+``planner.truth.calibration_grid``) and ``calibrate_device`` (device facts of
+``planner.truth.device_facts``, the default grid, the runs and the fit of
+``planner.truth.calibrate`` in one call), and ``model_name``. The model is the real
+``transformers`` model built from its HF config with random weights
+(``planner.truth.training_model.build_model``), trained on synthetic tokens; one step is the step
+of ``planner.truth.trace`` (``grad_accum`` x (forward, loss, backward), ``optimizer.step()``,
+``zero_grad(set_to_none=True)``; autocast for ``bf16-mixed``). torch is imported inside
+functions only.
 What is measured for each point of the grid:
 
 - **step time**: after a warm-up step (it creates the optimizer state), the median of the timed
@@ -34,351 +38,215 @@ recorded as ``status="skipped"``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from planner.specs.hardware import GpuSpec
-from planner.specs.profile import DeviceInfo, Measurement, Profile, default_corrections
+from planner.io.progress import progress_bar
+from planner.specs.profile import Measurement, Profile, default_corrections
 from planner.specs.setup import TrainingSetup
 from planner.truth.calibrate import assign_splits
+from planner.truth.calibration_grid import GridPoint, default_grid
+from planner.truth.device_facts import available_bytes, cuda_context_bytes, device_info, synchronize
+from planner.truth.real_step import FamilyModel, cpu_peak_bytes, is_out_of_memory, timed_step
 
 MEMORY_GUARD_FRACTION = 0.8
 """Skip points whose estimated device bytes exceed this share of the device (CUDA memory; on
 CPU, the memory available now)."""
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    """One calibration point: a set-up of ``num_layers`` decoder layers."""
-
-    setup: TrainingSetup
-    num_layers: int
-
-    @property
-    def family(self) -> tuple:
-        s = self.setup
-        return (s.method, s.checkpointing, s.precision, s.optimizer, s.optimizer_impl, self.num_layers)
-
-    @property
-    def label(self) -> str:
-        s = self.setup
-        ck = "" if s.checkpointing == "none" else f" ckpt-{s.checkpointing}"
-        return f"{s.method} {s.precision}{ck} L{self.num_layers} b{s.micro_batch}s{s.seq_len}"
-
-
-def default_grid(device: str, num_layers: int, precision: str | None = None, quick: bool = False) -> list[GridPoint]:
-    """The default grid. CPU (fp32: a CPU without bf16 instructions emulates bf16 matmuls):
-    full fine-tuning over micro-batch x sequence at ``num_layers`` and at 3x the layers (so
-    that per-layer and per-token costs separate from the output head's), LoRA, and full
-    checkpointing; 32 to 192 tokens per step keep it within a few minutes on one core.
-    CUDA (bf16-mixed): the same families with sequences of 512 to 4096 tokens, growing until
-    the first out-of-memory error."""
-    if device == "cpu":
-        precision = precision or "fp32"
-        full = [(1, 32), (1, 64), (2, 64), (1, 128), (2, 96)]
-        deep = [(1, 32), (1, 64)]
-        lora = [(1, 32), (2, 32), (1, 96)]
-        ckpt = [(1, 32), (1, 64)]
-        if quick:
-            full, deep = [(1, 16), (1, 32), (2, 32), (2, 64)], [(1, 32), (2, 32)]
-            lora, ckpt = [(1, 32), (2, 16), (2, 32)], [(1, 32)]
-    else:
-        precision = precision or "bf16-mixed"
-        full = [(1, 512), (2, 512), (1, 1024), (2, 1024), (1, 2048), (4, 1024), (2, 2048), (1, 4096), (4, 2048)]
-        deep = [(1, 1024), (2, 1024)]
-        lora = [(1, 1024), (2, 1024), (1, 2048), (4, 2048)]
-        ckpt = [(1, 1024), (2, 2048), (4, 2048)]
-        if quick:
-            full, deep, lora, ckpt = full[:3], deep[:1], lora[:2], ckpt[:1]
-    deep_layers = num_layers * 3
-    points = []
-    for method, ck, layers, shapes in (("full", "none", num_layers, full), ("full", "none", deep_layers, deep),
-                                       ("lora", "none", num_layers, lora), ("full", "full", num_layers, ckpt)):
-        for b, s in shapes:
-            setup = TrainingSetup(method=method, precision=precision, checkpointing=ck, micro_batch=b, seq_len=s,
-                                  dropout=0.0)
-            points.append(GridPoint(setup, layers))
-    return points
-
-
-# ------------------------------------------------------------------------------ device facts
-
-
-def _sync(device: str) -> None:
+def run_grid(config: dict, model_name: str, points: list[GridPoint], device: str, *, timed_steps: int = 3,
+             budget_s: float | None = None, progress=None, show_progress: bool = False) -> list[Measurement]:
+    """Measure every point (see the module docstring); returns one Measurement per point, in
+    the order of ``points``. ``budget_s`` stops starting new points (and timing rounds beyond
+    the second) once that many seconds have passed. ``progress`` receives a line of text per
+    point and timing round; ``show_progress`` draws bars on stderr (when it is a terminal) over
+    the points and over the CPU's timed steps."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    run = _GridRun(config=config, model_name=model_name, points=points, device=device, timed_steps=timed_steps,
+                   budget_s=budget_s, say=progress or (lambda text: None), t_start=time.perf_counter(),
+                   context_bytes=cuda_context_bytes() if device == "cuda" else None,
+                   available_bytes=available_bytes(device))
+    results: dict[int, dict[str, Any]] = {}
+    families: dict[tuple, list[int]] = {}
+    for index, point in enumerate(points):
+        families.setdefault(point.family, []).append(index)
+    live: dict[tuple, FamilyModel] = {}
+    cpu_timing: list[int] = []
+    with progress_bar(len(points), "calibrate", enabled=show_progress, unit="point") as bar:
+        for family_key, indices in families.items():
+            fam = _measure_family(run, indices, results, cpu_timing, bar)
+            if fam is not None:
+                if device == "cpu":
+                    live[family_key] = fam
+                else:
+                    fam.close()
+                    del fam
+                    torch.cuda.empty_cache()
+    if cpu_timing:
+        _time_cpu_rounds(run, cpu_timing, live, results, show_progress)
+    live.clear()
+    out = [_measurement(run, point, results[index]) for index, point in enumerate(points)]
+    run.say(f"measured {sum(m.status == 'ok' for m in out)} of {len(out)} points in "
+            f"{time.perf_counter() - run.t_start:.0f} s")
+    return out
 
 
-def step_clock(device: str):
-    """The clock of the timed steps: wall time (``perf_counter``) on CUDA and on a multi-threaded
-    CPU run; on a single-threaded CPU run the process's CPU time (``process_time``, user +
-    system), which other processes of a shared machine do not inflate."""
-    import torch
+@dataclass
+class _GridRun:
+    """What every point of one ``run_grid`` call shares."""
 
-    if device == "cpu" and torch.get_num_threads() == 1:
-        return time.process_time
-    return time.perf_counter
+    config: dict
+    model_name: str
+    points: list[GridPoint]
+    device: str
+    timed_steps: int
+    budget_s: float | None
+    say: Callable[[str], None]
+    t_start: float
+    context_bytes: float | None
+    available_bytes: float
 
-
-def _time_best(fn, device: str, repeats: int = 3) -> float:
-    clock = step_clock(device)
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        _sync(device)
-        best = min(best, clock() - t0)
-    return best
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and time.perf_counter() - self.t_start > self.budget_s
 
 
-def measure_peaks(device: str) -> dict:
-    """Micro-benchmarks of the device: dense matmul FLOP/s per dtype (best of 3 on a square
-    matmul of side 1024 on CPU (512 for bf16), 8192 on CUDA) and streaming bandwidth (a copy of 256 MiB on CPU,
-    1 GiB on CUDA: 2 x bytes per copy)."""
-    import torch
+@dataclass
+class _FamilyRun:
+    """One family's model and optimizer (built at its first measured point) and, once a point was
+    too large, the (status, note) of every point after it."""
 
-    flops = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        # a CPU without bf16 instructions emulates bf16 matmuls ~100x slower: a smaller one
-        side = 8192 if device == "cuda" else (1024 if dtype == torch.float32 else 512)
-        a = torch.randn(side, side, device=device).to(dtype)
-        b = torch.randn(side, side, device=device).to(dtype)
-        seconds = _time_best(lambda a=a, b=b: a @ b, device)
-        flops[name] = 2.0 * side**3 / seconds
-    nbytes = 256 * 1024**2 if device == "cpu" else 1024**3
-    x = torch.empty(nbytes // 4, device=device)
-    y = torch.empty_like(x)
-    seconds = _time_best(lambda: y.copy_(x), device)
-    return {"peak_flops": flops, "bandwidth_bytes_per_s": 2.0 * nbytes / seconds}
+    family: FamilyModel | None = None
+    stopped: tuple[str, str] | None = None
 
 
-def _cpu_name() -> str:
+def _measure_family(run: _GridRun, indices: list[int], results: dict[int, dict[str, Any]], cpu_timing: list[int],
+                    bar) -> FamilyModel | None:
+    """The points of one family, smallest (micro-batch x sequence) first, on one shared model:
+    growth stops at the first point estimated too large or out of memory. CPU points measured
+    join ``cpu_timing``. Returns the family's model and optimizer (None when none was built)."""
+    from planner.specs.configs import reduce_layers
+    from planner.specs.model import model_spec_from_config
+
+    points = run.points
+    spec = model_spec_from_config(reduce_layers(run.config, points[indices[0]].num_layers), run.model_name)
+    state = _FamilyRun()
+    for index in sorted(indices, key=lambda i: points[i].setup.micro_batch * points[i].setup.seq_len):
+        bar.set_postfix_str(points[index].label)
+        results[index] = _point_result(run, spec, state, index)
+        if results[index]["status"] == "ok" and run.device == "cpu":
+            cpu_timing.append(index)
+        bar.update()
+    return state.family
+
+
+def _point_result(run: _GridRun, spec, state: _FamilyRun, index: int) -> dict[str, Any]:
+    """Point ``index`` measured, or why not (family stopped, time budget spent, estimated too
+    large, out of memory: the last two stop the family)."""
+    point = run.points[index]
+    if state.stopped:
+        return {"status": state.stopped[0], "note": state.stopped[1]}
+    if run.over_budget():
+        return {"status": "skipped", "note": f"time budget of {run.budget_s:.0f} s spent"}
+    need = _estimated_bytes(spec, point.setup, run.device)
+    if need > MEMORY_GUARD_FRACTION * run.available_bytes:
+        state.stopped = ("skipped", "a smaller point of this family was already too large")
+        return {"status": "skipped", "note": f"estimated {need / 2**30:.1f} GiB > "
+                f"{MEMORY_GUARD_FRACTION:.0%} of {run.available_bytes / 2**30:.1f} GiB available"}
+    run.say(f"[{index + 1}/{len(run.points)}] {point.label}")
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+        if state.family is None:
+            state.family = FamilyModel(run.config, point, run.device)
+        return _measure_point(run, state.family, point)
+    except Exception as exc:  # noqa: BLE001 - an OOM is a data point; anything else is re-raised
+        if not is_out_of_memory(exc):
+            raise
+        state.stopped = ("skipped", "stopped growing at the first out-of-memory point of this family")
+        return _out_of_memory(run, state.family, exc)
 
 
-def device_info(device: str, progress=None) -> DeviceInfo:
-    """Versions, memory and the roofline spec of ``device`` (catalog GPU, else measured)."""
+def _measure_point(run: _GridRun, fam: FamilyModel, point: GridPoint) -> dict[str, Any]:
+    """A warm-up step, then on CUDA the timed steps and the allocator's peaks; on CPU the
+    tracker's peak over one step (its steps are timed later, in rounds over all points)."""
     import torch
-    import transformers
 
-    say = progress or (lambda text: None)
-    common = {
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "num_threads": torch.get_num_threads(),
-    }
-    if device == "cuda":
-        from planner.errors import PlannerError
-        from planner.specs.catalog import load_gpu
+    ids, labels = fam.inputs(point.setup)
+    if run.device == "cuda":
+        torch.cuda.empty_cache()
+    fam.step(point.setup, ids, labels)  # warm-up: creates the optimizer state
+    synchronize(run.device)
+    if run.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        times = [timed_step(fam, point.setup, (ids, labels), run.device) for _ in range(run.timed_steps)]
+        return {"status": "ok", "times": times,
+                "peak_allocated_bytes": float(torch.cuda.max_memory_allocated()),
+                "peak_reserved_bytes": float(torch.cuda.max_memory_reserved()),
+                "context_bytes": run.context_bytes}
+    peak = cpu_peak_bytes(fam, point.setup, ids, labels)
+    return {"status": "ok", "times": [], "peak_allocated_bytes": peak, "peak_reserved_bytes": peak, "context_bytes": 0.0}
 
-        props = torch.cuda.get_device_properties(0)
-        name = torch.cuda.get_device_name(0)
-        driver = None
-        try:
-            import subprocess
 
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-        except Exception:  # noqa: BLE001 - the driver version is informative only
-            driver = None
-        try:
-            spec = load_gpu(name)
-            source = "catalog"
-        except PlannerError:
-            say(f"{name} is not in the GPU catalog: measuring its peaks")
-            peaks = measure_peaks("cuda")
-            spec = GpuSpec(name=name, vendor="nvidia", memory_bytes=props.total_memory,
-                           memory_bandwidth_bytes_per_s=peaks["bandwidth_bytes_per_s"], peak_flops=peaks["peak_flops"],
-                           interconnect="unknown", interconnect_bandwidth_bytes_per_s=25e9,
-                           sources={"all": f"measured by planner calibrate on {_dt.date.today()}; interconnect assumed PCIe"})
-            source = "measured"
-        return DeviceInfo(kind="cuda", name=name, memory_bytes=props.total_memory, driver_version=driver,
-                          cuda_version=torch.version.cuda, spec=spec, spec_source=source, **common)
-    say("measuring the CPU's memory bandwidth (and bf16 matmuls where it has no bf16 units)")
-    peaks = measure_peaks("cpu")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    threads = torch.get_num_threads()
-    name = f"cpu: {_cpu_name()} x{threads} thread{'s' if threads > 1 else ''}"
-    nominal, how = nominal_cpu_flops(threads, peaks["peak_flops"]["bf16"])
-    spec = GpuSpec(
-        name=name, vendor="cpu", memory_bytes=memory, memory_bandwidth_bytes_per_s=peaks["bandwidth_bytes_per_s"],
-        peak_flops=nominal, interconnect="none", interconnect_bandwidth_bytes_per_s=1e9,
-        sources={"peak_flops": how,
-                 "memory_bandwidth_bytes_per_s": "measured: copy of 256 MiB, 2 x bytes / seconds",
-                 "memory_bytes": "os.sysconf physical pages", "interconnect_bandwidth_bytes_per_s": "unused (1 device)",
-                 "measured_matmul_flops": ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks["peak_flops"].items())},
+def _out_of_memory(run: _GridRun, fam: FamilyModel | None, exc: BaseException) -> dict[str, Any]:
+    """The data point of an out-of-memory error; gradients and the allocator's cache released."""
+    import torch
+
+    run.say(f"    out of memory: {str(exc).splitlines()[0][:100]}")
+    if fam is not None:
+        fam.optimizer.zero_grad(set_to_none=True)
+    if run.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"status": "oom", "note": str(exc).splitlines()[0][:200]}
+
+
+def _time_cpu_rounds(run: _GridRun, cpu_timing: list[int], live: dict[tuple, FamilyModel],
+                     results: dict[int, dict[str, Any]], show_progress: bool) -> None:
+    """The CPU's timed steps: round after round, one step of every point per round."""
+    points = run.points
+    inputs = {i: live[points[i].family].inputs(points[i].setup) for i in cpu_timing}
+    with progress_bar(run.timed_steps * len(cpu_timing), "timing", enabled=show_progress, unit="step") as bar:
+        for round_index in range(run.timed_steps):
+            if round_index >= 2 and run.over_budget():
+                run.say("time budget spent: stopping the timing rounds")
+                break
+            run.say(f"timing round {round_index + 1}/{run.timed_steps} over {len(cpu_timing)} points")
+            for i in cpu_timing:
+                fam = live[points[i].family]
+                results[i]["times"].append(timed_step(fam, points[i].setup, inputs[i], run.device))
+                bar.update()
+
+
+def _measurement(run: _GridRun, point: GridPoint, r: dict[str, Any]) -> Measurement:
+    """The ``Measurement`` of a point from its result: step time, achieved FLOP/s, peaks, status."""
+    from planner.specs.configs import reduce_layers
+    from planner.specs.model import model_spec_from_config
+
+    times = r.get("times") or []
+    # CUDA: the median of the timed steps. CPU: the fastest of the interleaved rounds (a shared
+    # machine's slow spells only lengthen steps; the minimum is the reproducible figure)
+    step = (float(min(times)) if run.device == "cpu" else float(statistics.median(times))) if times else None
+    achieved = None
+    if step:
+        from planner.cost.estimate import training_flops
+
+        spec = model_spec_from_config(reduce_layers(run.config, point.num_layers), run.model_name)
+        achieved = float(training_flops(spec, point.setup).executed) * point.setup.grad_accum / step
+    return Measurement(
+        label=point.label, model=run.model_name, num_layers=point.num_layers, setup=point.setup, source="run",
+        status=r["status"], peak_allocated_bytes=r.get("peak_allocated_bytes"),
+        peak_reserved_bytes=r.get("peak_reserved_bytes"), context_bytes=r.get("context_bytes"),
+        step_time_s=step, step_time_spread_s=(max(times) - min(times)) if times else None,
+        steps_timed=len(times), achieved_flops_per_s=achieved, note=r.get("note", ""),
     )
-    return DeviceInfo(kind="cpu", name=name, memory_bytes=memory, spec=spec, spec_source="nominal", **common)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_hz() -> float | None:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.lower().startswith("cpu mhz"):
-                return float(line.split(":", 1)[1]) * 1e6
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def nominal_cpu_flops(threads: int, measured_bf16: float) -> tuple[dict[str, float], str]:
-    """A CPU's datasheet-like dense peak, the analogue of a GPU catalog entry (so that the
-    uncalibrated model on a CPU is as uninformed as on a GPU): threads x clock x fp32 FLOP per
-    cycle of its widest FMA units (AVX-512: 2 x 16 lanes x 2 = 64; AVX2 + FMA: 32; AVX: 16;
-    else 8). bf16: 2x fp32 with AVX512-BF16, 16x with AMX; a CPU with neither emulates bf16
-    matmuls, and the measured rate stands in for a nominal one."""
-    flags = _cpu_flags()
-    hz = _cpu_hz() or 2.5e9
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
-    fp32 = threads * hz * per_cycle
-    if "amx_bf16" in flags:
-        bf16, bf16_how = 16 * fp32, "16x fp32 (AMX)"
-    elif "avx512_bf16" in flags:
-        bf16, bf16_how = 2 * fp32, "2x fp32 (AVX512-BF16)"
-    else:
-        bf16, bf16_how = measured_bf16, "measured (no bf16 units: emulated)"
-    how = (f"nominal: {threads} thread(s) x {hz / 1e9:.2f} GHz (/proc/cpuinfo) x {per_cycle} fp32 FLOP/cycle; "
-           f"bf16 {bf16_how}")
-    return {"fp32": fp32, "bf16": bf16}, how
-
-
-def cuda_context_bytes() -> float:
-    """Device memory in use less PyTorch's reserved bytes, after CUDA is initialised."""
-    import torch
-
-    torch.zeros(1, device="cuda")
-    free, total = torch.cuda.mem_get_info()
-    return float(total - free - torch.cuda.memory_reserved())
-
-
-# ------------------------------------------------------------------------------------ runs
-
-
-def _make_optimizer(params, setup: TrainingSetup):
-    """The optimizers of ``planner.truth.trace`` (same hyper-parameters; they do not change cost)."""
-    from planner.truth.trace import _make_optimizer as traced_optimizer
-
-    return traced_optimizer(params, setup, notes=[])
-
-
-class _Family:
-    """A model and its optimizer, shared by the points of one family (only inputs change)."""
-
-    def __init__(self, config: dict, point: GridPoint, device: str, seed: int = 0):
-        import torch
-
-        from planner.truth.trace import build_model
-
-        torch.manual_seed(seed)
-        self.device = device
-        self.model = build_model(config, point.setup, point.num_layers, device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(self.params, point.setup)
-        self.vocab = self.model.get_input_embeddings().num_embeddings
-
-    def inputs(self, setup: TrainingSetup):
-        import torch
-
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, self.vocab, (setup.micro_batch, setup.seq_len), generator=g).to(self.device)
-        return ids, ids.clone()
-
-    def step(self, setup: TrainingSetup, ids, labels) -> None:
-        import contextlib
-
-        import torch
-
-        autocast = (torch.autocast(self.device, dtype=torch.bfloat16) if setup.precision == "bf16-mixed"
-                    else contextlib.nullcontext())
-        for _ in range(setup.grad_accum):
-            with autocast:
-                loss = self.model(input_ids=ids, labels=labels).loss
-            if setup.grad_accum > 1:
-                loss = loss / setup.grad_accum
-            loss.backward()
-            del loss
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        del self.model, self.optimizer, self.params
-
-
-def _tracker_class():
-    """The oracle's MemTracker (gradient hooks only on parameters that require grad: LoRA's
-    frozen base weights cannot take one), used here on real tensors."""
-    from planner.truth.trace import _phase_tracker_class
-
-    return _phase_tracker_class()
-
-
-def _cpu_peak_bytes(family: _Family, setup: TrainingSetup, ids, labels) -> float:
-    """MemTracker's peak over one steady-state step on real CPU tensors."""
-    import warnings
-
-    tracker = _tracker_class()()
-    tracker.track_external(family.model, family.optimizer, ids, labels)
-    with tracker, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Module is None")
-        family.step(setup, ids, labels)
-    peak = tracker.get_tracker_snapshot("peak")
-    return float(sum(snap["Total"] for snap in peak.values()))
-
-
-def _timed_step(family: _Family, setup: TrainingSetup, inputs, device: str) -> float:
-    """Seconds of one step, synchronised, with Python's cyclic garbage collector collected
-    before and paused during the step (as ``timeit`` does): a collection of the model's and
-    autograd's object graph would otherwise land in a random step."""
-    import gc
-
-    clock = step_clock(device)
-    gc.collect()
-    gc.disable()
-    try:
-        _sync(device)
-        t0 = clock()
-        family.step(setup, *inputs)
-        _sync(device)
-        return clock() - t0
-    finally:
-        gc.enable()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _estimated_bytes(spec, setup: TrainingSetup, device: str) -> float:
+    """The analytic device bytes of a point (peak, allocator reserve, CUDA context), for the memory guard."""
     from planner.cost.memory import training_memory
     from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES
 
@@ -386,136 +254,7 @@ def _estimated_bytes(spec, setup: TrainingSetup, device: str) -> float:
     return peak * (1 + ALLOCATOR_RESERVE_FRACTION) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
 
 
-def _available_bytes(device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        return float(torch.cuda.mem_get_info()[0])
-    try:
-        for line in open("/proc/meminfo", encoding="utf-8"):
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2
-
-
-def run_grid(config: dict, model_name: str, points: list[GridPoint], device: str, *, timed_steps: int = 3,
-             budget_s: float | None = None, progress=None) -> list[Measurement]:
-    """Measure every point (see the module docstring); returns one Measurement per point, in
-    the order of ``points``. ``budget_s`` stops starting new points (and timing rounds beyond
-    the second) once that many seconds have passed."""
-    import torch
-
-    from planner.specs.configs import reduce_layers
-    from planner.specs.model import model_spec_from_config
-
-    say = progress or (lambda text: None)
-    t_start = time.perf_counter()
-    context = cuda_context_bytes() if device == "cuda" else None
-    available = _available_bytes(device)
-
-    def over_budget() -> bool:
-        return budget_s is not None and time.perf_counter() - t_start > budget_s
-
-    results: dict[int, dict[str, Any]] = {}
-    families: dict[tuple, list[int]] = {}
-    for index, point in enumerate(points):
-        families.setdefault(point.family, []).append(index)
-    live: dict[tuple, _Family] = {}
-    cpu_timing: list[int] = []
-    for family_key, indices in families.items():
-        first = points[indices[0]]
-        spec = model_spec_from_config(reduce_layers(config, first.num_layers), model_name)
-        stopped = None
-        fam = None
-        for index in sorted(indices, key=lambda i: points[i].setup.micro_batch * points[i].setup.seq_len):
-            point = points[index]
-            if stopped:
-                results[index] = {"status": stopped[0], "note": stopped[1]}
-                continue
-            if over_budget():
-                results[index] = {"status": "skipped", "note": f"time budget of {budget_s:.0f} s spent"}
-                continue
-            need = _estimated_bytes(spec, point.setup, device)
-            if need > MEMORY_GUARD_FRACTION * available:
-                results[index] = {"status": "skipped", "note": f"estimated {need / 2**30:.1f} GiB > "
-                                  f"{MEMORY_GUARD_FRACTION:.0%} of {available / 2**30:.1f} GiB available"}
-                stopped = ("skipped", "a smaller point of this family was already too large")
-                continue
-            say(f"[{index + 1}/{len(points)}] {point.label}")
-            try:
-                if fam is None:
-                    fam = _Family(config, point, device)
-                ids, labels = fam.inputs(point.setup)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                fam.step(point.setup, ids, labels)  # warm-up: creates the optimizer state
-                _sync(device)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                    times = [_timed_step(fam, point.setup, (ids, labels), device) for _ in range(timed_steps)]
-                    results[index] = {"status": "ok", "times": times,
-                                      "peak_allocated_bytes": float(torch.cuda.max_memory_allocated()),
-                                      "peak_reserved_bytes": float(torch.cuda.max_memory_reserved()),
-                                      "context_bytes": context}
-                else:
-                    peak = _cpu_peak_bytes(fam, point.setup, ids, labels)
-                    results[index] = {"status": "ok", "times": [], "peak_allocated_bytes": peak,
-                                      "peak_reserved_bytes": peak, "context_bytes": 0.0}
-                    cpu_timing.append(index)
-            except Exception as exc:  # noqa: BLE001 - an OOM is a data point; anything else is re-raised
-                if not _is_oom(exc):
-                    raise
-                say(f"    out of memory: {str(exc).splitlines()[0][:100]}")
-                results[index] = {"status": "oom", "note": str(exc).splitlines()[0][:200]}
-                stopped = ("skipped", "stopped growing at the first out-of-memory point of this family")
-                if fam is not None:
-                    fam.optimizer.zero_grad(set_to_none=True)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-        if fam is not None:
-            if device == "cpu":
-                live[family_key] = fam
-            else:
-                fam.close()
-                del fam
-                torch.cuda.empty_cache()
-
-    if cpu_timing:
-        inputs = {i: live[points[i].family].inputs(points[i].setup) for i in cpu_timing}
-        for round_index in range(timed_steps):
-            if round_index >= 2 and over_budget():
-                say("time budget spent: stopping the timing rounds")
-                break
-            say(f"timing round {round_index + 1}/{timed_steps} over {len(cpu_timing)} points")
-            for i in cpu_timing:
-                fam = live[points[i].family]
-                results[i]["times"].append(_timed_step(fam, points[i].setup, inputs[i], device))
-    live.clear()
-
-    out = []
-    for index, point in enumerate(points):
-        r = results[index]
-        times = r.get("times") or []
-        # CUDA: the median of the timed steps. CPU: the fastest of the interleaved rounds (a shared
-        # machine's slow spells only lengthen steps; the minimum is the reproducible figure)
-        step = (float(min(times)) if device == "cpu" else float(statistics.median(times))) if times else None
-        achieved = None
-        if step:
-            from planner.cost.estimate import training_flops
-
-            spec = model_spec_from_config(reduce_layers(config, point.num_layers), model_name)
-            achieved = float(training_flops(spec, point.setup).executed) * point.setup.grad_accum / step
-        out.append(Measurement(
-            label=point.label, model=model_name, num_layers=point.num_layers, setup=point.setup, source="run",
-            status=r["status"], peak_allocated_bytes=r.get("peak_allocated_bytes"),
-            peak_reserved_bytes=r.get("peak_reserved_bytes"), context_bytes=r.get("context_bytes"),
-            step_time_s=step, step_time_spread_s=(max(times) - min(times)) if times else None,
-            steps_timed=len(times), achieved_flops_per_s=achieved, note=r.get("note", ""),
-        ))
-    say(f"measured {sum(m.status == 'ok' for m in out)} of {len(out)} points in {time.perf_counter() - t_start:.0f} s")
-    return out
+# ------------------------------------------------------------------------------- one call
 
 
 def model_name(model: str, source: dict) -> str:
@@ -530,23 +269,32 @@ def model_name(model: str, source: dict) -> str:
 
 def calibrate_device(model: str, device: str = "cpu", *, num_layers: int | None = None, precision: str | None = None,
                      quick: bool = False, timed_steps: int | None = None, budget_s: float | None = None,
-                     points: list[GridPoint] | None = None, threads: int | None = None, progress=None) -> Profile:
+                     points: list[GridPoint] | None = None, threads: int | None = None, progress=None,
+                     show_progress: bool = False) -> Profile:
     """Run the grid on ``device`` for ``model`` (catalog name or config path), fit, and return the
     profile (not yet saved). CPU defaults: 2 decoder layers (and 6 for the depth family), one
-    thread timed by CPU time (see ``step_clock``); ``threads`` > 1 times by wall clock."""
+    thread timed by CPU time (see ``planner.truth.device_facts.step_clock``); ``threads`` > 1 times by wall clock."""
+    with _torch_threads(threads or 1) if device == "cpu" else contextlib.nullcontext():
+        return _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_s, points, progress,
+                          show_progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, restored after."""
     import torch
 
-    if device == "cpu":
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads or 1)
-        try:
-            return _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_s, points, progress)
-        finally:
-            torch.set_num_threads(previous)
-    return _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_s, points, progress)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
-def _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_s, points, progress) -> Profile:
+def _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_s, points, progress,
+               show_progress) -> Profile:
+    """``calibrate_device`` once torch's threads are set."""
     import torch
 
     from planner.errors import PlannerError
@@ -569,7 +317,8 @@ def _calibrate(model, device, num_layers, precision, quick, timed_steps, budget_
     # quick grids are small models with steps of milliseconds: more rounds are cheap and the
     # minimum of more rounds is steadier
     steps = timed_steps or (5 if device == "cuda" else 7 if quick else 3)
-    measurements = run_grid(config, name, grid, device, timed_steps=steps, budget_s=budget_s, progress=say)
+    measurements = run_grid(config, name, grid, device, timed_steps=steps, budget_s=budget_s, progress=say,
+                            show_progress=show_progress)
     measurements = assign_splits(measurements)
     from planner import __version__ as planner_version
 

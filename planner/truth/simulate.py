@@ -76,9 +76,11 @@ def _flop_components(by_module: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def simulate(config: dict, name: str, setup: TrainingSetup, num_layers: int | None = None) -> dict:
+def simulate(config: dict, name: str, setup: TrainingSetup, num_layers: int | None = None,
+             *, show_progress: bool = False) -> dict:
     """Trace ``setup`` on the model of ``config`` (``num_layers`` decoder layers; None: all) and
-    compare with the analytic estimate of the same (reduced) model."""
+    compare with the analytic estimate of the same (reduced) model. ``show_progress``: a bar on
+    stderr (when it is a terminal) over the phases the trace runs."""
     from planner.errors import PlannerError
     from planner.specs.configs import num_layers_of, reduce_layers
     from planner.truth.trace import trace_training_step
@@ -89,47 +91,64 @@ def simulate(config: dict, name: str, setup: TrainingSetup, num_layers: int | No
     layers = num_layers or total_layers
     reduced = reduce_layers(config, layers) if num_layers else config
     try:
-        oracle = trace_training_step(config, setup, num_layers)
+        oracle = trace_training_step(config, setup, num_layers, show_progress=show_progress)
     except NotImplementedError as exc:
         raise PlannerError(f"simulate: {exc}") from None
-    analytic = None
-    analytic_error = None
-    spec = None
+    analytic, analytic_error, spec = _analytic_estimate(reduced, name, setup)
+    out = {
+        "model": name,
+        "num_layers": layers,
+        "setup": setup.model_dump(mode="json"),
+        "oracle": _oracle_summary(oracle),
+        "analytic": analytic,
+        "analytic_error": analytic_error,
+        "differences": _differences(oracle, analytic, spec, setup),
+    }
+    rel = out["differences"]["peak_bytes"]["relative"]
+    out["within_panel_tolerance"] = None if rel is None else bool(abs(rel) <= PANEL_MAX_ERROR)
+    return out
+
+
+def _analytic_estimate(reduced: dict, name: str, setup: TrainingSetup) -> tuple[dict | None, str | None, object]:
+    """(estimate, None, spec) of the analytic model on ``device="cpu"``, or (None, why, None) when
+    ``planner.specs.model`` cannot represent the architecture."""
+    from planner.errors import PlannerError
+
     try:
         from planner.cost.estimate import estimate
         from planner.specs.model import model_spec_from_config
 
         spec = model_spec_from_config(reduced, name=name)
-        analytic = estimate(spec, setup, device="cpu")
+        return estimate(spec, setup, device="cpu"), None, spec
     except PlannerError as exc:
-        analytic_error = str(exc)
+        return None, str(exc), None
 
+
+def _oracle_summary(oracle) -> dict:
+    """The oracle's ``TraceResult`` as the JSON of ``planner simulate`` (SI units, floats)."""
+    return {
+        "peak_bytes": float(oracle.peak_bytes),
+        "peak_phase": oracle.peak_phase,
+        "phases": {p: float(v) for p, v in oracle.phase_peak_bytes.items()},
+        "peak_by_category": {k: float(v) for k, v in oracle.peak_by_category.items()},
+        "peak_at": oracle.phase_peak_at,
+        "optimizer_state_bytes": float(oracle.optimizer_state_bytes),
+        "flops_forward": float(oracle.flops_forward),
+        "flops_backward": float(oracle.flops_backward),
+        "flops_by_module": {k: float(v) for k, v in oracle.flops_by_module.items()},
+        "trainable_params": oracle.trainable_params,
+        "total_params": oracle.total_params,
+        "wall_s": oracle.wall_s + oracle.flops_wall_s,
+        "notes": list(oracle.notes),
+    }
+
+
+def _differences(oracle, a: dict | None, spec, setup: TrainingSetup) -> dict:
+    """Analytic against oracle: the peak, each phase, each category group at the peak, FLOPs in
+    total and per component, trainable parameters (analytic sides None without an estimate)."""
     oracle_groups = {g: float(sum(oracle.peak_by_category[c] for c in cats)) for g, cats in GROUPS.items()}
     oracle_flops = float(oracle.flops_forward + oracle.flops_backward)
-    out = {
-        "model": name,
-        "num_layers": layers,
-        "setup": setup.model_dump(mode="json"),
-        "oracle": {
-            "peak_bytes": float(oracle.peak_bytes),
-            "peak_phase": oracle.peak_phase,
-            "phases": {p: float(v) for p, v in oracle.phase_peak_bytes.items()},
-            "peak_by_category": {k: float(v) for k, v in oracle.peak_by_category.items()},
-            "peak_at": oracle.phase_peak_at,
-            "optimizer_state_bytes": float(oracle.optimizer_state_bytes),
-            "flops_forward": float(oracle.flops_forward),
-            "flops_backward": float(oracle.flops_backward),
-            "flops_by_module": {k: float(v) for k, v in oracle.flops_by_module.items()},
-            "trainable_params": oracle.trainable_params,
-            "total_params": oracle.total_params,
-            "wall_s": oracle.wall_s + oracle.flops_wall_s,
-            "notes": list(oracle.notes),
-        },
-        "analytic": analytic,
-        "analytic_error": analytic_error,
-    }
-    a = analytic
-    out["differences"] = {
+    return {
         "peak_bytes": _diff(float(oracle.peak_bytes), a["peak_bytes"] if a else None),
         "phases": {p: _diff(float(v), a["phases"][p] if a else None) for p, v in oracle.phase_peak_bytes.items()},
         "categories": {g: _diff(v, _analytic_categories(a, setup)[g] if a else None) for g, v in oracle_groups.items()},
@@ -137,9 +156,6 @@ def simulate(config: dict, name: str, setup: TrainingSetup, num_layers: int | No
         "flops_by_component": _flop_diffs(oracle.flops_by_module, a, spec, setup),
         "trainable_params": _diff(float(oracle.trainable_params), a["params"]["trainable"] if a else None),
     }
-    rel = out["differences"]["peak_bytes"]["relative"]
-    out["within_panel_tolerance"] = None if rel is None else bool(abs(rel) <= PANEL_MAX_ERROR)
-    return out
 
 
 def _lora_share(spec, setup: TrainingSetup) -> float:
