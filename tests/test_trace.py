@@ -371,3 +371,18 @@ def test_fallback_lion_matches_its_definition():
     # exp_avg starts at 0: update = sign(0.1 * grad); p -= lr * update; exp_avg = 0.01 * grad
     assert torch.allclose(p.detach(), torch.tensor([0.9, -2.1, 3.1]))
     assert torch.allclose(opt.state[p]["exp_avg"], 0.01 * p.grad)
+
+
+def test_lion_fallback_without_lion_pytorch(monkeypatch):
+    """With lion-pytorch absent the oracle uses its own Lion (the import must not shadow it)."""
+    import sys
+
+    import torch
+
+    from planner.specs.setup import TrainingSetup
+    from planner.truth.optimizers import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)
+    notes: list[str] = []
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainingSetup(optimizer="lion"), notes)
+    assert "not installed" in notes[-1] and isinstance(opt, torch.optim.Optimizer)

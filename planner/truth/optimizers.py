@@ -37,10 +37,10 @@ def make_optimizer(params, setup: TrainingSetup, notes: list[str]):
         return bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.01)
     if setup.optimizer == "lion":
         try:
-            from lion_pytorch import Lion
+            from lion_pytorch import Lion as LionPytorch
 
             notes.append("lion: lion-pytorch's Lion (per-parameter loop; optimizer_impl ignored)")
-            return Lion(params, lr=1e-4, weight_decay=0.01)
+            return LionPytorch(params, lr=1e-4, weight_decay=0.01)
         except ImportError:
             notes.append("lion: lion-pytorch not installed; planner.truth.optimizers.Lion (same per-parameter update)")
             return Lion(params, lr=1e-4, weight_decay=0.01)
