@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -129,6 +130,41 @@ def test_stop_from_trainer_state_and_budget(capsys, tmp_path):
     assert rec["threshold"] == pytest.approx(float(scaling.compute_shadow_price(scaling.load_law("besiroglu2024"), 1e21)))
     code, out, _ = run(capsys, "stop", "--log", str(path), "--cost-per-step", "1", "--threshold", "1e-6", "--max-steps", "3000", "--bootstrap", "0")
     assert code == 0 and "step" in out
+
+
+# ------------------------------------------------------------------ progress: a bar on a terminal, silent under --json
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal and keeps what was written."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("verb", ["fit", "stop"])
+def test_bootstrap_bar_on_a_terminal_and_clean_json(capsys, monkeypatch, runs_csv, log_csv, verb):
+    from planner.io import progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # in the test body: pytest resets its capture between phases
+    bars, real = [], progress.progress_bar
+
+    def recorded(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr("planner.io.progress.progress_bar", recorded)
+    argv = (["scaling", "fit", str(runs_csv)] if verb == "fit" else
+            ["stop", "--log", str(log_csv), "--cost-per-step", "1", "--threshold", "1e-5"]) + ["--bootstrap", "12"]
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == 0 and json.loads(out)  # stdout is one JSON document
+    assert terminal.getvalue() == "" and bars == [progress.NULL_BAR]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and not out.lstrip().startswith("{")
+    (bar,) = bars[1:]
+    assert (bar.n, bar.total) == (12, 12)  # one step per bootstrap replicate
+    assert "bootstrap" in terminal.getvalue()
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +223,17 @@ def test_fit_recovers_constants_with_noise_and_intervals_cover_them():
     assert res.r2_loss > 0.99 and res.rmse_log_loss < 0.004
 
 
+def test_fit_calls_progress_once_per_bootstrap_replicate():
+    n, d, loss = _synthetic_runs(0.002, 2, TRUE)
+    calls: list[int] = []
+    res = scaling.fit_scaling_law(n, d, loss, num_bootstrap=7, progress=calls.append)
+    assert calls == [1] * 7
+    assert res == scaling.fit_scaling_law(n, d, loss, num_bootstrap=7)  # the callback changes no number
+    calls.clear()
+    scaling.ScalingLawFitter(num_bootstrap=0).fit(n, d, loss, progress=calls.append)
+    assert calls == []
+
+
 def test_fit_rejects_bad_runs():
     n, d, loss = _synthetic_runs(0.0, 0, TRUE)
     with pytest.raises(PlannerError, match="at least 8"):
@@ -276,3 +289,18 @@ def test_read_runs_csv(tmp_path):
     (tmp_path / "cols.csv").write_text("params,loss\n1,2\n")
     with pytest.raises(PlannerError, match="tokens"):
         scaling.read_runs_csv(tmp_path / "cols.csv")
+
+
+def test_importing_the_loss_layer_pulls_no_solver_table_or_special_functions():
+    """Issue 9: cvxpy only inside the geometric program, scipy only where a fit or formula runs,
+    pandas only where a file is read; importing the loss modules (and ``planner scaling optimal``'s
+    closed form) pays for none of them."""
+    code = (
+        "import sys\n"
+        "import planner.loss.fitting, planner.loss.pruning, planner.loss.scaling, planner.loss.stopping\n"
+        "from planner.loss import scaling\n"
+        "scaling.compute_optimal(scaling.load_law('besiroglu2024'), 1e22)\n"
+        "print(sorted(m for m in ('cvxpy', 'scipy', 'scipy.optimize', 'scipy.special', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -66,6 +66,15 @@ def test_interval_covers_the_true_stop_on_a_noisy_curve():
     assert hi - lo < 0.2 * analytic
 
 
+def test_recommendation_calls_progress_once_per_bootstrap_replicate():
+    rng = np.random.default_rng(3)
+    y = power_curve(T[:50]) + rng.normal(0, 0.003, 50)
+    calls: list[int] = []
+    rec = stopping.recommend_stop(T[:50], y, 1.0, 1e-6, num_bootstrap=9, progress=calls.append)
+    assert calls == [1] * 9
+    assert rec == stopping.recommend_stop(T[:50], y, 1.0, 1e-6, num_bootstrap=9)  # the callback changes no number
+
+
 def test_status_stop_now_and_budget_bound():
     y = power_curve(T[:40])
     now = stopping.recommend_stop(T[:40], y, 1.0, 1e-2, num_bootstrap=0)

@@ -3,7 +3,8 @@
 Numbers accept plain floats (1e22) and the suffixes K, M, B, T (70B parameters, 1.4T tokens).
 Every handler raises PlannerError on bad input; ``planner.cli.app`` prints it on one line and
 exits with 2. ``--json`` prints SI numbers (``planner.io.report.to_json``); ``--plot FILE.png``
-writes a figure (``planner.io.plots``).
+writes a figure (``planner.io.plots``). The bootstraps of ``scaling fit`` and ``stop`` advance a
+progress bar on stderr (``planner.io.progress``), drawn only on a terminal and never under ``--json``.
 """
 
 from __future__ import annotations
@@ -89,10 +90,16 @@ def _common(parser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure")
 
 
+def _show_progress(args) -> bool:
+    """A bootstrap bar on stderr (``planner.io.progress`` draws it only on a terminal): never under --json."""
+    return not args.json and args.bootstrap > 0
+
+
 # --------------------------------------------------------------------------------------------
 
 
 def _scaling_fit(args) -> int:
+    from planner.io.progress import progress_bar
     from planner.io.report import render_table, to_json
     from planner.loss import scaling
 
@@ -101,7 +108,8 @@ def _scaling_fit(args) -> int:
     n, d, loss = scaling.read_runs_csv(args.runs)
     fitter = scaling.ScalingLawFitter(delta=args.delta, grid=args.grid, num_bootstrap=args.bootstrap,
                                       confidence=args.confidence, exclude_highest_loss=args.exclude_highest, seed=args.seed)
-    result = fitter.fit(n, d, loss).result()
+    with progress_bar(args.bootstrap, "scaling fit", enabled=_show_progress(args), unit="bootstrap") as bar:
+        result = fitter.fit(n, d, loss, progress=bar.update).result()
     if args.plot:
         from planner.io import plots
 
@@ -206,6 +214,7 @@ def _prune(args) -> int:
 
 
 def _stop(args) -> int:
+    from planner.io.progress import progress_bar
     from planner.io.report import render_table, to_json
     from planner.loss import scaling, stopping
 
@@ -218,9 +227,10 @@ def _stop(args) -> int:
     if args.bootstrap < 0:
         raise PlannerError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     steps, losses, excluded = stopping.read_loss_log(args.log, args.metric)
-    rec = stopping.recommend_stop(steps, losses, cost, threshold, max_steps=args.max_steps, model=args.model,
-                                  criterion=args.criterion, num_bootstrap=args.bootstrap, confidence=args.confidence,
-                                  seed=args.seed, num_excluded=excluded)
+    with progress_bar(args.bootstrap, "stop", enabled=_show_progress(args), unit="bootstrap") as bar:
+        rec = stopping.recommend_stop(steps, losses, cost, threshold, max_steps=args.max_steps, model=args.model,
+                                      criterion=args.criterion, num_bootstrap=args.bootstrap, confidence=args.confidence,
+                                      seed=args.seed, num_excluded=excluded, progress=bar.update)
     if args.plot:
         from planner.io import plots
 

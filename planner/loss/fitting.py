@@ -3,6 +3,7 @@
 Pure numpy/scipy: a robust Huber objective, multi-start L-BFGS, the log-sum-exp
 parametrization of the Chinchilla law, residual bootstraps and information criteria.
 No plotting, no I/O: callers (``planner.loss.scaling``, ``planner.loss.stopping``) validate input.
+scipy is imported inside the functions that call it (:func:`lbfgs`, :func:`lse_log_loss`), not with this module.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import logsumexp
 
 from planner.errors import PlannerError
 
@@ -104,6 +103,8 @@ def lse_log_loss(theta, log_n, log_d):
     The parametrization of Hoffmann et al. 2022 (Eq. 10 and appendix D.2): log L =
     LSE(a - alpha log N, b - beta log D, e), which keeps A, B, E positive and the fit well scaled.
     """
+    from scipy.special import logsumexp
+
     a, b, e, alpha, beta = theta
     terms = np.stack(
         [a - alpha * np.asarray(log_n), b - beta * np.asarray(log_d), np.full_like(log_n, e, dtype=float)]
@@ -146,6 +147,8 @@ def grid_starts(grid: dict[str, np.ndarray]) -> np.ndarray:
 
 def lbfgs(fun_and_grad: Callable, x0, bounds=None) -> tuple[np.ndarray, float, bool]:
     """One L-BFGS-B run to tight tolerances (the default ftol stops Huber objectives of ~1e-3 early)."""
+    from scipy.optimize import minimize
+
     res = minimize(
         fun_and_grad,
         np.asarray(x0, dtype=np.float64),

@@ -35,7 +35,8 @@ model. It is a model in the spirit of their theory, not their replica calculatio
 
 Each method's theta comes from a published measurement ("keeping f0 of the pool reached the
 baseline with 1/s0 of the tokens", :func:`theta_from_efficiency` inverts m(f0, theta) = s0) and
-the planner does not search below the smallest fraction that measurement covers.
+the planner does not search below the smallest fraction that measurement covers. scipy.special
+(erf, erfinv) and scipy.optimize are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -47,10 +48,18 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.special import erf, erfinv
 
 from planner.errors import PlannerError
-from planner.loss import scaling
+from planner.loss.scaling.laws import (
+    DEFAULT_LAW,
+    FLOPS_PER_PARAM_TOKEN,
+    ScalingLaw,
+    effective_params,
+    effective_tokens,
+    load_law,
+    optimal_params_for_tokens,
+    optimal_tokens_for_params,
+)
 
 Strategy = Literal["hard", "easy", "auto"]
 
@@ -120,6 +129,8 @@ def boundary_coverage(keep_fraction, theta_deg):
     erf(kappa / (sqrt 2 sin theta)). Geometry of Sorscher et al. 2022 (section 2, the probe at
     angle theta); the coverage reading is this module's modelling assumption.
     """
+    from scipy.special import erf, erfinv
+
     f = np.asarray(keep_fraction, dtype=np.float64)
     s = np.sin(np.radians(np.asarray(theta_deg, dtype=np.float64)))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -142,6 +153,8 @@ def theta_from_efficiency(keep_fraction: float, token_efficiency: float) -> floa
     sin theta = erfinv(f0) / erfinv(s0 f0); s0 f0 >= 1 means the kept part carried all of the
     pool's value, a perfect metric (theta = 0); s0 <= 1 means no better than random (90).
     """
+    from scipy.special import erfinv
+
     f0, s0 = float(keep_fraction), float(token_efficiency)
     if not (0 < f0 <= 1) or not s0 > 0:
         raise PlannerError(f"need 0 < keep_fraction <= 1 and token_efficiency > 0, got {f0}, {s0}")
@@ -152,9 +165,9 @@ def theta_from_efficiency(keep_fraction: float, token_efficiency: float) -> floa
     return math.degrees(math.asin(min(1.0, float(erfinv(f0) / erfinv(s0 * f0)))))
 
 
-def abundance(law: scaling.ScalingLaw, params_n, pool_tokens):
+def abundance(law: ScalingLaw, params_n, pool_tokens):
     """rho = U / D_opt(N): the pool over the tokens for which N parameters are compute-optimal."""
-    return np.asarray(pool_tokens, dtype=np.float64) / scaling.optimal_tokens_for_params(law, params_n)
+    return np.asarray(pool_tokens, dtype=np.float64) / optimal_tokens_for_params(law, params_n)
 
 
 def selection_value(keep_fraction, theta_deg, rho, strategy: Literal["hard", "easy"]):
@@ -173,11 +186,11 @@ def scoring_flops(method: PruningMethod, pool_tokens, proxy_params: float | None
     if n_p < 0 or t_p < 0:
         raise PlannerError("proxy parameters and proxy training tokens must be >= 0")
     u = np.asarray(pool_tokens, dtype=np.float64)
-    return u * (sc.flops_per_token + sc.flops_per_token_per_proxy_param * n_p) + scaling.FLOPS_PER_PARAM_TOKEN * n_p * t_p
+    return u * (sc.flops_per_token + sc.flops_per_token_per_proxy_param * n_p) + FLOPS_PER_PARAM_TOKEN * n_p * t_p
 
 
 def pruned_loss(
-    law: scaling.ScalingLaw,
+    law: ScalingLaw,
     params_n,
     tokens_d,
     pool_tokens,
@@ -199,9 +212,9 @@ def pruned_loss(
     f = np.asarray(keep_fraction, dtype=np.float64)
     kept = f * np.asarray(pool_tokens, dtype=np.float64)
     v = selection_value(f, theta_deg, abundance(law, n, pool_tokens), strategy)
-    d_eff = v * scaling.effective_tokens(kept, d, rep.r_d_star)
-    u_n = scaling.optimal_params_for_tokens(law, v * np.minimum(kept, d))
-    n_eff = scaling.effective_params(n, u_n, rep.r_n_star)
+    d_eff = v * effective_tokens(kept, d, rep.r_d_star)
+    u_n = optimal_params_for_tokens(law, v * np.minimum(kept, d))
+    n_eff = effective_params(n, u_n, rep.r_n_star)
     return law.E + law.A * n_eff ** (-law.alpha) + law.B * d_eff ** (-law.beta)
 
 
@@ -238,9 +251,9 @@ class PruningPlan(_Frozen):
 
 def _best_over_params(law, compute_flops, pool, f, theta, strategy, num_n=801):
     """For each keep fraction (1-D array), the best loss over a log grid of N, D = C / 6N."""
-    center = math.log10(math.sqrt(compute_flops / scaling.FLOPS_PER_PARAM_TOKEN))
+    center = math.log10(math.sqrt(compute_flops / FLOPS_PER_PARAM_TOKEN))
     n = np.logspace(center - 3.5, center + 3.5, num_n)[None, :]
-    d = compute_flops / (scaling.FLOPS_PER_PARAM_TOKEN * n)
+    d = compute_flops / (FLOPS_PER_PARAM_TOKEN * n)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         loss = pruned_loss(law, n, d, pool, np.asarray(f)[:, None], theta, strategy)
     loss = np.where(np.isfinite(loss), loss, np.inf)
@@ -253,7 +266,7 @@ def _refine_params(law, compute_flops, pool, f, theta, strategy, n0):
 
     def fun(log_n):
         n = 10.0**log_n
-        return float(pruned_loss(law, n, compute_flops / (scaling.FLOPS_PER_PARAM_TOKEN * n), pool, f, theta, strategy))
+        return float(pruned_loss(law, n, compute_flops / (FLOPS_PER_PARAM_TOKEN * n), pool, f, theta, strategy))
 
     x0 = math.log10(n0)
     res = minimize_scalar(fun, bounds=(x0 - 0.02, x0 + 0.02), method="bounded", options={"xatol": 1e-9})
@@ -265,7 +278,7 @@ def plan_pruning(
     compute_flops: float,
     pool_tokens: float,
     method: PruningMethod | str = "random",
-    law: scaling.ScalingLaw | str = scaling.DEFAULT_LAW,
+    law: ScalingLaw | str = DEFAULT_LAW,
     strategy: Strategy = "auto",
     theta_deg: float | None = None,
     min_keep_fraction: float | None = None,
@@ -280,46 +293,17 @@ def plan_pruning(
     baseline (f = 1, no scoring cost) is optimized the same way with the full budget.
     """
     method = load_method(method) if isinstance(method, str) else method
-    law = scaling.load_law(law) if isinstance(law, str) else law
-    c = float(np.asarray(compute_flops))
-    u = float(pool_tokens)
-    if not (math.isfinite(c) and c > 0):
-        raise PlannerError(f"compute must be a positive number of FLOPs, got {compute_flops}")
-    if not (math.isfinite(u) and u > 0):
-        raise PlannerError(f"the pool must be a positive number of tokens, got {pool_tokens}")
-    theta = method.metric_angle_deg if theta_deg is None else float(theta_deg)
-    if not 0 <= theta <= 90:
-        raise PlannerError(f"theta must be between 0 and 90 degrees, got {theta}")
-    f_min = min_keep_fraction if min_keep_fraction is not None else method.min_keep_fraction
-    if f_min is None:
-        raise PlannerError(f"method {method.name!r} can remove only what the pool holds in duplicates; give --min-keep (the non-duplicate share)")
-    if not 0 < f_min <= 1:
-        raise PlannerError(f"the smallest kept fraction must be in (0, 1], got {f_min}")
-    score = float(scoring_flops(method, u, proxy_params, proxy_train_tokens))
-    train = c - score
-    if train <= 0:
-        raise PlannerError(f"scoring the pool with {method.name} costs {score:.3g} FLOPs, more than the {c:.3g} budget")
+    law = load_law(law) if isinstance(law, str) else law
+    c, u, theta, f_min = _check_plan_inputs(method, compute_flops, pool_tokens, theta_deg, min_keep_fraction)
+    score, train = _scoring_and_training_flops(method, c, u, proxy_params, proxy_train_tokens)
     fractions = np.unique(np.concatenate([np.geomspace(f_min, 1.0, num_fractions), [1.0]]))
-    strategies = ("hard", "easy") if strategy == "auto" else (strategy,)
-    curves = {}
-    for s in ("hard", "easy"):
-        curves[s] = _best_over_params(law, train, u, fractions, theta, s)
-    candidates = []
-    for s in strategies:
-        losses, ns = curves[s]
-        # On ties (a random metric without repetition is flat in f) keep the most data: no pruning.
-        i = int(np.flatnonzero(losses <= losses.min() * (1 + 1e-12))[-1])
-        candidates.append((float(losses[i]), -float(fractions[i]), s, float(ns[i])))
-    _, neg_f, best_strategy, n_grid = min(candidates)
-    f_best = -neg_f
-    n_best, loss_best = _refine_params(law, train, u, f_best, theta, best_strategy, n_grid)
-    # Baseline: no selection, no scoring cost, the whole budget for training.
-    base_loss, base_n = _best_over_params(law, c, u, np.array([1.0]), 90.0, "hard")
-    n_base, loss_base = _refine_params(law, c, u, 1.0, 90.0, "hard", float(base_n[0]))
+    curves = {s: _best_over_params(law, train, u, fractions, theta, s) for s in ("hard", "easy")}
+    f_best, best_strategy, n_best, loss_best = _best_selection(law, train, u, fractions, theta, curves, strategy)
+    n_base, loss_base = _no_pruning_baseline(law, c, u)
     if loss_best >= loss_base:
         # Selection does not pay for its scoring: the plan is not to prune (and not to score).
         f_best, n_best, loss_best, score, train, best_strategy = 1.0, n_base, loss_base, 0.0, c, "hard"
-    d_best = train / (scaling.FLOPS_PER_PARAM_TOKEN * n_best)
+    d_best = train / (FLOPS_PER_PARAM_TOKEN * n_best)
     kept = f_best * u
     return PruningPlan(
         method=method.name,
@@ -337,7 +321,7 @@ def plan_pruning(
         loss_no_pruning=loss_base,
         loss_change=loss_best - loss_base,
         params_n_no_pruning=n_base,
-        tokens_d_no_pruning=c / (scaling.FLOPS_PER_PARAM_TOKEN * n_base),
+        tokens_d_no_pruning=c / (FLOPS_PER_PARAM_TOKEN * n_base),
         scoring_flops=score,
         scoring_share=score / c,
         training_flops=train,
@@ -347,3 +331,50 @@ def plan_pruning(
         curve_loss_hard=curves["hard"][0].tolist(),
         curve_loss_easy=curves["easy"][0].tolist(),
     )
+
+
+def _check_plan_inputs(method: PruningMethod, compute_flops, pool_tokens, theta_deg, min_keep_fraction):
+    """(C, U, theta, smallest kept fraction) as floats, checked; theta and the fraction default to the method's."""
+    c = float(np.asarray(compute_flops))
+    u = float(pool_tokens)
+    if not (math.isfinite(c) and c > 0):
+        raise PlannerError(f"compute must be a positive number of FLOPs, got {compute_flops}")
+    if not (math.isfinite(u) and u > 0):
+        raise PlannerError(f"the pool must be a positive number of tokens, got {pool_tokens}")
+    theta = method.metric_angle_deg if theta_deg is None else float(theta_deg)
+    if not 0 <= theta <= 90:
+        raise PlannerError(f"theta must be between 0 and 90 degrees, got {theta}")
+    f_min = min_keep_fraction if min_keep_fraction is not None else method.min_keep_fraction
+    if f_min is None:
+        raise PlannerError(f"method {method.name!r} can remove only what the pool holds in duplicates; give --min-keep (the non-duplicate share)")
+    if not 0 < f_min <= 1:
+        raise PlannerError(f"the smallest kept fraction must be in (0, 1], got {f_min}")
+    return c, u, theta, f_min
+
+
+def _scoring_and_training_flops(method: PruningMethod, compute_flops: float, pool: float, proxy_params, proxy_train_tokens):
+    """(FLOPs to score the pool, what is left of the budget for training); scoring must leave some."""
+    score = float(scoring_flops(method, pool, proxy_params, proxy_train_tokens))
+    train = compute_flops - score
+    if train <= 0:
+        raise PlannerError(f"scoring the pool with {method.name} costs {score:.3g} FLOPs, more than the {compute_flops:.3g} budget")
+    return score, train
+
+
+def _best_selection(law, train_flops, pool, fractions, theta, curves, strategy: Strategy):
+    """(f, strategy, N, loss) of the best kept fraction over the allowed strategies, N refined."""
+    candidates = []
+    for s in ("hard", "easy") if strategy == "auto" else (strategy,):
+        losses, ns = curves[s]
+        # On ties (a random metric without repetition is flat in f) keep the most data: no pruning.
+        i = int(np.flatnonzero(losses <= losses.min() * (1 + 1e-12))[-1])
+        candidates.append((float(losses[i]), -float(fractions[i]), s, float(ns[i])))
+    _, neg_f, best_strategy, n_grid = min(candidates)
+    n_best, loss_best = _refine_params(law, train_flops, pool, -neg_f, theta, best_strategy, n_grid)
+    return -neg_f, best_strategy, n_best, loss_best
+
+
+def _no_pruning_baseline(law, compute_flops, pool):
+    """(N, loss) with no selection and no scoring cost: the whole budget for training."""
+    _, base_n = _best_over_params(law, compute_flops, pool, np.array([1.0]), 90.0, "hard")
+    return _refine_params(law, compute_flops, pool, 1.0, 90.0, "hard", float(base_n[0]))
