@@ -66,25 +66,40 @@ def _count_forward_backward(model, fake_mode, setup: TrainingSetup, bar) -> tupl
     (phase, component) and in total."""
     import torch
 
-    components = _components(model)
+    def forward():
+        b, s = setup.micro_batch, setup.seq_len
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (b, s), dtype=torch.int64)
+        with cpu_autocast(setup):
+            loss = model(input_ids=ids, labels=ids).loss
+        bar.update()
+        return loss
+
+    def backward(loss):
+        loss.backward()
+        bar.update()
+
+    components = {fqn: model.get_submodule(fqn) for fqn in _components(model)}
+    return count_step_flops(fake_mode, components, forward, backward)
+
+
+def count_step_flops(fake_mode, components: dict, forward, backward) -> tuple[dict[tuple[str, str], int], int]:
+    """FLOPs per (phase, component) and in total of ``backward(forward())`` run inside ``fake_mode``
+    under the attributing counter (``components``: name -> module; see ``_attributing_counter``).
+    ``forward`` takes no argument and returns what ``backward`` takes; it runs under the tagging
+    mode that books backward ops to components."""
     counter_cls, tag_mode_cls, stack = _attributing_counter(components)
     handles = []
-    for fqn in components:
-        module = model.get_submodule(fqn)
-        handles.append(module.register_forward_pre_hook(lambda m, a, fqn=fqn: stack.append(fqn)))
-        handles.append(module.register_forward_hook(lambda m, a, o, fqn=fqn: _pop(stack, fqn)))
-    b, s = setup.micro_batch, setup.seq_len
+    for name, module in components.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: stack.append(name)))
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: _pop(stack, name)))
     try:
         with fake_mode:
-            vocab = model.get_input_embeddings().num_embeddings
-            ids = torch.randint(0, vocab, (b, s), dtype=torch.int64)
             counter = counter_cls(display=False)
             with counter:
-                with tag_mode_cls(), cpu_autocast(setup):
-                    loss = model(input_ids=ids, labels=ids).loss
-                bar.update()
-                loss.backward()
-            bar.update()
+                with tag_mode_cls():
+                    out = forward()
+                backward(out)
     finally:
         for h in handles:
             h.remove()

@@ -49,24 +49,33 @@ CATEGORIES: tuple[str, ...] = ("Parameter", "Buffer", "Gradient", "Activation", 
 
 
 def phase_tracker_class():
-    """The MemTracker subclass of the module docstring (a class made on call: torch is imported lazily)."""
+    """The MemTracker subclass of the module docstring (a class made on call: torch is imported lazily).
+
+    ``devices``, a constructor argument (default ``None``: every device), names the device types
+    whose bytes count in ``current``, ``peak`` and the phase peaks; the others are still tracked
+    (``device_peak``): the torchtune oracle puts offloaded activations on a stand-in host device."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
     class _PhaseTracker(_trainable_grads_tracker_class()):
         """MemTracker that (1) skips frozen parameters when installing gradient hooks and
         (2) keeps the peak of each phase (``self.phase``) besides the global peak."""
 
-        def __init__(self) -> None:
+        def __init__(self, devices: tuple[str, ...] | None = None) -> None:
             super().__init__()
             self.phase: str | None = None
             self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
             self.phase_peak_at: dict[str, str] = {}
+            self.devices = devices
 
         def current(self) -> dict[str, int]:
-            return flatten_snapshot(self.get_tracker_snapshot("current"))
+            return flatten_snapshot(_on_devices(self.get_tracker_snapshot("current"), self.devices))
 
         def peak(self) -> dict[str, int]:
-            return flatten_snapshot(self.get_tracker_snapshot("peak"))
+            return flatten_snapshot(_on_devices(self.get_tracker_snapshot("peak"), self.devices))
+
+        def device_peak(self, device_type: str) -> int:
+            """The highest total seen on devices of ``device_type`` (0 if none was used)."""
+            return sum(v for dev, v in self._peak_mem.items() if dev.type == device_type)
 
         def start_phase(self, phase: str | None) -> None:
             self.phase = phase
@@ -89,13 +98,21 @@ def phase_tracker_class():
             super()._update_peak_stats(peak_state)
             if self.phase is None:
                 return
-            total = sum(snap[_TOTAL_KEY] for snap in self._curr_mem_snap.values())
+            counted = _on_devices(self._curr_mem_snap, self.devices)
+            total = sum(snap[_TOTAL_KEY] for snap in counted.values())
             best = self.phase_peaks.get(self.phase)
             if best is None or total > best[0]:
-                self.phase_peaks[self.phase] = (total, flatten_snapshot(self._curr_mem_snap))
+                self.phase_peaks[self.phase] = (total, flatten_snapshot(counted))
                 self.phase_peak_at[self.phase] = self._where()
 
     return _PhaseTracker
+
+
+def _on_devices(snapshot: dict, devices: tuple[str, ...] | None) -> dict:
+    """The part of a {device: ...} snapshot on devices of the given types (all when ``None``)."""
+    if devices is None:
+        return snapshot
+    return {dev: snap for dev, snap in snapshot.items() if dev.type in devices}
 
 
 def _trainable_grads_tracker_class():
@@ -127,7 +144,9 @@ def _trainable_grads_tracker_class():
                         and self._param_to_grad_hook_handles.get(param, None) is None):
                     self._param_to_grad_hook_handles[param] = (
                         param.register_hook(_grad_hook),
-                        param.register_post_accumulate_grad_hook(lambda p: _grad_hook(p.grad)),
+                        # an optimizer stepped in an earlier post-accumulate hook may have freed the grad
+                        param.register_post_accumulate_grad_hook(
+                            lambda p: _grad_hook(p.grad) if p.grad is not None else None),
                     )
             buffer_memory = 0
             for buffer in module.buffers():

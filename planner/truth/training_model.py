@@ -239,7 +239,7 @@ def _apply_lora(model, setup: TrainingSetup):
         lora_dropout=setup.lora_dropout,
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _peft_ignoring_old_torchao():
         # peft 0.21 asks transformers 5.23 for the deprecated `is_gradient_checkpointing`; on MoE
         # models its own default rank pattern names gate_up_proj, which fused experts lack; GPT-2's
         # Conv1D makes it switch fan_in_fan_out by itself
@@ -247,6 +247,30 @@ def _apply_lora(model, setup: TrainingSetup):
         warnings.filterwarnings("ignore", message=".*pattern keys did not match.*", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
         return peft.get_peft_model(model, lora)
+
+
+def _peft_ignoring_old_torchao():
+    """peft (>= 0.17) raises ImportError for every LoRA layer it dispatches while a torchao older
+    than its minimum (0.16) is installed; torchtune 0.6.1 needs torchao 0.11. The models built
+    here hold no torchao tensors, so peft's torchao checks are answered "not available"."""
+    import contextlib
+    from importlib import metadata
+
+    try:
+        old = int(metadata.version("torchao").split(".")[1]) < 16 and metadata.version("torchao").startswith("0.")
+    except metadata.PackageNotFoundError:
+        old = False
+    if not old:
+        return contextlib.nullcontext()
+    from peft.tuners.lora import torchao as lora_torchao
+    from peft.utils import quantization_utils
+
+    stack = contextlib.ExitStack()
+    for module in (lora_torchao, quantization_utils):
+        original = module.is_torchao_available
+        module.is_torchao_available = lambda: False
+        stack.callback(setattr, module, "is_torchao_available", original)
+    return stack
 
 
 def _qlora_compute_dtype(setup: TrainingSetup):
