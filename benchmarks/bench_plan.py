@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 
 from planner.loss import pruning, scaling
-from planner.search import optimize
+from planner.search import candidates, context, pareto, planning, scoring, setups
 from planner.search.plan import PlanRequest
 
 
@@ -37,26 +38,26 @@ def candidates_per_second() -> list[dict]:
     request = PlanRequest(models=("llama-3.1-8b", "llama-3.2-3b-instruct"), gpu="h100-sxm", num_gpus=8,
                           gpu_counts=(1, 2, 4, 8), lora_ranks=(16, 64), budget_usd=5000.0, data_pool_tokens=20e9,
                           token_grid=24)
-    ctx = optimize.make_context(request)
-    optimize._MEMO.clear()
+    ctx = context.make_context(request)
+    setups._MEMO.clear()
     t0 = time.perf_counter()
-    state = optimize.search_setups(ctx, exhaustive=True)
+    state = planning.search_setups(ctx, exhaustive=True)
     t_setups = time.perf_counter() - t0
-    data, _ = optimize.data_choices(request, ctx.law)
-    rows = state.table[state.table["peak_bytes"] <= ctx.usable_bytes].reset_index(drop=True)
-    limits = optimize.limits_of(ctx)
-    optimize.score_candidates(ctx, state.models, rows.iloc[:10], data, limits)  # warm numpy
+    data, _ = candidates.data_choices(request, ctx.law)
+    rows = state.table.take(state.table["peak_bytes"] <= ctx.usable_bytes)
+    limits = context.limits_of(ctx)
+    scoring.score_candidates(ctx, state.models, rows.take(slice(0, 10)), data, limits)  # warm numpy
     t1 = time.perf_counter()
-    scored = optimize.score_candidates(ctx, state.models, rows, data, limits)
+    scored = scoring.score_candidates(ctx, state.models, rows, data, limits)
     t_score = time.perf_counter() - t1
     n = scored["loss"].size
     t2 = time.perf_counter()
-    front = optimize.grouped_front(scored, rows)
+    front = pareto.grouped_front(scored, rows)
     t_front = time.perf_counter() - t2
-    setups = state.stats["setups"]
+    n_setups = state.stats["setups"]
     return [
-        {"stage": "set-up side (memory + step time), exhaustive", "items": f"{setups} set-ups x 7 micro-batches x ranks",
-         "seconds": f"{t_setups:.2f}", "rate": f"{setups / t_setups:,.0f} set-ups/s"},
+        {"stage": "set-up side (memory + step time), exhaustive", "items": f"{n_setups} set-ups x 7 micro-batches x ranks",
+         "seconds": f"{t_setups:.2f}", "rate": f"{n_setups / t_setups:,.0f} set-ups/s"},
         {"stage": "scoring (loss, time, cost, FLOPs, feasibility)", "items": f"{n:,} candidates",
          "seconds": f"{t_score:.3f}", "rate": f"{n / t_score:,.0f} candidates/s"},
         {"stage": "Pareto front of the feasible ones", "items": f"{int(scored['feasible'].sum()):,} -> {front.size}",
@@ -80,18 +81,23 @@ PLANS = {
 }
 
 
-def plan_wall_times() -> list[dict]:
+def plan_wall_times(repeats: int = 5) -> list[dict]:
+    """Each plan as a whole process, the median of ``repeats`` runs (pre-training plans without
+    --continuous-check, as `planner plan` runs by default)."""
     out = []
     for label, argv in PLANS.items():
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "planner.cli", "plan", *argv, "--json"], capture_output=True,
-                              text=True, timeout=600)
-        wall = time.perf_counter() - t0
-        if proc.returncode:
-            raise SystemExit(f"{label}: {proc.stderr}")
+        walls = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "planner.cli", "plan", *argv, "--json"], capture_output=True,
+                                  text=True, timeout=600)
+            walls.append(time.perf_counter() - t0)
+            if proc.returncode:
+                raise SystemExit(f"{label}: {proc.stderr}")
         plan = json.loads(proc.stdout)
         r = plan["recommended"]
-        out.append({"request": label, "process wall (s)": f"{wall:.2f}", "search (s)": f"{plan['search']['wall_s']:.2f}",
+        out.append({"request": label, "process wall (s)": f"{statistics.median(walls):.2f}",
+                    "search (s)": f"{plan['search']['wall_s']:.2f}",
                     "set-ups": plan["search"]["setups_evaluated"], "candidates": f"{plan['search']['candidates']:,}",
                     "front": len(plan["pareto"]),
                     "recommended": f"{r['model']} {r['method']} {r['num_gpus']} GPU, {r['tokens']:.3g} tok, loss {r['loss']:.4f}"})
@@ -107,7 +113,7 @@ def quality(quick: bool) -> list[dict]:
     for law_name in ("besiroglu2024", "hoffmann2022"):
         law = scaling.load_law(law_name)
         for c in budgets:
-            plan = optimize.make_plan(PlanRequest(compute_flops=c, law=law_name, gpu="h100-sxm"))
+            plan = planning.make_plan(PlanRequest(compute_flops=c, law=law_name, gpu="h100-sxm"))
             n, d = (float(v) for v in scaling.optimal_closed_form(law, c))
             loss = float(scaling.optimal_loss(law, c))
             r = plan.recommended
@@ -120,7 +126,7 @@ def quality(quick: bool) -> list[dict]:
     _, d_star = scaling.optimal_closed_form(law, c)
     pool = float(d_star) / 8
     ref = scaling.compute_optimal(law, c, pool, repeat=True)
-    r = optimize.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), gpu="h100-sxm",
+    r = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), gpu="h100-sxm",
                                        num_gpus=8)).recommended
     rows.append({"problem": f"pool = D*/8, C={c:.0e} (repeat)", "known answer": f"N={ref.params_n:.3g}, {ref.epochs:.2f} epochs, L={ref.loss:.4f}",
                  "plan": f"N={r.params:.3g}, {r.epochs:.2f} epochs, L={r.loss:.4f}",
@@ -129,7 +135,7 @@ def quality(quick: bool) -> list[dict]:
     _, d_star = scaling.optimal_closed_form(law, c)
     pool = float(d_star) / 2
     ref = pruning.plan_pruning(c, pool, "perplexity_proxy", law)
-    r = optimize.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all", "perplexity_proxy"),
+    r = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all", "perplexity_proxy"),
                                        gpu="h100-sxm", num_gpus=8)).recommended
     rows.append({"problem": f"pool = D*/2, C={c:.0e}, perplexity pruning", "known answer": f"keep {ref.keep_fraction:.2f}, L={ref.loss:.4f}",
                  "plan": f"{r.selection} keep {r.keep_fraction:.2f}, L={r.loss:.4f}",
@@ -152,7 +158,7 @@ def _memory_switch() -> dict:
     for model, gpu in pairs:
         request = PlanRequest(models=(model,), gpu=gpu, num_gpus=1, price_usd_per_hour=2.0, budget_usd=300.0)
         try:
-            rec = optimize.make_plan(request).recommended.method
+            rec = planning.make_plan(request).recommended.method
         except Exception:  # noqa: BLE001 - nothing fits: counts as agreeing if nothing fits by the oracle
             rec = None
         full = _fits_any(model, gpu, "full", request)
@@ -170,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     print("## Candidates per second\n")
     print(_table(candidates_per_second()))
-    print("\n## `planner plan` wall time (fresh process, cold caches)\n")
+    print("\n## `planner plan` wall time (fresh process, cold caches, median of 5)\n")
     print(_table(plan_wall_times()))
     print("\n## Plan quality on known answers\n")
     print(_table(quality(args.quick)))

@@ -72,7 +72,10 @@ def fmt_seconds(value_s: float) -> str:
 
 
 def fmt_usd(value_usd: float) -> str:
-    return f"${value_usd:,.0f}" if abs(value_usd) >= 100 else f"${value_usd:,.2f}"
+    """Dollars: whole above $100, cents below, and two significant digits below a cent (never "$0.00" for a cost)."""
+    if abs(value_usd) >= 100:
+        return f"${value_usd:,.0f}"
+    return f"${value_usd:,.2f}" if value_usd == 0 or abs(value_usd) >= 0.01 else f"${value_usd:.2g}"
 
 
 def fmt_percent(fraction: float) -> str:

@@ -1,5 +1,7 @@
 """Properties of the memory model that follow from its definition, independent of the oracle."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,30 @@ from planner.specs.setup import InferenceSetup, TrainingSetup
 @pytest.fixture(scope="module")
 def llama():
     return model_spec_from_config(load_model_config("llama-3.1-8b")[0], "llama-3.1-8b")
+
+
+def test_shared_cache_changes_nothing(llama):
+    """One cache across set-ups that differ in sharding, accumulation and optimizer (what the search
+    does) gives every set-up's memory bit for bit, on CUDA and CPU kernels."""
+    mb, rank = np.array([1, 4, 16])[:, None], np.array([[8, 64]])
+    caches: dict = {"cuda": {}, "cpu": {}}
+    for i, (method, ckpt, zero, tp, ga, optimizer) in enumerate(itertools.product(
+            ("full", "lora", "qlora"), ("none", "selective", "full"), (0, 1, 2, 3), (1, 2), (1, 3),
+            ("adamw", "adamw-8bit", "adafactor", "lion"))):
+        if i % 3:
+            continue
+        setup = TrainingSetup(method=method, precision="bf16-mixed" if method == "full" else "bf16", checkpointing=ckpt,
+                              num_gpus=8, zero=zero, tensor_parallel=tp, grad_accum=ga, optimizer=optimizer)
+        for device, cache in caches.items():
+            alone = training_memory(llama, setup, mb, 2048, rank, device=device)
+            shared = training_memory(llama, setup, mb, 2048, rank, device=device, cache=cache)
+            assert np.array_equal(alone.peak_bytes, shared.peak_bytes) and np.array_equal(alone.peak_phase, shared.peak_phase)
+            for name in alone.components:
+                assert np.array_equal(alone.components[name], shared.components[name]), (setup, name)
+            for name in alone.phases:
+                assert np.array_equal(alone.phases[name], shared.phases[name]), (setup, name)
+    # activations: one per method x checkpointing x tensor parallel; states: one per all but the accumulation
+    assert sum(key[1] == "activations" for key in caches["cuda"]) == 3 * 3 * 2
 
 
 def test_vectorized_sweep_equals_scalar_calls(llama):

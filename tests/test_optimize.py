@@ -1,4 +1,4 @@
-"""The search (planner.search.optimize): Pareto front against brute force, known answers, infeasibility."""
+"""The search (planner.search.*): Pareto front against brute force, known answers, infeasibility."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 
 from planner.errors import PlannerError
 from planner.loss import pruning, scaling
-from planner.search import optimize
+from planner.search import candidates, compare, convex, pareto, planning, setups
+from planner.search.context import make_context
 from planner.search.plan import Allocation, CompareRequest, PlanRequest
 
 LAW = scaling.load_law("besiroglu2024")
-FINE_STEP = 10 ** (1 / optimize.LADDER_FINE_PER_DECADE)  # spacing of the pre-training size ladder near the optimum
+FINE_STEP = 10 ** (1 / candidates.LADDER_FINE_PER_DECADE)  # spacing of the pre-training size ladder near the optimum
 
 
 def _brute_front(f: np.ndarray) -> np.ndarray:
@@ -29,17 +30,37 @@ def test_pareto_mask_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     f = rng.integers(0, 6, size=(700, 3)).astype(float)  # many ties and duplicates
     f[::7] = f[1::7][: f[::7].shape[0]]
-    mask = optimize.pareto_mask(f)
+    mask = pareto.pareto_mask(f)
     ref = _brute_front(f)
     # same set of objective vectors; one representative per duplicated vector
     assert {tuple(r) for r in f[mask]} == {tuple(r) for r in f[ref]}
     assert len({tuple(r) for r in f[mask]}) == mask.sum()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fastest_per_group_is_pandas_groupby_idxmax(seed):
+    """The set-up reduction without pandas equals ``groupby(keys, sort=False)[value].idxmax()``."""
+    import pandas as pd
+
+    from planner.search.table import SetupTable, fastest_per_group
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    columns = {"model": rng.integers(0, 3, n), "method": rng.choice(np.array(["full", "lora", "qlora"], dtype=object), n),
+               "num_gpus": rng.choice([1, 2, 8], n), "tokens_per_step": rng.choice([2.0**19, 2.0**20, 3e5], n),
+               "tokens_per_s": rng.integers(0, 6, n).astype(float)}  # many ties
+    got = fastest_per_group(SetupTable(columns), ("model", "method", "num_gpus", "tokens_per_step"), "tokens_per_s")
+    frame = pd.DataFrame(columns)
+    idx = frame.groupby(["model", "method", "num_gpus", "tokens_per_step"], sort=False)["tokens_per_s"].idxmax()
+    want = frame.loc[idx.to_numpy()].reset_index(drop=True)
+    for name in columns:
+        assert list(got[name]) == list(want[name]), name
+
+
 def test_pareto_mask_continuous_values():
     rng = np.random.default_rng(1)
     f = rng.random((3000, 3))
-    assert np.array_equal(optimize.pareto_mask(f), _brute_front(f))
+    assert np.array_equal(pareto.pareto_mask(f), _brute_front(f))
 
 
 SMALL = dict(
@@ -62,11 +83,11 @@ def _dominated_by(points: np.ndarray, q: np.ndarray, strict: bool) -> np.ndarray
 
 def test_front_against_brute_force_on_a_small_grid():
     request = PlanRequest(**SMALL)
-    flat = optimize.evaluate_candidates(request, exhaustive=True)
+    flat = planning.evaluate_candidates(request, exhaustive=True)
     feasible = flat[flat["feasible"]]
     assert len(feasible) > 100
     all_points = feasible[["loss", "cost_usd", "time_s"]].to_numpy()
-    plan = optimize.make_plan(request)
+    plan = planning.make_plan(request)
     front = np.array([[p.loss, p.cost_usd, p.time_s] for p in plan.pareto])
     # no point of the returned front is dominated by any feasible candidate
     assert not _dominated_by(all_points, front, strict=True).any()
@@ -83,8 +104,8 @@ def test_front_against_brute_force_on_a_small_grid():
 
 def test_dominance_pruning_finds_the_exhaustive_optimum():
     request = PlanRequest(**{**SMALL, "micro_batches": (1, 2, 4, 8, 16, 32), "checkpointing": ("none", "selective", "full")})
-    fast = optimize.make_plan(request)
-    full = optimize.make_plan(request, exhaustive=True)
+    fast = planning.make_plan(request)
+    full = planning.make_plan(request, exhaustive=True)
     assert fast.recommended.loss == pytest.approx(full.recommended.loss, rel=1e-12)
     assert fast.recommended.cost_usd == pytest.approx(full.recommended.cost_usd, rel=1e-12)
     assert fast.search.setups_evaluated <= full.search.setups_evaluated
@@ -95,14 +116,14 @@ def test_step_decomposition_matches_direct_step_time():
     from planner.specs.catalog import load_spec
     from planner.specs.setup import TrainingSetup
 
-    ctx = optimize.make_context(PlanRequest(gpu="h100-sxm", compute_flops=1e20))
+    ctx = make_context(PlanRequest(gpu="h100-sxm", compute_flops=1e20))
     spec = load_spec("qwen2.5-0.5b")
     mb, rank = np.array([1, 4, 16])[:, None], np.array([[16]])
     for method, g, zero, tp in itertools.product(("full", "lora"), (2, 16), (0, 1, 2, 3), (1, 8)):
         if tp > g or g % tp:
             continue
         setup = TrainingSetup(method=method, precision="bf16", num_gpus=g, zero=zero, tensor_parallel=tp)
-        per_mb, per_step, _ = optimize._affine_step(ctx, spec, setup, mb, 2048, rank)
+        per_mb, per_step, _ = setups._affine_step(ctx, spec, setup, mb, 2048, rank)
         # affine in the accumulation, except the exposed tail of a cross-node DDP / ZeRO-1 all-reduce
         tol = 3e-2 if (g > 8 and zero < 2) else 1e-9
         for ga in (1, 3, 8, 32):
@@ -116,7 +137,7 @@ def test_step_decomposition_matches_direct_step_time():
 def test_allocation_gp_reproduces_the_closed_form():
     for law_name, c in (("besiroglu2024", 1e21), ("hoffmann2022", 3e23), ("muennighoff2023", 1e19)):
         law = scaling.load_law(law_name)
-        sol = optimize.allocation_gp(law, {"compute": c / 6.0})
+        sol = convex.allocation_gp(law, {"compute": c / 6.0})
         n, d = scaling.optimal_closed_form(law, c)
         assert sol["params_n"] == pytest.approx(float(n), rel=1e-4)
         assert sol["tokens_d"] == pytest.approx(float(d), rel=1e-4)
@@ -128,19 +149,19 @@ def test_allocation_gp_data_pool_and_memory_caps():
     c = 1e22
     n_star, d_star = scaling.optimal_closed_form(LAW, c)
     pool = float(d_star) / 4
-    sol = optimize.allocation_gp(LAW, {"compute": c / 6.0}, tokens_cap=pool)
+    sol = convex.allocation_gp(LAW, {"compute": c / 6.0}, tokens_cap=pool)
     assert sol["tokens_d"] == pytest.approx(pool, rel=1e-5)  # the pool binds: D = U, N = C / (6 U)
     assert sol["params_n"] == pytest.approx(c / 6.0 / pool, rel=1e-4)
     assert set(sol["binding"]) == {"compute", "data_pool"}
     cap = float(n_star) / 3
-    sol = optimize.allocation_gp(LAW, {"compute": c / 6.0}, params_cap=cap)
+    sol = convex.allocation_gp(LAW, {"compute": c / 6.0}, params_cap=cap)
     assert sol["params_n"] == pytest.approx(cap, rel=1e-5)
     assert sol["tokens_d"] == pytest.approx(c / 6.0 / cap, rel=1e-4)
 
 
 def test_no_limits_reproduces_the_closed_form_split():
     c = 1e21
-    plan = optimize.make_plan(PlanRequest(compute_flops=c))
+    plan = planning.make_plan(PlanRequest(compute_flops=c))
     n, d = (float(v) for v in scaling.optimal_closed_form(LAW, c))
     rec = plan.recommended
     assert plan.mode == "pretrain"
@@ -166,7 +187,7 @@ def test_pool_smaller_than_optimal_tokens_repeats_as_the_data_constrained_law_sa
     _, d_star = scaling.optimal_closed_form(LAW, c)
     pool = float(d_star) / 8
     one_node = dict(gpu="h100-sxm", num_gpus=8)  # memory never binds at this size: only the pool and compute do
-    plan = optimize.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), **one_node))
+    plan = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), **one_node))
     ref = scaling.compute_optimal(LAW, c, pool, repeat=True)
     rec = plan.recommended
     assert ref.epochs > 1 and rec.epochs > 1  # it repeats
@@ -174,7 +195,7 @@ def test_pool_smaller_than_optimal_tokens_repeats_as_the_data_constrained_law_sa
     assert rec.loss == pytest.approx(ref.loss, rel=2e-4)
     assert rec.loss >= ref.loss - 1e-9  # a grid never beats the refined optimum
     # without repetition it trains on the pool once and shrinks D accordingly
-    once = optimize.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), repeat=False,
+    once = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), repeat=False,
                                           **one_node))
     assert once.recommended.tokens <= pool * (1 + 1e-9)
     assert once.recommended.loss > rec.loss
@@ -185,7 +206,7 @@ def test_pool_with_a_selection_method_prunes_as_the_pruning_model_says():
     _, d_star = scaling.optimal_closed_form(LAW, c)
     pool = float(d_star) / 2
     method = "perplexity_proxy"
-    plan = optimize.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all", method),
+    plan = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all", method),
                                           gpu="h100-sxm", num_gpus=8))
     ref = pruning.plan_pruning(c, pool, method, LAW)
     rec = plan.recommended
@@ -209,8 +230,8 @@ def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpoin
     spec, budget = load_spec(model), usable_allocated_bytes(load_gpu(gpu))
     for ckpt in checkpointing or request.checkpointing:
         for mb in request.micro_batches:
-            ga = int(optimize.grad_accum_for(request.global_batch_tokens, mb, request.seq_len, 1))
-            setup = TrainingSetup(method=method, precision=optimize.PRECISION_FOR_METHOD[method], checkpointing=ckpt,
+            ga = int(setups.grad_accum_for(request.global_batch_tokens, mb, request.seq_len, 1))
+            setup = TrainingSetup(method=method, precision=setups.PRECISION_FOR_METHOD[method], checkpointing=ckpt,
                                   micro_batch=mb, seq_len=request.seq_len, grad_accum=ga, lora_rank=16)
             if float(training_memory(spec, setup).peak_bytes) <= budget:
                 return True
@@ -224,7 +245,7 @@ def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpoin
 )
 def test_memory_limit_switches_method_exactly_where_the_memory_model_says(model, gpu):
     request = PlanRequest(models=(model,), gpu=gpu, num_gpus=1, price_usd_per_hour=2.0, budget_usd=300.0)
-    rec = optimize.make_plan(request).recommended
+    rec = planning.make_plan(request).recommended
     full_fits = _fits_any(model, gpu, "full", request)
     assert (rec.method == "full") == full_fits
     if not full_fits:
@@ -241,9 +262,9 @@ def test_memory_limit_switches_method_exactly_where_the_memory_model_says(model,
 
 def test_peft_efficiency_one_and_cost_objective_prefer_the_cheaper_method():
     base = dict(models=("qwen2.5-0.5b",), gpu="a100-80gb", num_gpus=1, budget_usd=50.0, data_pool_tokens=2e8)
-    lossy = optimize.make_plan(PlanRequest(**base)).recommended
+    lossy = planning.make_plan(PlanRequest(**base)).recommended
     assert lossy.method == "full"  # full fits, and LoRA learns less per token (eta = 0.5)
-    equal = optimize.make_plan(PlanRequest(**base, peft_efficiency={"full": 1.0, "lora": 1.0, "qlora": 1.0})).recommended
+    equal = planning.make_plan(PlanRequest(**base, peft_efficiency={"full": 1.0, "lora": 1.0, "qlora": 1.0})).recommended
     assert equal.loss <= lossy.loss + 1e-12
 
 
@@ -252,7 +273,7 @@ def test_peft_efficiency_one_and_cost_objective_prefer_the_cheaper_method():
 
 def test_memory_infeasible_says_what_is_short_and_what_to_relax():
     with pytest.raises(PlannerError, match=r"short|more than") as err:
-        optimize.make_plan(PlanRequest(models=("llama-3.1-70b",), gpu="rtx-4090", num_gpus=1, price_usd_per_hour=0.4,
+        planning.make_plan(PlanRequest(models=("llama-3.1-70b",), gpu="rtx-4090", num_gpus=1, price_usd_per_hour=0.4,
                                        budget_usd=100.0))
     text = str(err.value)
     assert "\n" not in text and "relax" in text and "GiB" in text
@@ -260,20 +281,20 @@ def test_memory_infeasible_says_what_is_short_and_what_to_relax():
 
 def test_budget_below_one_step_is_infeasible():
     with pytest.raises(PlannerError, match="short by") as err:
-        optimize.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1, budget_usd=0.001))
+        planning.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1, budget_usd=0.001))
     assert "\n" not in str(err.value)
 
 
 def test_nothing_limits_tokens_is_an_error():
     with pytest.raises(PlannerError, match="nothing limits"):
-        optimize.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1))
+        planning.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1))
     with pytest.raises(PlannerError, match="pre-training with no"):
-        optimize.make_plan(PlanRequest(gpu="h100-sxm"))
+        planning.make_plan(PlanRequest(gpu="h100-sxm"))
 
 
 def test_unreachable_target_loss():
     with pytest.raises(PlannerError, match="target loss"):
-        optimize.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1, budget_usd=10.0,
+        planning.make_plan(PlanRequest(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=1, budget_usd=10.0,
                                        objective="cost", target_loss=1.0))
 
 
@@ -289,7 +310,7 @@ def test_compare_allocations():
         Allocation(name="1.5B QLoRA", model="qwen2.5-1.5b", method="qlora", selection="all"),
         Allocation(name="too many tokens", model="qwen2.5-0.5b", num_gpus=2, micro_batch=1, tokens=1e15),
     ))
-    rows = {r["name"]: r for r in optimize.compare(request)}
+    rows = {r["name"]: r for r in compare.compare(request)}
     half = rows["0.5B full, best half x2"]
     assert half["feasible"] and half["epochs"] == pytest.approx(2.0) and half["keep_fraction"] == 0.5
     assert half["tokens"] == pytest.approx(2 * 0.5 * 2e9)
@@ -299,8 +320,8 @@ def test_compare_allocations():
 
 def test_cost_objective_is_cheaper_within_tolerance():
     base = dict(models=("qwen2.5-0.5b",), gpu="h100-sxm", num_gpus=2, budget_usd=300.0)
-    best = optimize.make_plan(PlanRequest(**base)).recommended
-    cheap = optimize.make_plan(PlanRequest(**base, objective="cost", loss_tolerance=0.05)).recommended
+    best = planning.make_plan(PlanRequest(**base)).recommended
+    cheap = planning.make_plan(PlanRequest(**base, objective="cost", loss_tolerance=0.05)).recommended
     assert cheap.cost_usd < best.cost_usd
     assert cheap.loss <= best.loss + 0.05 + 1e-12
 
@@ -310,5 +331,5 @@ def test_synthetic_configs_hit_the_requested_size():
     from planner.specs.model import model_spec_from_config
 
     for n in (3e7, 1e8, 1e9, 7e9, 7e10, 1e12):
-        got = count_params(model_spec_from_config(optimize.synthetic_llama_config(n))).total
+        got = count_params(model_spec_from_config(candidates.synthetic_llama_config(n))).total
         assert got == pytest.approx(n, rel=0.12)

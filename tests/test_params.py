@@ -43,9 +43,10 @@ def test_lora_params_equal_peft(name, targets):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from planner.specs.configs import reduce_layers
+    from planner.truth.training_model import peft_ignoring_old_torchao
 
     config = reduce_layers(load_model_config(name)[0], 2)
-    with torch.device("meta"):
+    with torch.device("meta"), peft_ignoring_old_torchao():
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
         target = "all-linear" if targets == ("all-linear",) else list(targets)
         model = get_peft_model(model, LoraConfig(r=8, target_modules=target))

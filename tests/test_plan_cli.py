@@ -24,7 +24,8 @@ def test_contract_plan_compute_json():
     """`planner plan --compute C --json` with no other limit: recommended params/tokens/loss, pareto points."""
     # in a fresh interpreter: the analytic path must not import torch or transformers
     code = ("import sys; from planner.cli import main; rc = main(['plan', '--compute', '1e21', '--json']); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'; sys.exit(rc)")
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'; "
+            "assert 'cvxpy' not in sys.modules and 'pandas' not in sys.modules, 'slow imports'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
@@ -35,6 +36,21 @@ def test_contract_plan_compute_json():
     assert isinstance(plan["pareto"], list) and plan["pareto"]
     for point in plan["pareto"]:
         assert {"loss", "cost_usd", "time_s"} <= set(point)
+
+
+def test_continuous_check_only_when_asked(capsys):
+    """The geometric program (cvxpy) runs with --continuous-check; without it the plan is the same."""
+    argv = ["plan", "--compute", "1e19", "--gpu", "h100-sxm", "--json"]
+    _, out, _ = _run(capsys, argv)
+    _, checked, _ = _run(capsys, [*argv, "--continuous-check"])
+    plain, checked = json.loads(out), json.loads(checked)
+    assert plain["continuous"] is None
+    c = checked["continuous"]
+    assert c["binding"] == ["compute_flops"] and abs(c["loss_rel_diff"]) < 1e-4
+    for key in ("recommended", "pareto", "constraints", "stopping", "assumptions"):
+        assert plain[key] == checked[key]
+    _, text, _ = _run(capsys, argv[:-1])
+    assert "not run (--continuous-check)" in text
 
 
 def test_plan_text_and_plot(capsys, tmp_path):

@@ -96,9 +96,9 @@ def test_full_checkpointing_keeps_layer_inputs():
 
 
 def _layers_only(spec, setup):
-    from planner.cost.memory import _layer_activations
+    from planner.cost.memory_activations import layer_activations
 
-    total, _, _ = _layer_activations(spec, setup, np.float64(setup.micro_batch), np.float64(setup.seq_len), 1)
+    total, _, _ = layer_activations(spec, setup, np.float64(setup.micro_batch), np.float64(setup.seq_len), 1)
     return float(total)
 
 

@@ -298,6 +298,7 @@ def test_importing_the_loss_layer_pulls_no_solver_table_or_special_functions():
     code = (
         "import sys\n"
         "import planner.loss.fitting, planner.loss.pruning, planner.loss.scaling, planner.loss.stopping\n"
+        "import planner.loss.finetune, planner.loss.inference_aware, planner.loss.test_time\n"
         "from planner.loss import scaling\n"
         "scaling.compute_optimal(scaling.load_law('besiroglu2024'), 1e22)\n"
         "print(sorted(m for m in ('cvxpy', 'scipy', 'scipy.optimize', 'scipy.special', 'pandas') if m in sys.modules))\n"

@@ -1,5 +1,6 @@
 """Step-time model (planner.cost.step_time): structure, vectorization, closed forms, corrections."""
 
+import itertools
 import subprocess
 import sys
 
@@ -40,6 +41,45 @@ def test_keys_and_step_is_the_sum(llama8b):
     parts = ("compute_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s", "communication_s")
     assert _f(r["step_time_s"]) == pytest.approx(sum(_f(r[k]) for k in parts))
     assert 0.25 < _f(r["mfu"]) < 0.65  # one H100, 8B full fine-tuning: published runs report 35-55%
+
+
+def _setups():
+    """Set-ups that differ in everything the step reads (a search's worth, thinned)."""
+    for i, (method, ckpt, zero, tp, ga, optimizer, impl) in enumerate(itertools.product(
+            ("full", "lora", "qlora"), ("none", "selective", "full"), (0, 1, 2, 3), (1, 2), (1, 3),
+            ("adamw", "adamw-8bit", "adafactor"), ("foreach", "fused"))):
+        if i % 5 == 0:
+            yield TrainingSetup(method=method, precision="bf16-mixed" if method == "full" else "bf16", checkpointing=ckpt,
+                                num_gpus=16 if i % 2 else 8, zero=zero, tensor_parallel=tp, grad_accum=ga,
+                                optimizer=optimizer, optimizer_impl=impl, offload_optimizer=i % 7 == 0)
+
+
+def test_shared_cache_changes_nothing(llama8b):
+    """One cache across many set-ups (what the search does) gives every set-up's step time bit for bit."""
+    mb, rank = np.array([1, 4, 16])[:, None], np.array([[8, 64]])
+    cache: dict = {}
+    for setup in _setups():
+        alone = step_time(llama8b, setup, H100, mb, 2048, rank)
+        shared = step_time(llama8b, setup, H100, mb, 2048, rank, cache=cache)
+        for key, value in alone.items():
+            assert np.array_equal(value, shared[key]), (setup, key)
+    assert len(cache) < 60  # the per-micro-batch work is shared, not recomputed per set-up
+
+
+def test_shared_cache_keys_name_real_fields():
+    """The lists of fields a shared part does not read name fields of the set-up (every other field,
+    one added later included, keeps parts apart)."""
+    from planner.cost import step_time as st
+    from planner.cost.memory_activations import NOT_READ_BY_ACTIVATIONS
+    from planner.cost.memory_states import NOT_READ_BY_STATES
+    from planner.cost.spec_facts import setup_key
+
+    fields = set(TrainingSetup.model_fields)
+    for ignored in (NOT_READ_BY_ACTIVATIONS, NOT_READ_BY_STATES, st.NOT_READ_BY_WORK, st._NOT_READ_BY_FLOPS,
+                    st._NOT_READ_BY_FORWARD, st._NOT_READ_BY_TRAFFIC):
+        assert ignored <= fields
+    key = setup_key("work", TrainingSetup(), st.NOT_READ_BY_WORK)
+    assert {name for name, _ in key[1:]} == fields - st.NOT_READ_BY_WORK
 
 
 def test_vectorized_matches_scalar_calls(llama8b):

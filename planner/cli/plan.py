@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     plan.add_argument("--export", choices=("hf-trainer", "accelerate", "deepspeed"), help="write a launch configuration")
     plan.add_argument("--out", metavar="PATH", help="where --export writes")
     plan.add_argument("--exhaustive", action="store_true", help="evaluate every set-up (no dominance pruning)")
+    plan.add_argument("--continuous-check", action="store_true",
+                      help="pre-training: also solve the geometric program over model size and tokens (cvxpy) and "
+                           "compare it with the grid's choice")
     plan.set_defaults(handler=run_plan)
 
     cmp = subparsers.add_parser("compare", help="named allocations side by side: loss, cost, time, memory")
@@ -153,10 +156,13 @@ def _peft_efficiency(text: str) -> dict:
 
 
 def build_request(args):
-    from planner.io.planfiles import load_request
     from planner.search.plan import PlanRequest
 
-    data = load_request(args.request).model_dump(exclude_unset=True) if args.request else {}
+    data = {}
+    if args.request:
+        from planner.io.planfiles import load_request
+
+        data = load_request(args.request).model_dump(exclude_unset=True)
     data.update(request_overrides(args))
     return PlanRequest.model_validate(data)
 
@@ -165,8 +171,6 @@ def build_request(args):
 
 
 def run_plan(args) -> int:
-    from planner.io.exports import export
-    from planner.io.planfiles import load_plan, write_data
     from planner.io.report import to_json
 
     if args.export and not args.out:
@@ -174,15 +178,21 @@ def run_plan(args) -> int:
     if args.out and not args.export:
         raise PlannerError("--out is the path of --export; give --export hf-trainer|accelerate|deepspeed")
     if args.from_plan:
+        from planner.io.planfiles import load_plan
+
         result = load_plan(args.from_plan)
     else:
-        from planner.search.optimize import make_plan
+        from planner.search.planning import make_plan
 
-        result = make_plan(build_request(args), exhaustive=args.exhaustive)
+        result = make_plan(build_request(args), exhaustive=args.exhaustive, continuous_check=args.continuous_check)
     written = []
     if args.save:
+        from planner.io.planfiles import write_data
+
         written.append(write_data(result, args.save))
     if args.export:
+        from planner.io.exports import export
+
         written += export(result, args.export, args.out)
     if args.plot:
         from planner.io import plots
@@ -239,6 +249,8 @@ def plan_text(p) -> str:
         c = p.continuous
         lines += ["", f"continuous check (geometric program): N {fmt_count(c.params)}, D {fmt_count(c.tokens)}, loss {c.loss:.4f}; "
                       f"grid differs by N {c.params_rel_diff:+.1%}, D {c.tokens_rel_diff:+.1%}, loss {c.loss_rel_diff:+.2e}"]
+    elif p.mode == "pretrain":
+        lines += ["", "continuous check (geometric program): not run (--continuous-check)"]
     rows = [{"loss": f"{q.loss:.4f}", "cost": fmt_usd(q.cost_usd), "time": fmt_seconds(q.time_s), "model": q.model,
              "method": q.method, "gpus": q.num_gpus, "tokens": fmt_count(q.tokens),
              "data": q.selection if q.selection == "all" else f"{q.selection} {q.keep_fraction:.2g}",
@@ -311,7 +323,7 @@ def build_compare(args):
 
 def run_compare(args) -> int:
     from planner.io.report import to_json
-    from planner.search.optimize import compare
+    from planner.search.compare import compare
 
     request = build_compare(args)
     rows = compare(request)

@@ -6,23 +6,48 @@ import argparse
 
 from planner.errors import PlannerError
 from planner.specs.vocabulary import (
+    ADAPTER_DTYPES,
     ATTENTIONS,
     CHECKPOINTINGS,
+    LOSS_IMPLS,
+    MAX_COUNT,
+    MAX_NUM_GPUS,
     METHODS,
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
+    PIPELINE_SCHEDULES,
     PRECISIONS,
+    STACKS,
 )
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, maximum: int = MAX_COUNT) -> int:
+    """A count: a positive integer no larger than ``maximum`` (a 20-digit sequence length is a typo
+    that would overflow every formula's int64 arithmetic)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"{text} is too large: at most {maximum:,}")
     return value
+
+
+DEFAULT_SEQ_LEN = 2048
+SEQ_LEN_HELP = f"tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context when shorter)"
+
+
+def resolve_seq_len(args, context: int) -> None:
+    """``--seq-len`` left out: the default, or the model's context (max_position_embeddings) when shorter."""
+    if getattr(args, "seq_len", None) is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, context) if context else DEFAULT_SEQ_LEN
+
+
+def gpu_count(text: str) -> int:
+    """A GPU count: at most ``MAX_NUM_GPUS`` (more than any cluster holds)."""
+    return positive_int(text, MAX_NUM_GPUS)
 
 
 def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,18 +56,52 @@ def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach")
     parser.add_argument("--micro-batch", type=positive_int, default=1)
-    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--seq-len", type=positive_int, default=None, help=SEQ_LEN_HELP)
     parser.add_argument("--checkpointing", choices=CHECKPOINTINGS, default="none")
     parser.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     parser.add_argument("--lora-rank", type=positive_int, default=16)
     parser.add_argument("--lora-targets", default="all-linear", help="all-linear or q_proj,v_proj,...")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--dropout", type=float, default=None, help="override the config's dropouts")
-    parser.add_argument("--num-gpus", type=positive_int, default=1)
+    parser.add_argument("--num-gpus", type=gpu_count, default=1)
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
-    parser.add_argument("--tensor-parallel", type=positive_int, default=1)
+    parser.add_argument("--tensor-parallel", type=gpu_count, default=1)
     parser.add_argument("--offload-optimizer", action="store_true")
     parser.add_argument("--grad-accum", type=positive_int, default=1)
+    _add_stack_arguments(parser)
+
+
+def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training stack, its recipe techniques and the parallel layout beyond ZeRO and TP."""
+    # a group cannot hold groups (argparse deprecates nesting): inside one, add the flags to it
+    nested = isinstance(parser, argparse._ArgumentGroup)
+    stack = parser if nested else parser.add_argument_group("stack and techniques")
+    stack.add_argument("--stack", choices=STACKS, default="hf", help="whose model code and recipe run (default hf)")
+    stack.add_argument("--loss", dest="loss_impl", choices=LOSS_IMPLS, default="standard", help="cross-entropy")
+    stack.add_argument("--loss-chunks", type=positive_int, default=8, help="chunks of --loss chunked")
+    stack.add_argument("--optimizer-in-backward", action="store_true", help="step in the gradient hooks")
+    stack.add_argument("--activation-offload", action="store_true", help="checkpointed activations in CPU memory")
+    stack.add_argument("--packed", action="store_true", help="packed sequences (no padding)")
+    stack.add_argument("--compile", action="store_true", help="torch.compile")
+    stack.add_argument("--float8", action="store_true", help="torchao float8 linears")
+    stack.add_argument("--dora", action="store_true", help="DoRA (with --method lora/qlora)")
+    stack.add_argument("--galore-rank", type=positive_int, default=128, help="with --optimizer galore-adamw")
+    stack.add_argument("--kbit-preparation", action="store_true", help="peft prepare_model_for_kbit_training")
+    stack.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="fp32", help="LoRA weights' dtype")
+    stack.add_argument("--modules-to-save", default="", help="fully trained modules with LoRA: embed_tokens,lm_head")
+    layout = parser if nested else parser.add_argument_group("parallel layout")
+    layout.add_argument("--pipeline-parallel", type=gpu_count, default=1, help="pipeline stages")
+    layout.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default="1f1b")
+    layout.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks per rank (interleaved)")
+    layout.add_argument("--sequence-parallel", action="store_true", help="with --tensor-parallel > 1")
+    layout.add_argument("--context-parallel", type=gpu_count, default=1, help="ring-attention degree")
+    layout.add_argument("--expert-parallel", type=gpu_count, default=1, help="GPUs the experts are sharded over")
+
+
+STACK_ARGUMENTS = ("stack", "loss_impl", "loss_chunks", "optimizer_in_backward", "activation_offload", "packed",
+                   "compile", "float8", "dora", "galore_rank", "kbit_preparation", "adapter_dtype", "modules_to_save",
+                   "pipeline_parallel", "pipeline_schedule", "virtual_stages", "sequence_parallel",
+                   "context_parallel", "expert_parallel")
 
 
 def setup_from_args(args) -> object:
@@ -54,7 +113,7 @@ def setup_from_args(args) -> object:
         optimizer=args.optimizer,
         optimizer_impl=args.optimizer_impl,
         micro_batch=args.micro_batch,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or DEFAULT_SEQ_LEN,
         checkpointing=args.checkpointing,
         attention=args.attention,
         lora_rank=args.lora_rank,
@@ -66,6 +125,7 @@ def setup_from_args(args) -> object:
         tensor_parallel=args.tensor_parallel,
         offload_optimizer=args.offload_optimizer,
         grad_accum=args.grad_accum,
+        **{name: getattr(args, name) for name in STACK_ARGUMENTS if hasattr(args, name)},
     )
 
 
@@ -81,8 +141,8 @@ def register(subparsers) -> None:
     fit = subparsers.add_parser("fit", help="what fits on a GPU: methods x techniques, max batch and sequence")
     fit.add_argument("model", help="catalog name, HF repo id, or path to a config.json")
     fit.add_argument("--gpu", required=True)
-    fit.add_argument("--seq-len", type=positive_int, default=2048)
-    fit.add_argument("--num-gpus", type=positive_int, default=1)
+    fit.add_argument("--seq-len", type=positive_int, default=None, help=SEQ_LEN_HELP)
+    fit.add_argument("--num-gpus", type=gpu_count, default=1)
     fit.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="default: 3 when --num-gpus > 1")
     fit.add_argument("--all", action="store_true", help="also SGD, Lion and fp32 set-ups")
     fit.add_argument("--inference", action="store_true", help="serving: longest context, largest batch")
@@ -110,10 +170,13 @@ def run_estimate(args) -> int:
     from planner.cost.estimate import estimate
     from planner.io.report import estimate_text, to_json
     from planner.specs.catalog import load_gpu, load_spec
+    from planner.specs.setup import check_setup
 
     spec = load_spec(args.model)
+    resolve_seq_len(args, spec.max_position_embeddings)
     setup = setup_from_args(args)
-    gpu = load_gpu(args.gpu) if args.gpu else None
+    check_setup(spec, setup)
+    gpu = load_gpu(args.gpu) if args.gpu is not None else None
     result = estimate(spec, setup, gpu)
     profile = _load_calibration(args.calibration)
     if profile is not None:
@@ -131,20 +194,27 @@ def run_fit(args) -> int:
     from planner.io.report import fit_text, inference_fit_text, to_json
     from planner.search.fit import inference_fits, what_fits
     from planner.specs.catalog import load_gpu, load_spec
+    from planner.specs.setup import TrainingSetup, check_setup
 
     spec = load_spec(args.model)
     gpu = load_gpu(args.gpu)
+    resolve_seq_len(args, spec.max_position_embeddings)
+    zero = (3 if args.num_gpus > 1 else 0) if args.zero is None else args.zero
+    check_setup(spec, TrainingSetup(seq_len=args.seq_len, num_gpus=args.num_gpus, zero=zero))
     if args.inference:
         result = inference_fits(spec, gpu, args.seq_len)
         result.update(model=spec.name, gpu=gpu.name, context_len=args.seq_len)
         print(to_json(result) if args.json else inference_fit_text(result))
         return 0
     profile = _load_calibration(args.calibration)
-    result = what_fits(spec, gpu, args.seq_len, args.num_gpus, args.zero, args.all, profile=profile)
+    # the longest sequence searched is the model's context when its config gives one
+    result = what_fits(spec, gpu, args.seq_len, args.num_gpus, zero, args.all,
+                       max_seq_len=spec.max_position_embeddings or None, profile=profile)
     payload = {
         "model": spec.name,
         "gpu": gpu.name,
         "num_gpus": args.num_gpus,
+        "zero": zero,
         "seq_len": args.seq_len,
         "usable_bytes": result["usable_bytes"],
         "rows": [row.as_dict() for row in result["rows"]],

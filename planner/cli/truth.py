@@ -50,9 +50,16 @@ def register(subparsers) -> None:
     # the set-up of the profiled run (the same flags as `planner estimate`); --precision also
     # sets the precision of the short runs (default there: fp32 on CPU, bf16-mixed on CUDA)
     _add_setup_arguments(src)
-    cal.set_defaults(precision=None)
+    cal.set_defaults(**dict.fromkeys(ASSUMED, None))  # filled, and said, when the file does not tell
     cal.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
     cal.set_defaults(handler=run_calibrate)
+
+
+ASSUMED = {"seq_len": ("sequence length", "--seq-len", 2048), "micro_batch": ("micro-batch", "--micro-batch", 1),
+           "method": ("method", "--method", "full"), "precision": ("precision", "--precision", "bf16"),
+           "optimizer": ("optimizer", "--optimizer", "adamw"), "checkpointing": ("checkpointing", "--checkpointing", "none")}
+"""The set-up of a profiled run that ``calibrate --from`` takes from the flags, else assumes:
+(what, flag, assumed value). What it assumed is said, never silent."""
 
 
 def _progress(text: str) -> None:
@@ -70,13 +77,43 @@ def run_simulate(args) -> int:
     from planner.truth.simulate import simulate, simulate_text
 
     config, source = load_model_config(args.model)
+    _check_simulated(args, config, source)
     setup = setup_from_args(args)
     result = simulate(config, model_name(args.model, source), setup, args.layers, show_progress=not args.json)
     print(to_json(result) if args.json else simulate_text(result))
     return 0
 
 
+def _check_simulated(args, config: dict, source: dict) -> None:
+    """The sequence against the config's context, then, for a single-device set-up of a modelled
+    architecture, the checks of `planner estimate` (sharding is refused by the trace itself)."""
+    from planner.cli.train import resolve_seq_len, setup_from_args
+    from planner.specs.model import SUPPORTED_MODEL_TYPES, context_length, model_spec_from_config, text_config
+    from planner.specs.setup import check_setup
+
+    context = context_length(config, args.model)
+    resolve_seq_len(args, context)
+    setup = setup_from_args(args)
+    if context and setup.seq_len > context:
+        raise PlannerError(f"sequence length {setup.seq_len} is longer than the model's context of {context} tokens "
+                           f"(max_position_embeddings): use --seq-len {context} or less")
+    sharded = setup.num_gpus > 1 or setup.zero or setup.tensor_parallel > 1
+    if not sharded and text_config(config, args.model).get("model_type") in SUPPORTED_MODEL_TYPES:
+        check_setup(model_spec_from_config(config, source.get("name") or args.model), setup)
+
+
+def _checked_out(args) -> None:
+    """``--out`` names a file to write (its folder is created), not a directory."""
+    from pathlib import Path
+
+    from planner.errors import expand_user
+
+    if args.out and expand_user(args.out).is_dir():
+        raise PlannerError(f"--out {args.out} is a directory: give a file name such as {Path(args.out) / 'profile.json'}")
+
+
 def run_calibrate(args) -> int:
+    _checked_out(args)
     if args.from_file:
         return _calibrate_from_file(args)
     if not args.model:
@@ -91,6 +128,8 @@ def run_calibrate(args) -> int:
     from planner.specs.profile import save_profile
     from planner.truth.profile import calibrate_device
 
+    if args.budget is not None and not args.budget > 0:
+        raise PlannerError(f"--budget is seconds after which no new point starts: a positive number, got {args.budget}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = args.budget if args.budget is not None else (200.0 if device == "cpu" else None)
     profile = calibrate_device(args.model, device, num_layers=args.layers, precision=args.precision, quick=args.quick,
@@ -121,13 +160,16 @@ def _calibrate_from_file(args) -> int:
 
     path = _checked_from_file(args)
     fmt = detect_format(path) if args.format == "auto" else args.format
-    if args.precision is None:
-        args.precision = "bf16"
-    name, config, setup = _model_and_setup(args)
+    missing = [key for key in ASSUMED if getattr(args, key) is None]
+    name, config, setup = _model_and_setup(args, missing)
     base = load_profile(args.base) if args.base else None
     device = _device_of_profiled_run(args, path, fmt, base)
     new, facts = measurements_from_file(path, fmt, name, setup, args.layers)
-    profile = _profile_with(new, f"ingested {path.name} ({fmt}): {facts}", name, config, device, base)
+    assumed = _assumptions(args, path, [key for key in missing if key not in facts.get("setup_from_file", ())])
+    if assumed:
+        print(f"note: {assumed}", file=sys.stderr)
+    note = f"ingested {path.name} ({fmt}): {facts}" + (f"; {assumed}" if assumed else "")
+    profile = _profile_with(new, note, name, config, device, base)
     profile = fit_profile(profile, progress=_progress)
     save_profile(profile, args.out)
     if len(new) < 6 and not base:
@@ -137,13 +179,19 @@ def _calibrate_from_file(args) -> int:
     return 0
 
 
+def _assumptions(args, path, keys: list[str]) -> str:
+    """What the set-up of the profiled run was taken to be, in words ('' when nothing was assumed)."""
+    if not keys:
+        return ""
+    said = ", ".join(f"{ASSUMED[k][0]} {getattr(args, k)} ({ASSUMED[k][1]})" for k in keys)
+    return f"{path.name} does not say, so assumed: {said}; pass the flags the run used if they differ"
+
+
 def _checked_from_file(args):
     """The ``--from`` path, once it and ``--model`` and ``--out`` are known to be there."""
-    from pathlib import Path
+    from planner.errors import user_file
 
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise PlannerError(f"--from {path}: no such file")
+    path = user_file(args.from_file, "--from")
     if not args.model:
         raise PlannerError("--from needs --model NAME: the model the profiled run trained (and its set-up flags)")
     if not args.out:
@@ -151,14 +199,26 @@ def _checked_from_file(args):
     return path
 
 
-def _model_and_setup(args):
-    """(name, HF config, TrainingSetup) of the profiled run, from ``--model`` and the set-up flags."""
-    from planner.cli.train import setup_from_args
+def _model_and_setup(args, missing: list[str]):
+    """(name, HF config, TrainingSetup) of the profiled run, from ``--model`` and the set-up flags;
+    the ``missing`` flags take their assumed values (the sequence no longer than the model's context)
+    and the set-up gets the checks of `planner estimate` where the architecture is modelled."""
+    from planner.cli.train import resolve_seq_len, setup_from_args
     from planner.specs.catalog import load_model_config
+    from planner.specs.model import SUPPORTED_MODEL_TYPES, context_length, model_spec_from_config, text_config
+    from planner.specs.setup import check_setup
     from planner.truth.profile import model_name
 
     config, source = load_model_config(args.model)
-    return model_name(args.model, source), config, setup_from_args(args)
+    resolve_seq_len(args, context_length(config, args.model))
+    for key in missing:
+        if getattr(args, key) is None:
+            setattr(args, key, ASSUMED[key][2])
+    setup = setup_from_args(args)
+    name = model_name(args.model, source)
+    if text_config(config, name).get("model_type") in SUPPORTED_MODEL_TYPES:
+        check_setup(model_spec_from_config(config, name), setup)
+    return name, config, setup
 
 
 def _device_of_profiled_run(args, path, fmt: str, base):

@@ -11,6 +11,7 @@ import numpy as np
 from planner.cost.flops import step_flops
 from planner.cost.memory import training_memory
 from planner.cost.params import count_params, lora_params, lora_targets
+from planner.cost.support import require_priced
 from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -42,6 +43,7 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
     """The ``planner estimate --json`` object for one configuration (SI units).
 
     ``device="cpu"`` reproduces CPU kernels' small differences (for the fake-tensor oracle)."""
+    require_priced(setup)
     memory = training_memory(spec, setup, device=device)
     flops = training_flops(spec, setup)
     counts = count_params(spec)

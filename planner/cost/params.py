@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.specs.architecture import lora_targets
 from planner.specs.model import Linear, ModelSpec
+
+__all__ = ["ParamCounts", "count_params", "lora_params", "lora_targets"]
 
 
 @dataclass(frozen=True)
@@ -56,31 +59,6 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         + norm_dim * (2 if norm_bias else 1),
         lm_head=0 if spec.tied_embeddings else vocab * hidden + (vocab if spec.lm_head_bias else 0),
     )
-
-
-def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear]]:
-    """(layer index, linear) pairs that peft adapts for ``target_modules``.
-
-    ``all-linear`` adapts every ``nn.Linear`` of the decoder layers except the output head
-    (peft ``tuners_utils._maybe_include_all_linear_layers``); named targets match the last
-    component of the module name, as peft does for a list of strings.
-    """
-    from planner.errors import PlannerError
-    from planner.specs.setup import ALL_LINEAR
-
-    every = [(i, lin) for i, layer in enumerate(spec.layers) for lin in layer.linears if lin.is_module]
-    if tuple(targets) == (ALL_LINEAR,):
-        return every
-    wanted = set(targets)
-    chosen = [(i, lin) for i, lin in every if lin.name.split(".")[-1] in wanted]
-    names = sorted({lin.name.split(".")[-1] for _, lin in every})
-    missing = wanted - {lin.name.split(".")[-1] for _, lin in chosen}
-    if missing:
-        raise PlannerError(
-            f"LoRA target(s) {', '.join(sorted(missing))} not in {spec.name}; its linear modules: "
-            f"{', '.join(names)} (or 'all-linear')"
-        )
-    return chosen
 
 
 def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text, writable_file
 from planner.search.plan import CompareRequest, Plan, PlanRequest
 
 # --------------------------------------------------------------------------------------------
@@ -19,9 +19,7 @@ from planner.search.plan import CompareRequest, Plan, PlanRequest
 def read_data(path: str | Path) -> dict:
     """A JSON or YAML file (by extension) -> dict; a clear one-line error otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise PlannerError(f"no such file: {path}")
-    text = path.read_text()
+    text = read_user_text(path, "plan file")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -69,9 +67,7 @@ def load_compare(path: str | Path) -> CompareRequest:
 
 def write_data(obj: BaseModel | dict, path: str | Path) -> Path:
     """Write a model or dict as JSON or YAML (by extension)."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
+    path = writable_file(path, "plan file")
     data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml

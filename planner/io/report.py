@@ -119,8 +119,9 @@ def fit_text(payload: dict) -> str:
             }
         )
     head = (
-        f"{payload['model']} on {payload['num_gpus']} x {payload['gpu']} at sequence {payload['seq_len']} "
-        f"(usable for tensors: {fmt_bytes(payload['usable_bytes'])} per GPU)"
+        f"{payload['model']} on {payload['num_gpus']} x {payload['gpu']}"
+        + (f" ZeRO-{payload['zero']}" if payload.get("zero") is not None else "")
+        + f" at sequence {payload['seq_len']} (usable for tensors: {fmt_bytes(payload['usable_bytes'])} per GPU)"
     )
     lines = [head, render_table(rows)]
     if payload.get("short_by_bytes") is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, user_file
 
 
 def read_csv_frame(path: str | Path, expected: tuple[str, ...]):
@@ -23,15 +23,14 @@ def read_csv_frame(path: str | Path, expected: tuple[str, ...]):
     """
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise PlannerError(f"no such file: {path}")
+    path = user_file(path, "CSV")
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise PlannerError(f"{path} is empty; expected columns {', '.join(expected)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise PlannerError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+        raise PlannerError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]}); expected columns "
+                           f"{', '.join(expected)}") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     return frame
 

@@ -44,6 +44,10 @@ COARSE_GRID = {
 LSE_NAMES = ("a", "b", "e", "alpha", "beta")  # A = exp(a), B = exp(b), E = exp(e)
 
 
+MAX_BOOTSTRAP = 100_000
+"""Most bootstrap replicates a fit accepts: percentile intervals settle long before (200 to 2,000)."""
+
+
 @functools.cache
 def _openblas_thread_setters() -> tuple:
     """``openblas_set_num_threads_local`` of the OpenBLAS builds bundled with numpy and scipy wheels."""

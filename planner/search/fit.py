@@ -16,7 +16,7 @@ from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTE
 from planner.specs.model import ModelSpec
 from planner.specs.setup import InferenceSetup, TrainingSetup
 
-MICRO_BATCHES = np.unique(np.concatenate([np.arange(1, 257), 2 ** np.arange(9, 17)]))
+MICRO_BATCHES = np.array(sorted(set(range(1, 257)) | {2**k for k in range(9, 17)}))
 SEQ_STEP = 128
 
 

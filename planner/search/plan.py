@@ -1,7 +1,7 @@
 """Plans as data: the request and the answer, frozen pydantic models.
 
 ``PlanRequest`` is what the user asks (`planner plan` flags, or a plan file); ``Plan`` is what
-``planner.search.optimize.make_plan`` answers (the recommended run, the Pareto front, the binding
+``planner.search.planning.make_plan`` answers (the recommended run, the Pareto front, the binding
 constraints, the stopping threshold). ``CompareRequest`` holds named allocations for
 `planner compare`. Files are read and written by ``planner.io.planfiles``.
 """
@@ -36,7 +36,7 @@ class PlanRequest(_Frozen):
     """What to plan. Budgets are SI: FLOPs, US dollars, GPU-hours, seconds, tokens.
 
     ``models`` empty: pre-train from scratch and choose the size (a ladder of Llama-shaped
-    models, see ``planner.search.optimize.synthetic_llama_config``); otherwise fine-tune one of them.
+    models, see ``planner.search.candidates.synthetic_llama_config``); otherwise fine-tune one of them.
     ``num_gpus`` is the most GPUs available (the search also tries fewer); None leaves it free.
     The search axes (methods ... micro_batches) have documented defaults; narrowing them is
     how `planner compare` pins an allocation.

@@ -3,6 +3,7 @@
 Plain frozen dataclasses (built once per model, read by every formula): the model
 (``ModelSpec``), its decoder layers (``LayerSpec``) and their linear layers (``Linear``).
 They are built from an HF ``config.json`` by ``planner.specs.model.model_spec_from_config``.
+``lora_targets`` says which of the linears peft adapts for a ``target_modules`` list.
 """
 
 from __future__ import annotations
@@ -108,3 +109,28 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return any(layer.num_experts for layer in self.layers)
+
+
+def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear]]:
+    """(layer index, linear) pairs that peft adapts for ``target_modules``.
+
+    ``all-linear`` adapts every ``nn.Linear`` of the decoder layers except the output head
+    (peft ``tuners_utils._maybe_include_all_linear_layers``); named targets match the last
+    component of the module name, as peft does for a list of strings.
+    """
+    from planner.errors import PlannerError
+    from planner.specs.vocabulary import ALL_LINEAR
+
+    every = [(i, lin) for i, layer in enumerate(spec.layers) for lin in layer.linears if lin.is_module]
+    if tuple(targets) == (ALL_LINEAR,):
+        return every
+    wanted = set(targets)
+    chosen = [(i, lin) for i, lin in every if lin.name.split(".")[-1] in wanted]
+    names = sorted({lin.name.split(".")[-1] for _, lin in every})
+    missing = wanted - {lin.name.split(".")[-1] for _, lin in chosen}
+    if missing:
+        raise PlannerError(
+            f"LoRA target(s) {', '.join(sorted(missing))} not in {spec.name}; its linear modules: "
+            f"{', '.join(names)} (or 'all-linear')"
+        )
+    return chosen

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, expand_user
 from planner.specs.hardware import GpuSpec
 
 if TYPE_CHECKING:  # importlib.resources.abc exists from Python 3.11
@@ -139,7 +139,7 @@ def load_model_config(name_or_path: str) -> tuple[dict, dict]:
         raise PlannerError(
             "empty model name: give a catalog name (see `planner catalog`) or a path to a config.json"
         )
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if path.exists():
         return _load_local(path)
     name = _resolve_name(text)

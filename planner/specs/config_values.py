@@ -51,3 +51,32 @@ def dropouts(cfg: dict, attention: tuple[str, ...], hidden: tuple[str, ...], emb
         return float(value)
 
     return first(attention), first(hidden), first(embedding)
+
+
+def flag(cfg: dict, key: str, default: bool) -> bool:
+    """A true/false switch of the config: a JSON boolean (null: the default). A string such as
+    "false" is an error, not a truthy value."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise PlannerError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
+def positive_number(cfg: dict, key: str, default: float | None) -> float | None:
+    """An optional positive, finite number (a soft-capping constant); null or absent: the default."""
+    value = cfg.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise PlannerError(f"config.json: {key} must be a positive number or null, got {value!r}")
+    return float(value)
+
+
+def layer_indices(cfg: dict, key: str) -> set[int]:
+    """A list of layer indices (Qwen-MoE's ``mlp_only_layers``); absent or null: none."""
+    value = cfg.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise PlannerError(f"config.json: {key} must be a list of layer indices, got {value!r}")
+    return set(value)

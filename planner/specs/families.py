@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from planner.errors import PlannerError
 from planner.specs.architecture import LayerSpec, Linear
-from planner.specs.config_values import dropouts, int_key, per_head
+from planner.specs.config_values import dropouts, flag, int_key, layer_indices, per_head, positive_number
 
 # ----------------------------------------------------------------------------- config reading
 
 
 def _head_dim(cfg: dict, hidden: int, heads: int) -> int:
-    if cfg.get("head_dim"):
+    if cfg.get("head_dim") is not None:
         return int_key(cfg, "head_dim")
     return per_head(hidden, heads)
 
@@ -95,10 +95,10 @@ def _llama_biases(cfg: dict) -> tuple[bool, bool]:
     """(q/k/v bias, o bias) by the family's rule: a fixed value, a config key, or ``attention_bias``."""
     rule = _LLAMA_LIKE[cfg["model_type"]][0]
     if rule is None:
-        bias = bool(cfg.get("attention_bias", False))
+        bias = flag(cfg, "attention_bias", False)
         return bias, bias
     if isinstance(rule, str):
-        return bool(cfg.get(rule, True)), False
+        return flag(cfg, rule, True), False
     return rule, False
 
 
@@ -125,7 +125,8 @@ def _llama_layer_fields(cfg: dict) -> dict:
         pre_norms=pre_norms,
         post_norms=post_norms,
         hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
-        attn_logit_softcap=cfg.get("attn_logit_softcapping", _FAMILY_DEFAULTS.get(model_type, {}).get("attn_logit_softcapping")),
+        attn_logit_softcap=positive_number(cfg, "attn_logit_softcapping",
+                                           _FAMILY_DEFAULTS.get(model_type, {}).get("attn_logit_softcapping")),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -139,7 +140,7 @@ def _llama_layer_fields(cfg: dict) -> dict:
 def _llama_dense_mlp(cfg: dict, hidden: int, inter: int) -> tuple[Linear, ...]:
     if cfg["model_type"] == "phi3":
         return (Linear("gate_up_proj", hidden, 2 * inter), Linear("down_proj", inter, hidden))
-    return _gated_mlp("", hidden, inter, bool(cfg.get("mlp_bias", False)))
+    return _gated_mlp("", hidden, inter, flag(cfg, "mlp_bias", False))
 
 
 def _moe_layer(cfg: dict, common: dict, inter: int, num_experts: int) -> LayerSpec:
@@ -170,10 +171,10 @@ def _llama_model_fields(cfg: dict, hidden: int) -> dict:
         cfg, ("attention_dropout",), ("hidden_dropout", "resid_pdrop"), ("embd_pdrop", "embedding_dropout")
     )
     return dict(
-        final_logit_softcap=cfg.get(
-            "final_logit_softcapping", _FAMILY_DEFAULTS.get(model_type, {}).get("final_logit_softcapping")
+        final_logit_softcap=positive_number(
+            cfg, "final_logit_softcapping", _FAMILY_DEFAULTS.get(model_type, {}).get("final_logit_softcapping")
         ),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", model_type.startswith("gemma"))),
+        tied_embeddings=flag(cfg, "tie_word_embeddings", model_type.startswith("gemma")),
         final_norm=(hidden, False),
         attention_dropout=att_drop,
         hidden_dropout=hid_drop,
@@ -201,7 +202,7 @@ def _moe_layer_fn(cfg: dict, num_experts: int, num_layers: int):
     """Which layers are sparse: Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``."""
     if not num_experts:
         return lambda index: False
-    dense_only = set(cfg.get("mlp_only_layers") or [])
+    dense_only = layer_indices(cfg, "mlp_only_layers")
     step = int_key(cfg, "decoder_sparse_step", default=1)
     return lambda index: index not in dense_only and (index + 1) % step == 0
 
@@ -227,7 +228,7 @@ def _gpt2(cfg: dict) -> tuple[list[LayerSpec], dict]:
     )
     att_drop, hid_drop, emb_drop = dropouts(cfg, ("attn_pdrop",), ("resid_pdrop",), ("embd_pdrop",))
     extras = dict(
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        tied_embeddings=flag(cfg, "tie_word_embeddings", True),
         position_embeddings=int_key(cfg, "n_positions", "max_position_embeddings"),
         final_norm=(hidden, True),
         attention_dropout=att_drop,
@@ -243,7 +244,7 @@ def _gpt_neox(cfg: dict) -> tuple[list[LayerSpec], dict]:
     hidden = int_key(cfg, "hidden_size")
     heads = int_key(cfg, "num_attention_heads")
     inter = int_key(cfg, "intermediate_size")
-    bias = bool(cfg.get("attention_bias", True))
+    bias = flag(cfg, "attention_bias", True)
     layer = LayerSpec(
         hidden_size=hidden,
         num_heads=heads,
@@ -254,13 +255,13 @@ def _gpt_neox(cfg: dict) -> tuple[list[LayerSpec], dict]:
         norms=((hidden, True), (hidden, True)),
         intermediate_size=inter,
         gated_mlp=False,
-        parallel_residual=bool(cfg.get("use_parallel_residual", True)),
+        parallel_residual=flag(cfg, "use_parallel_residual", True),
         norm_kind="layer",
         hidden_act=str(cfg.get("hidden_act", "gelu")),
     )
     att_drop, hid_drop, _ = dropouts(cfg, ("attention_dropout",), ("hidden_dropout",), ())
     extras = dict(
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tied_embeddings=flag(cfg, "tie_word_embeddings", False),
         final_norm=(hidden, True),
         attention_dropout=att_drop,
         hidden_dropout=hid_drop,
@@ -276,7 +277,7 @@ def _phi(cfg: dict) -> tuple[list[LayerSpec], dict]:
     kv_heads = int_key(cfg, "num_key_value_heads", default=heads)
     head_dim = per_head(hidden, heads)
     inter = int_key(cfg, "intermediate_size")
-    qk_norm = bool(cfg.get("qk_layernorm", False))
+    qk_norm = flag(cfg, "qk_layernorm", False)
     norms = ((hidden, True),) + (((head_dim, True), (head_dim, True)) if qk_norm else ())
     layer = LayerSpec(
         hidden_size=hidden,
@@ -296,7 +297,7 @@ def _phi(cfg: dict) -> tuple[list[LayerSpec], dict]:
     )
     att_drop, hid_drop, emb_drop = dropouts(cfg, ("attention_dropout",), ("resid_pdrop",), ("embd_pdrop",))
     extras = dict(
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tied_embeddings=flag(cfg, "tie_word_embeddings", False),
         final_norm=(hidden, True),
         lm_head_bias=True,
         attention_dropout=att_drop,
@@ -309,22 +310,22 @@ def _phi(cfg: dict) -> tuple[list[LayerSpec], dict]:
 def _falcon(cfg: dict) -> tuple[list[LayerSpec], dict]:
     """Falcon (``modeling_falcon.py``): fused query_key_value sized by ``new_decoder_architecture``
     / ``multi_query``, parallel attention with one or two LayerNorms, plain GELU MLP."""
-    if cfg.get("alibi"):
+    if flag(cfg, "alibi", False):
         raise PlannerError("Falcon with ALiBi is not modelled analytically; use `planner simulate`")
     hidden = int_key(cfg, "hidden_size")
     heads = int_key(cfg, "num_attention_heads", "n_head")
     head_dim = per_head(hidden, heads)
-    new_arch = bool(cfg.get("new_decoder_architecture", False))
+    new_arch = flag(cfg, "new_decoder_architecture", False)
     if new_arch:
         kv_heads = int_key(cfg, "num_kv_heads", "n_head_kv")
-    elif cfg.get("multi_query", True):
+    elif flag(cfg, "multi_query", True):
         kv_heads = 1
     else:
         kv_heads = heads
-    bias = bool(cfg.get("bias", False))
+    bias = flag(cfg, "bias", False)
     inter = int_key(cfg, "ffn_hidden_size", default=4 * hidden)
-    parallel = bool(cfg.get("parallel_attn", True))
-    num_ln = cfg.get("num_ln_in_parallel_attn") or (2 if new_arch else 1)
+    parallel = flag(cfg, "parallel_attn", True)
+    num_ln = int_key(cfg, "num_ln_in_parallel_attn", default=2 if new_arch else 1)
     norms_count = 2 if (not parallel or num_ln == 2) else 1
     layer = LayerSpec(
         hidden_size=hidden,
@@ -346,7 +347,7 @@ def _falcon(cfg: dict) -> tuple[list[LayerSpec], dict]:
     )
     att_drop, hid_drop, _ = dropouts(cfg, ("attention_dropout",), ("hidden_dropout",), ())
     extras = dict(
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        tied_embeddings=flag(cfg, "tie_word_embeddings", True),
         final_norm=(hidden, True),
         attention_dropout=att_drop,
         hidden_dropout=hid_drop,

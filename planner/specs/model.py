@@ -14,7 +14,8 @@ from planner.specs.architecture import LayerSpec, Linear, ModelSpec
 from planner.specs.config_values import int_key
 from planner.specs.families import BUILDERS
 
-__all__ = ["LayerSpec", "Linear", "ModelSpec", "SUPPORTED_MODEL_TYPES", "model_spec_from_config"]
+__all__ = ["LayerSpec", "Linear", "ModelSpec", "SUPPORTED_MODEL_TYPES", "context_length", "model_spec_from_config",
+           "text_config"]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(BUILDERS))
 
@@ -22,11 +23,12 @@ def model_spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
     """Build a ModelSpec from an HF config.json dict (multimodal configs: their ``text_config``)."""
     if not isinstance(cfg, dict):
         raise PlannerError(f"{name}: config must be a JSON object, got {type(cfg).__name__}")
-    if "text_config" in cfg and cfg.get("model_type") not in BUILDERS:
-        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", "")}
+    cfg = text_config(cfg, name)
     model_type = cfg.get("model_type")
     if not model_type:
         raise PlannerError(f"{name}: config.json has no 'model_type'; it is required to read the architecture")
+    if not isinstance(model_type, str):
+        raise PlannerError(f"{name}: config.json's model_type must be a string such as \"llama\", got {model_type!r}")
     builder = BUILDERS.get(model_type)
     if builder is None:
         raise PlannerError(
@@ -47,6 +49,22 @@ def model_spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
         config=cfg,
         **extras,
     )
+
+
+def text_config(cfg: dict, name: str = "model") -> dict:
+    """The config of the language model: a multimodal config's ``text_config`` (with its model_type)."""
+    if "text_config" not in cfg or (isinstance(cfg.get("model_type"), str) and cfg["model_type"] in BUILDERS):
+        return cfg
+    inner = cfg["text_config"]
+    if not isinstance(inner, dict):
+        raise PlannerError(f"{name}: config.json's text_config must be an object (the language model's config), "
+                           f"got {type(inner).__name__}")
+    return {**inner, "model_type": inner.get("model_type", "")}
+
+
+def context_length(cfg: dict, name: str = "model") -> int:
+    """The context the config declares (``max_position_embeddings`` or GPT-2's ``n_positions``); 0 when none."""
+    return int_key(text_config(cfg, name), "max_position_embeddings", "n_positions", default=0, minimum=0)
 
 
 def _check_heads(layer: LayerSpec, name: str) -> None:

@@ -30,9 +30,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text
 from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
 from planner.specs.setup import TrainingSetup
 
@@ -43,8 +43,19 @@ HOLDOUT_EVERY = 3
 Source = Literal["run", "snapshot", "chrome-trace", "trainer-state", "csv"]
 
 
+_NUMBERS = (float, int, float | None, int | None)
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value, info):
+        """pydantic reads true as 1: in a number field of a profile it is a mistake, not a 1."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class DeviceInfo(_Model):
@@ -78,13 +89,13 @@ class Measurement(_Model):
     source: Source = "run"
     split: Literal["fit", "holdout"] = "fit"
     status: Literal["ok", "oom", "skipped"] = "ok"
-    peak_allocated_bytes: float | None = None
-    peak_reserved_bytes: float | None = None
-    context_bytes: float | None = None
-    step_time_s: float | None = None
-    step_time_spread_s: float | None = Field(None, description="max - min of the timed steps")
-    steps_timed: int = 0
-    achieved_flops_per_s: float | None = None
+    peak_allocated_bytes: float | None = Field(None, ge=0)
+    peak_reserved_bytes: float | None = Field(None, ge=0)
+    context_bytes: float | None = Field(None, ge=0)
+    step_time_s: float | None = Field(None, ge=0)
+    step_time_spread_s: float | None = Field(None, ge=0, description="max - min of the timed steps")
+    steps_timed: int = Field(0, ge=0)
+    achieved_flops_per_s: float | None = Field(None, ge=0)
     note: str = ""
 
 
@@ -94,8 +105,8 @@ PHASES = ("forward", "backward", "optimizer")
 class MemoryCorrection(_Model):
     """``peak = max over phases p (static_factor x S_p + activation_factor x D_p + offset_p)``."""
 
-    static_factor: float = 1.0
-    activation_factor: float = 1.0
+    static_factor: float = Field(1.0, gt=0)
+    activation_factor: float = Field(1.0, gt=0)
     phase_offsets_bytes: dict[str, float] = Field(default_factory=dict)
 
 
@@ -105,15 +116,15 @@ class Corrections(_Model):
     memory: dict[str, MemoryCorrection] = Field(
         default_factory=dict, description="by method (full, lora, qlora); '*' would apply to any other method"
     )
-    reserve_fraction: float = ALLOCATOR_RESERVE_FRACTION
+    reserve_fraction: float = Field(ALLOCATOR_RESERVE_FRACTION, ge=0)
     reserve_offset_bytes: float = 0.0
-    context_bytes: float = CUDA_CONTEXT_BYTES
-    efficiency_scale: float = 1.0
+    context_bytes: float = Field(CUDA_CONTEXT_BYTES, ge=0)
+    efficiency_scale: float = Field(1.0, gt=0, description="a share of the roofline: positive")
     efficiency_size_exponent: float = 0.0
-    memory_time_factor: float = 1.0
-    optimizer_time_factor: float = 1.0
-    host_overhead_s_per_op: float | None = Field(None, description="None: the time model's default")
-    communication_factor: float = Field(1.0, description="not fitted from single-device runs")
+    memory_time_factor: float = Field(1.0, gt=0)
+    optimizer_time_factor: float = Field(1.0, gt=0)
+    host_overhead_s_per_op: float | None = Field(None, ge=0, description="None: the time model's default")
+    communication_factor: float = Field(1.0, gt=0, description="not fitted from single-device runs")
     fitted: list[str] = Field(default_factory=list, description="which fields were fitted")
 
     def memory_for(self, method: str) -> MemoryCorrection:
@@ -165,12 +176,10 @@ class Profile(_Model):
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile; any problem is one PlannerError line naming the file."""
     path = Path(path)
+    if not path.exists():
+        raise PlannerError(f"calibration profile {path} does not exist (make one with `planner calibrate`)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlannerError(f"calibration profile {path} does not exist (make one with `planner calibrate`)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlannerError(f"cannot read calibration profile {path}: {exc}") from exc
+        data = json.loads(read_user_text(path, "calibration profile"))
     except json.JSONDecodeError as exc:
         raise PlannerError(f"calibration profile {path} is not JSON: {exc.msg} at line {exc.lineno}") from exc
     if not isinstance(data, dict):
@@ -190,6 +199,9 @@ def load_profile(path: str | Path) -> Profile:
 
 def save_profile(profile: Profile, path: str | Path) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise PlannerError(f"cannot write the profile to {path}: it is a directory; give a file name such as "
+                           f"{path / 'profile.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile.model_dump_json(indent=2) + "\n", encoding="utf-8")
 

@@ -44,6 +44,25 @@ def _log_error(pred, meas) -> float:
     return math.log(max(pred, 1e-12) / max(meas, 1e-12))
 
 
+def _least_squares_on(free: list[int], residuals, x0, bounds, **kwargs):
+    """``scipy.optimize.least_squares`` over the entries ``free`` of theta, the others held at
+    ``x0``: a fit never has more unknowns than the data has points. Returns the full theta and cost."""
+    from scipy.optimize import least_squares
+
+    x0 = np.asarray(x0, dtype=float)
+    free = sorted(free)
+
+    def full(x):
+        theta = x0.copy()
+        theta[free] = x
+        return theta
+
+    lower, upper = (np.asarray(b, dtype=float)[free] for b in bounds)
+    extra = {k: np.asarray(v, dtype=float)[free] if k == "x_scale" else v for k, v in kwargs.items()}
+    fit = least_squares(lambda x: residuals(full(x)), x0=np.clip(x0[free], lower, upper), bounds=(lower, upper), **extra)
+    return full(fit.x), fit.cost
+
+
 def _memory_from_theta(theta, scale: float) -> MemoryCorrection:
     return MemoryCorrection(static_factor=float(theta[0]), activation_factor=float(theta[1]),
                             phase_offsets_bytes={p: float(theta[2 + i] * scale) for i, p in enumerate(PHASES)})
@@ -55,9 +74,8 @@ def fit_memory(points: list[tuple[dict, float]]) -> MemoryCorrection:
     on the static factor (weights, gradients and states are counted exactly; what the analytic
     model misses there is a transient, which an offset of its phase represents) and weak on the
     offsets. The peak is a maximum over phases, so the fit starts from every phase explaining
-    the median residual and keeps the best."""
-    from scipy.optimize import least_squares
-
+    the median residual and keeps the best. Fewer than five points fit the two factors only
+    (activations first): one measurement cannot pin five numbers."""
     scale = statistics.median(m for _, m in points)
     ridge = np.array([0.3, 0.1, 0.02, 0.02, 0.02])
     prior = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
@@ -70,15 +88,16 @@ def fit_memory(points: list[tuple[dict, float]]) -> MemoryCorrection:
         return np.concatenate([res, ridge * (theta - prior)])
 
     bounds = ([0.5, 0.3, -0.5, -0.5, -0.5], [2.0, 3.0, 0.5, 0.5, 0.5])
+    free = [0, 1, 2, 3, 4] if len(points) >= 5 else [1, 0][:len(points)]
     starts = [prior] + [prior + np.eye(5)[2 + i] * float(np.clip(shift, -0.49, 0.49)) for i in range(len(PHASES))]
-    best = min((least_squares(residuals, x0=x0, bounds=bounds) for x0 in starts), key=lambda fit: fit.cost)
-    return _memory_from_theta(best.x, scale)
+    starts = starts if len(free) == 5 else [prior]
+    theta, _ = min((_least_squares_on(free, residuals, x0, bounds) for x0 in starts), key=lambda fit: fit[1])
+    return _memory_from_theta(theta, scale)
 
 
 def fit_reserve(pairs: list[tuple[float, float]]) -> dict:
-    """``reserved = (1 + f) allocated + c`` from measured (allocated, reserved) pairs, f >= 0."""
-    from scipy.optimize import least_squares
-
+    """``reserved = (1 + f) allocated + c`` from measured (allocated, reserved) pairs, f >= 0
+    (one pair: f alone, c = 0)."""
     if not pairs:
         return {}
     scale = statistics.median(r for _, r in pairs)
@@ -87,12 +106,15 @@ def fit_reserve(pairs: list[tuple[float, float]]) -> dict:
         return np.array([((1 + theta[0]) * a + theta[1] * scale - r) / r for a, r in pairs]
                         + [0.05 * theta[0], 0.05 * theta[1]])
 
-    fit = least_squares(residuals, x0=[ALLOCATOR_RESERVE_FRACTION, 0.0], bounds=([0.0, -0.5], [2.0, 2.0]))
-    return {"reserve_fraction": float(fit.x[0]), "reserve_offset_bytes": float(fit.x[1] * scale)}
+    free = [0, 1] if len(pairs) >= 2 else [0]
+    theta, _ = _least_squares_on(free, residuals, [ALLOCATOR_RESERVE_FRACTION, 0.0], ([0.0, -0.5], [2.0, 2.0]))
+    fitted = {"reserve_fraction": float(theta[0]), "reserve_offset_bytes": float(theta[1] * scale)}
+    return {k: fitted[k] for k in ("reserve_fraction", "reserve_offset_bytes")[:len(free)]}
 
 
 _TIME_FIELDS = ("efficiency_scale", "efficiency_size_exponent", "memory_time_factor", "optimizer_time_factor",
                 "host_overhead_s_per_op")
+_TIME_NAMES = ("efficiency", "size exponent", "memory-bound time", "optimizer", "host overhead")
 
 
 def _corrections_from_theta(theta, base: Corrections) -> Corrections:
@@ -108,9 +130,9 @@ def _corrections_from_theta(theta, base: Corrections) -> Corrections:
 def fit_time(items: list[tuple[Any, TrainingSetup]], measured: list[float], gpu: GpuSpec, base: Corrections) -> dict:
     """Time corrections from measured step times (see the module docstring): least squares on
     log(predicted / measured) plus a ridge toward the defaults (weak on the overall efficiency,
-    stronger on the size exponent, which few points identify poorly)."""
-    from scipy.optimize import least_squares
-
+    stronger on the size exponent, which few points identify poorly). Fewer than five points fit
+    as many corrections as there are points: the subset that explains them best; the others stay
+    at their defaults."""
     if not items:
         return {}
     groups = group_points(items)
@@ -126,13 +148,16 @@ def fit_time(items: list[tuple[Any, TrainingSetup]], measured: list[float], gpu:
 
     lower = [math.log(0.02), -1.0, math.log(0.05), math.log(0.05), 0.0]
     upper = [math.log(20.0), 1.0, math.log(20.0), math.log(20.0), 200.0]
-    best = None
-    for x0 in ([0.0, 0.0, 0.0, 0.0, 1.0], [math.log(0.3), 0.0, math.log(2.0), math.log(2.0), 5.0]):
-        fit = least_squares(residuals, x0=x0, bounds=(lower, upper), x_scale=[1, 0.3, 1, 1, 5], max_nfev=200)
-        if best is None or fit.cost < best.cost:
-            best = fit
-    corrected = _corrections_from_theta(best.x, base)
-    return {name: getattr(corrected, name) for name in _TIME_FIELDS}
+    from itertools import combinations
+
+    starts = ([0.0, 0.0, 0.0, 0.0, 1.0], [math.log(0.3), 0.0, math.log(2.0), math.log(2.0), 5.0])
+    subsets = list(combinations(range(5), min(len(items), 5)))
+    fits = [(free, *_least_squares_on(list(free), residuals, x0, (lower, upper), x_scale=[1, 0.3, 1, 1, 5],
+                                      max_nfev=200))
+            for free in subsets for x0 in (starts if len(subsets) == 1 else (prior,))]
+    free, theta, _ = min(fits, key=lambda fit: fit[2])
+    corrected = _corrections_from_theta(theta, base)
+    return {_TIME_FIELDS[i]: getattr(corrected, _TIME_FIELDS[i]) for i in free}
 
 
 def fit_profile(profile: Profile, progress=None) -> Profile:
@@ -159,8 +184,9 @@ def fit_profile(profile: Profile, progress=None) -> Profile:
     pairs = [(m.peak_allocated_bytes, m.peak_reserved_bytes) for m in ok
              if m.split == "fit" and m.peak_allocated_bytes and m.peak_reserved_bytes and kind == "cuda"]
     if pairs:
-        update.update(fit_reserve(pairs))
-        fitted += ["reserve_fraction", "reserve_offset_bytes"]
+        reserve = fit_reserve(pairs)
+        update.update(reserve)
+        fitted += list(reserve)
     contexts = [m.context_bytes for m in profile.measurements if m.context_bytes is not None]
     if contexts and kind == "cuda":
         update["context_bytes"] = float(statistics.median(contexts))
@@ -168,8 +194,9 @@ def fit_profile(profile: Profile, progress=None) -> Profile:
     timed = [m for m in ok if m.split == "fit" and m.step_time_s]
     if timed:
         say(f"fitting time corrections on {len(timed)} points")
-        update.update(fit_time([(specs[id(m)], m.setup) for m in timed], [m.step_time_s for m in timed], gpu, base))
-        fitted += list(_TIME_FIELDS)
+        time_fit = fit_time([(specs[id(m)], m.setup) for m in timed], [m.step_time_s for m in timed], gpu, base)
+        update.update(time_fit)
+        fitted += list(time_fit)
     corrections = base.model_copy(update={**update, "fitted": fitted})
 
     rows = _accuracy_rows(ok, specs, gpu, base, corrections, kind)
@@ -278,15 +305,29 @@ def accuracy_table(profile: Profile) -> str:
         if parts:
             lines.append(f"median |error| on {split} points, before -> after: " + ", ".join(parts))
     c = profile.corrections
-    lines.append(
-        f"time corrections: efficiency x{c.efficiency_scale:.3g} (size exponent {c.efficiency_size_exponent:+.3f}), "
-        f"memory-bound time x{c.memory_time_factor:.3g}, optimizer x{c.optimizer_time_factor:.3g}, host overhead "
-        + (f"{c.host_overhead_s_per_op * 1e6:.3g} us/op" if c.host_overhead_s_per_op is not None else "default")
-        + (f"; reserve +{c.reserve_fraction * 100:.1f}% + {fmt_bytes(c.reserve_offset_bytes)}, context "
-           f"{fmt_bytes(c.context_bytes)}" if profile.device.kind == "cuda" else "")
-    )
+    lines.append(_time_corrections_line(c)
+                 + (f"; reserve +{c.reserve_fraction * 100:.1f}% + {fmt_bytes(c.reserve_offset_bytes)}, context "
+                    f"{fmt_bytes(c.context_bytes)}" if profile.device.kind == "cuda" else ""))
     for key, mc in c.memory.items():
         offsets = ", ".join(f"{p} {fmt_bytes(v)}" for p, v in mc.phase_offsets_bytes.items() if abs(v) >= 2**20)
         lines.append(f"memory corrections [{key}]: static x{mc.static_factor:.3f}, activations "
                      f"x{mc.activation_factor:.3f}" + (f", offsets {offsets}" if offsets else ""))
     return "\n".join(lines)
+
+
+def _time_corrections_line(c: Corrections) -> str:
+    """The time corrections, and which of them the measurements did not pin (held at defaults)."""
+    texts = {
+        "efficiency_scale": f"efficiency x{c.efficiency_scale:.3g}",
+        "efficiency_size_exponent": f"size exponent {c.efficiency_size_exponent:+.3f}",
+        "memory_time_factor": f"memory-bound time x{c.memory_time_factor:.3g}",
+        "optimizer_time_factor": f"optimizer x{c.optimizer_time_factor:.3g}",
+        "host_overhead_s_per_op": "host overhead " + (
+            f"{c.host_overhead_s_per_op * 1e6:.3g} us/op" if c.host_overhead_s_per_op is not None else "default"),
+    }
+    held = [i for i, name in enumerate(_TIME_FIELDS) if name not in c.fitted]
+    if not held:
+        return "time corrections: " + ", ".join(texts.values())
+    fitted = ", ".join(texts[name] for name in _TIME_FIELDS if name in c.fitted) or "none"
+    return (f"time corrections fitted: {fitted}; held at their defaults (fewer timed points than corrections): "
+            + ", ".join(_TIME_NAMES[i] for i in held))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text, user_file
 from planner.specs.profile import Measurement
 from planner.specs.setup import TrainingSetup
 
@@ -49,7 +49,7 @@ class _SnapshotUnpickler(pickle.Unpickler):
 def read_memory_snapshot(path: str | Path) -> dict:
     """Safely unpickle a memory snapshot and check its documented structure (torch/cuda/memory.py,
     ``_snapshot``: ``{"segments": [...], "device_traces": [[...]]}``)."""
-    path = Path(path)
+    path = user_file(path, "memory snapshot")
     size = path.stat().st_size
     if size > SNAPSHOT_MAX_BYTES:
         raise PlannerError(f"{path}: {size} bytes is larger than any memory snapshot this reads")
@@ -114,8 +114,8 @@ def read_chrome_trace(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_user_text(path, "Chrome trace"))
+    except json.JSONDecodeError as exc:
         raise PlannerError(f"{path}: not a readable Chrome trace JSON ({exc})") from None
     events = data.get("traceEvents") if isinstance(data, dict) else data
     if not isinstance(events, list):
@@ -130,14 +130,19 @@ def read_chrome_trace(path: str | Path) -> dict:
         name = str(e.get("name", ""))
         match = step_re.fullmatch(name)
         if match and e.get("ph") == "X" and e.get("dur") is not None:
-            steps[int(match.group(1))] = max(steps.get(int(match.group(1)), 0.0), float(e["dur"]) * 1e-6)
+            dur = _number(e["dur"], f"{path}: {name} 'dur'")
+            steps[int(match.group(1))] = max(steps.get(int(match.group(1)), 0.0), dur * 1e-6)
         if name == "[memory]":
             args = e.get("args", {})
-            dev = int(args.get("Device Type", 0))
+            if not isinstance(args, dict):
+                raise PlannerError(f"{path}: a [memory] event's 'args' is not an object: not a torch.profiler trace")
+            dev = int(_number(args.get("Device Type", 0), f"{path}: [memory] 'Device Type'"))
             if "Total Allocated" in args:
-                allocated[dev] = max(allocated.get(dev, 0.0), float(args["Total Allocated"]))
+                total = _number(args["Total Allocated"], f"{path}: [memory] 'Total Allocated'")
+                allocated[dev] = max(allocated.get(dev, 0.0), total)
             if "Total Reserved" in args:
-                reserved[dev] = max(reserved.get(dev, 0.0), float(args["Total Reserved"]))
+                total = _number(args["Total Reserved"], f"{path}: [memory] 'Total Reserved'")
+                reserved[dev] = max(reserved.get(dev, 0.0), total)
     durations = [steps[k] for k in sorted(steps)]
     props = data.get("deviceProperties") if isinstance(data, dict) else None
     device_name = props[0].get("name") if isinstance(props, list) and props and isinstance(props[0], dict) else None
@@ -159,19 +164,38 @@ def read_trainer_state(path: str | Path) -> dict:
     batch size (``train_batch_size``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_user_text(path, "trainer_state.json"))
+    except json.JSONDecodeError as exc:
         raise PlannerError(f"{path}: not a readable trainer_state.json ({exc})") from None
-    if not isinstance(data, dict) or "log_history" not in data:
-        raise PlannerError(f"{path}: no 'log_history': not an HF Trainer trainer_state.json")
+    if not isinstance(data, dict) or not isinstance(data.get("log_history"), list):
+        raise PlannerError(f"{path}: no 'log_history' list: not an HF Trainer trainer_state.json")
     runtime = None
     for entry in data["log_history"]:
         if isinstance(entry, dict) and "train_runtime" in entry:
-            runtime = float(entry["train_runtime"])
-    steps = int(data.get("global_step") or 0)
-    if runtime is None or steps <= 0:
+            runtime = _number(entry["train_runtime"], f"{path}: train_runtime", positive=True)
+    steps = data.get("global_step") or 0
+    if runtime is None or steps == 0:
         raise PlannerError(f"{path}: no train_runtime and global_step: the run did not finish training")
-    return {"step_time_s": runtime / steps, "global_step": steps, "micro_batch": data.get("train_batch_size")}
+    steps = _count(steps, f"{path}: global_step")
+    batch = data.get("train_batch_size")
+    return {"step_time_s": runtime / steps, "global_step": steps,
+            "micro_batch": None if batch is None else _count(batch, f"{path}: train_batch_size")}
+
+
+def _number(value, what: str, positive: bool = False) -> float:
+    """A finite number read from a file (not a string, not a boolean); ``positive``: > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise PlannerError(f"{what} must be a {'positive' if positive else 'finite'} number, got {value!r}")
+    return float(value)
+
+
+def _count(value, what: str) -> int:
+    """A positive integer read from a file."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+            value != int(value) or value <= 0):
+        raise PlannerError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 CSV_MEASURE_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "step_time_s")
@@ -185,11 +209,14 @@ def read_csv(path: str | Path) -> list[dict]:
     at least one of ``peak_allocated_bytes``, ``peak_reserved_bytes``, ``step_time_s``."""
     import pandas as pd
 
-    path = Path(path)
+    path = user_file(path, "CSV")
     try:
         frame = pd.read_csv(path)
-    except Exception as exc:
-        raise PlannerError(f"{path}: not a readable CSV ({exc})") from None
+    except pd.errors.EmptyDataError:
+        raise PlannerError(f"{path} is empty; expected a header with {', '.join(CSV_MEASURE_COLUMNS[:1])} "
+                           "or another measurement column") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise PlannerError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     frame = frame.rename(columns={c: _CSV_ALIASES.get(c.strip(), c.strip()) for c in frame.columns})
     if not any(c in frame.columns for c in CSV_MEASURE_COLUMNS):
         raise PlannerError(f"{path}: no measurement column; expected one of {', '.join(CSV_MEASURE_COLUMNS)}")
@@ -227,7 +254,13 @@ def measurements_from_file(path: str | Path, fmt: str, model: str, setup: Traini
     (a CSV row's columns override ``setup``). Returns (measurements, facts read from the file)."""
     path = Path(path)
     if fmt == "snapshot":
-        facts = snapshot_summary(read_memory_snapshot(path))
+        try:
+            facts = snapshot_summary(read_memory_snapshot(path))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            if isinstance(exc, PlannerError):
+                raise
+            raise PlannerError(f"{path}: its segments or trace events are not those of a memory snapshot "
+                               f"({type(exc).__name__}: {exc}); write it with torch.cuda.memory._dump_snapshot()") from None
         m = Measurement(label=f"{path.name}", model=model, num_layers=num_layers, setup=setup, source="snapshot",
                         peak_allocated_bytes=facts["peak_allocated_bytes"],
                         peak_reserved_bytes=facts["peak_reserved_bytes"],
@@ -246,25 +279,34 @@ def measurements_from_file(path: str | Path, fmt: str, model: str, setup: Traini
     if fmt == "trainer-state":
         facts = read_trainer_state(path)
         if facts.get("micro_batch"):
-            setup = setup.model_copy(update={"micro_batch": int(facts["micro_batch"])})
+            try:
+                setup = TrainingSetup.model_validate({**setup.model_dump(), "micro_batch": facts["micro_batch"]})
+            except ValidationError as exc:
+                raise PlannerError(f"{path}: train_batch_size {facts['micro_batch']}: "
+                                   f"{exc.errors()[0]['msg']}") from None
+            facts["setup_from_file"] = ("micro_batch",)
         m = Measurement(label=path.name, model=model, num_layers=num_layers, setup=setup, source="trainer-state",
                         step_time_s=facts["step_time_s"], steps_timed=facts["global_step"],
                         note="train_runtime / global_step (includes warm-up and data loading)")
         return [m], facts
     if fmt == "csv":
         out = []
-        for index, row in enumerate(read_csv(path)):
+        rows = read_csv(path)
+        for index, row in enumerate(rows):
             overrides = {k: row[k] for k in row if k in _SETUP_FIELDS and row[k] is not None}
             try:
                 row_setup = TrainingSetup(**{**setup.model_dump(), **overrides})
             except ValidationError as exc:
                 first = exc.errors()[0]
                 raise PlannerError(f"{path}: row {index + 1}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            where = f"{path}: row {index + 1}:"
             layers = row.get("num_layers")
+            values = {k: None if row.get(k) is None else _number(row[k], f"{where} {k}", positive=True)
+                      for k in CSV_MEASURE_COLUMNS}
             out.append(Measurement(
                 label=f"{path.name}:{index + 1}", model=str(row.get("model") or model),
-                num_layers=int(layers) if layers is not None else num_layers, setup=row_setup, source="csv",
-                peak_allocated_bytes=row.get("peak_allocated_bytes"), peak_reserved_bytes=row.get("peak_reserved_bytes"),
-                step_time_s=row.get("step_time_s"), steps_timed=1 if row.get("step_time_s") else 0))
-        return out, {"rows": len(out)}
+                num_layers=_count(layers, f"{where} num_layers") if layers is not None else num_layers,
+                setup=row_setup, source="csv", **values, steps_timed=1 if values["step_time_s"] else 0))
+        columns = tuple(k for k in (rows[0] if rows else {}) if k in _SETUP_FIELDS)
+        return out, {"rows": len(out), "setup_from_file": columns}
     raise PlannerError(f"unknown format {fmt!r}; use snapshot, chrome-trace, trainer-state or csv")

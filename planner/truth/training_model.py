@@ -239,7 +239,7 @@ def _apply_lora(model, setup: TrainingSetup):
         lora_dropout=setup.lora_dropout,
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings(), _peft_ignoring_old_torchao():
+    with warnings.catch_warnings(), peft_ignoring_old_torchao():
         # peft 0.21 asks transformers 5.23 for the deprecated `is_gradient_checkpointing`; on MoE
         # models its own default rank pattern names gate_up_proj, which fused experts lack; GPT-2's
         # Conv1D makes it switch fan_in_fan_out by itself
@@ -249,7 +249,7 @@ def _apply_lora(model, setup: TrainingSetup):
         return peft.get_peft_model(model, lora)
 
 
-def _peft_ignoring_old_torchao():
+def peft_ignoring_old_torchao():
     """peft (>= 0.17) raises ImportError for every LoRA layer it dispatches while a torchao older
     than its minimum (0.16) is installed; torchtune 0.6.1 needs torchao 0.11. The models built
     here hold no torchao tensors, so peft's torchao checks are answered "not available"."""

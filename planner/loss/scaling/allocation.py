@@ -212,6 +212,9 @@ def compute_optimal(
         raise PlannerError(f"the data pool must be a positive number of tokens, got {data_pool_tokens}")
     method = _choose_method(law, data_pool_tokens, repeat, method)
     n, d, loss = _solve(law, c, data_pool_tokens, repeat, method)
+    if n < 1 or d < 1:
+        raise PlannerError(f"{c:g} FLOP is too small a budget to train any model: under {law.name} the compute-optimal "
+                           f"model would have {n:.3g} parameters and {d:.3g} tokens; give a larger compute budget")
     unique = None if data_pool_tokens is None else min(d, float(data_pool_tokens))
     constraint = "none" if data_pool_tokens is None else ("data_pool_repeat" if repeat else "data_pool_no_repeat")
     return Allocation(

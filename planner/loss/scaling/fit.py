@@ -85,6 +85,13 @@ class ScalingLawFitter:
             raise PlannerError(f"confidence must be in (0, 1), got {confidence}")
         if num_bootstrap < 0 or exclude_highest_loss < 0:
             raise PlannerError("num_bootstrap and exclude_highest_loss must be >= 0")
+        if num_bootstrap > fitting.MAX_BOOTSTRAP:
+            raise PlannerError(f"{num_bootstrap} bootstrap replicates is more than percentile intervals need: "
+                               f"use at most {fitting.MAX_BOOTSTRAP:,} (200 to 2,000 is plenty)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise PlannerError(f"the random seed must be a non-negative integer, got {seed!r}")
+        if not (math.isfinite(delta) and delta > 0):
+            raise PlannerError(f"the Huber delta must be a positive number (Hoffmann et al. use 1e-3), got {delta}")
         self.delta = delta
         self.grid = grid
         self.num_bootstrap = num_bootstrap
@@ -117,6 +124,9 @@ class ScalingLawFitter:
         if not (n.shape == d.shape == lo.shape) or n.ndim != 1:
             raise PlannerError("params, tokens and loss must be 1-D columns of the same length")
         keep = np.ones(n.size, dtype=bool)
+        if self.exclude_highest_loss and n.size - self.exclude_highest_loss < self.MIN_POINTS:
+            raise PlannerError(f"excluding the {self.exclude_highest_loss} highest-loss runs of {n.size} leaves fewer than "
+                               f"the {self.MIN_POINTS} a fit needs: exclude at most {max(n.size - self.MIN_POINTS, 0)}")
         if self.exclude_highest_loss:
             # Besiroglu et al. keep losses strictly below the k-th highest (notebook cell "indices").
             threshold = np.sort(lo)[-self.exclude_highest_loss]

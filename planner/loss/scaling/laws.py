@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import math
 from importlib.resources import files
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, expand_user, read_user_text
 
 FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D (Kaplan et al. 2020, section 2.1; Hoffmann et al. 2022, section 3)
 DEFAULT_LAW = "besiroglu2024"
@@ -92,9 +91,11 @@ def list_laws() -> list[str]:
 
 def load_law(name_or_path: str) -> ScalingLaw:
     """A catalog law by name, or a JSON file of the same shape given by path."""
-    path = Path(name_or_path)
-    if name_or_path.endswith(".json") and path.exists():
-        text = path.read_text()
+    from pydantic import ValidationError
+
+    path = expand_user(name_or_path)
+    if path.exists() or name_or_path.endswith(".json"):
+        text = read_user_text(path, "scaling law")
     else:
         entry = _laws_dir().joinpath(f"{name_or_path}.json")
         if not entry.is_file():
@@ -102,8 +103,13 @@ def load_law(name_or_path: str) -> ScalingLaw:
         text = entry.read_text()
     try:
         return ScalingLaw.model_validate(json.loads(text))
-    except ValueError as exc:  # pydantic ValidationError and json errors
-        raise PlannerError(f"scaling law {name_or_path!r} is not valid: {str(exc).splitlines()[0]}") from exc
+    except json.JSONDecodeError as exc:
+        raise PlannerError(f"scaling law {name_or_path!r} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PlannerError(f"scaling law {name_or_path!r} is not valid: {where + ': ' if where else ''}"
+                           f"{first['msg'].removeprefix('Value error, ')} (see models_catalog/scaling_laws/ for the shape)") from None
 
 
 # --------------------------------------------------------------------------------------------

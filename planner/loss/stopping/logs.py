@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text, user_file
 from planner.loss.csv_files import numeric_columns, read_csv_frame
 
 
@@ -25,9 +25,7 @@ def read_loss_log(path: str | Path, metric: str = "loss") -> tuple[np.ndarray, n
     works). Rows at step 0 (the loss before any update) are excluded, and counted, because the
     curve models need t > 0. Missing, NaN or non-numeric values are errors, never dropped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PlannerError(f"no such file: {path}")
+    path = user_file(path, "loss log")
     if path.suffix == ".json":
         steps, losses = _trainer_state_series(path, metric)
     else:
@@ -38,13 +36,29 @@ def read_loss_log(path: str | Path, metric: str = "loss") -> tuple[np.ndarray, n
     zero = steps <= 0
     if np.any(steps < 0):
         raise PlannerError(f"{path}: negative step at row {int(np.argmax(steps < 0)) + 1}")
+    _check_losses(path, metric, losses)
     return steps[~zero], losses[~zero], int(zero.sum())
+
+
+LARGEST_LOSS = 1e9
+"""No training loss (cross-entropy, or even a perplexity) comes near this; a log that does is the
+wrong column or the wrong file."""
+
+
+def _check_losses(path: Path, metric: str, losses: np.ndarray) -> None:
+    """A loss is non-negative (cross-entropy is) and of a sane size: say which row is not."""
+    bad = (losses < 0) | (losses > LARGEST_LOSS)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise PlannerError(
+            f"{path}: {metric} at row {row + 1} is {losses[row]:g}; a training loss lies between 0 and {LARGEST_LOSS:g} "
+            f"(cross-entropy is never negative): is this the right file and column (--metric)?")
 
 
 def _trainer_state_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of the ``log_history`` entries that carry both ``step`` and ``metric``; None becomes NaN."""
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(read_user_text(path, "trainer_state.json"))
     except json.JSONDecodeError as exc:
         raise PlannerError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
     history = state.get("log_history") if isinstance(state, dict) else None
@@ -53,6 +67,10 @@ def _trainer_state_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarr
     rows = [(e["step"], e[metric]) for e in history if isinstance(e, dict) and "step" in e and metric in e]
     if not rows:
         raise PlannerError(f"{path}: no log_history entry has both 'step' and {metric!r}")
-    steps = np.array([r[0] for r in rows], dtype=np.float64)
+    for index, (step, value) in enumerate(rows):
+        for key, number in (("step", step), (metric, value)):
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int | float)):
+                raise PlannerError(f"{path}: log_history entry {index + 1} with {metric!r}: {key} is {number!r}, not a number")
+    steps = np.array([r[0] if r[0] is not None else np.nan for r in rows], dtype=np.float64)
     losses = np.array([r[1] if r[1] is not None else np.nan for r in rows], dtype=np.float64)
     return steps, losses

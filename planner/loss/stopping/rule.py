@@ -79,6 +79,9 @@ def recommend_stop(
 def _recommend_stop(steps, losses, cost_per_step, threshold, max_steps, model, criterion, num_bootstrap, confidence, seed, num_excluded, progress):
     t, y = _check_log(steps, losses)
     c, lam = _check_rule_inputs(t, cost_per_step, threshold, max_steps, confidence)
+    _check_bootstrap(num_bootstrap)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PlannerError(f"the random seed must be a non-negative integer, got {seed!r}")
     fit, x_best, scores = select_curve(t, y, MODELS if model == "auto" else (model,), criterion)
     gain = lam * c
     now = float(t[-1])
@@ -131,6 +134,12 @@ def _check_rule_inputs(t: np.ndarray, cost_per_step, threshold, max_steps, confi
     if not 0 < confidence < 1:
         raise PlannerError(f"confidence must be in (0, 1), got {confidence}")
     return c, lam
+
+
+def _check_bootstrap(num_bootstrap: int) -> None:
+    if not 0 <= num_bootstrap <= fitting.MAX_BOOTSTRAP:
+        raise PlannerError(f"the number of bootstrap replicates must be between 0 and {fitting.MAX_BOOTSTRAP:,} "
+                           f"(200 to 2,000 is plenty), got {num_bootstrap}")
 
 
 def _stop_step(fit: CurveFit, gain: float, now: float, max_steps: int | None) -> float:

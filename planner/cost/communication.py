@@ -1,0 +1,120 @@
+"""Exposed communication of one training step: data-parallel gradients and weights, tensor-parallel
+activations, over ring collectives.
+
+Bandwidths per GPU: ``GpuSpec.interconnect_bandwidth_bytes_per_s`` inside a node of
+``GPUS_PER_NODE`` GPUs and ``INTER_NODE_BANDWIDTH_BYTES_PER_S`` across nodes (``bandwidths``:
+the one place a cluster's own numbers would enter). Data parallel (ZeRO-0): one gradient
+all-reduce per step, hidden behind the last micro-batch's backward except its last bucket
+(PyTorch DDP, Li et al. 2020, ``bucket_cap_mb=25``). ZeRO-1/2: reduce-scatter of gradients
+(hidden like DDP's; ZeRO-2 does it every micro-batch as DeepSpeed does) and all-gather of the
+updated weights after the step (exposed); the volume equals DDP's (Rajbhandari et al. 2020,
+sec. 7.2). ZeRO-3 / FSDP: every micro-batch all-gathers the weights in forward and again in
+backward and reduce-scatters the gradients, 1.5x DDP's volume (same paper, sec. 7.2.2),
+prefetched behind compute except one layer's share. Tensor parallel (Megatron, Shoeybi et al.
+2019 sec. 3; Narayanan et al. 2021 sec. 3.3): per layer and micro-batch two all-reduces of the
+``b x s x h`` activations in forward and two in backward (two more in the recompute), on the
+critical path (exposed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import spec_facts
+from planner.cost.memory_states import dtype_layout
+from planner.specs.hardware import GpuSpec
+from planner.specs.model import ModelSpec
+from planner.specs.setup import TrainingSetup
+from planner.units import MiB
+
+DDP_BUCKET_BYTES = 25 * MiB
+"""PyTorch DDP's default gradient bucket (``bucket_cap_mb=25``): the last bucket's all-reduce
+starts after the backward ends and cannot be hidden (Li et al. 2020, "PyTorch Distributed")."""
+GPUS_PER_NODE = 8
+"""GPUs that share the intra-node interconnect (an HGX/DGX baseboard holds 8)."""
+INTER_NODE_BANDWIDTH_BYTES_PER_S = 50e9
+"""Per GPU, one direction, across nodes: one 400 Gb/s InfiniBand NDR adapter per GPU (NVIDIA DGX
+H100 user guide: 8x ConnectX-7 400 Gb/s); a node with 200 Gb/s HDR per GPU has half."""
+
+
+def _arr(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def ring_all_reduce_s(num_bytes, group: int, bandwidth: float):
+    """Ring all-reduce: each GPU sends and receives 2 (N-1)/N of the buffer (Patarasuk & Yuan
+    2009; NCCL's "bus bandwidth" convention, nccl-tests doc/PERFORMANCE.md)."""
+    if group <= 1:
+        return _arr(num_bytes) * 0.0
+    return 2.0 * (group - 1) / group * _arr(num_bytes) / bandwidth
+
+
+def ring_gather_s(num_bytes, group: int, bandwidth: float):
+    """Ring reduce-scatter or all-gather: (N-1)/N of the full buffer per GPU (same sources)."""
+    if group <= 1:
+        return _arr(num_bytes) * 0.0
+    return (group - 1) / group * _arr(num_bytes) / bandwidth
+
+
+def bandwidths(setup: TrainingSetup, gpu: GpuSpec) -> tuple[float, float]:
+    """(tensor-parallel, data-parallel) bandwidth per GPU: the intra-node link while the group
+    fits in a node, the inter-node network beyond."""
+    intra = gpu.interconnect_bandwidth_bytes_per_s
+    inter = min(intra, INTER_NODE_BANDWIDTH_BYTES_PER_S)
+    tp_bw = intra if setup.tensor_parallel <= GPUS_PER_NODE else inter
+    dp_bw = intra if setup.num_gpus <= GPUS_PER_NODE else inter
+    return tp_bw, dp_bw
+
+
+def _gathered_weight_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, weight_b: float):
+    """Weights ZeRO-3 all-gathers per GPU: the trained ones, or the frozen base (in its storage
+    dtype) and the fp32 adapters."""
+    if setup.method == "full":
+        return trainable * weight_b
+    base_b = 4.0 if setup.precision in ("fp32", "bf16-mixed") else 2.0
+    return _arr(spec_facts.param_counts(spec).total) * base_b / setup.tensor_parallel + trainable * 4.0
+
+
+def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bwd_s, bandwidth: float):
+    """Exposed seconds of the data-parallel collectives of one step (ZeRO stage by stage)."""
+    dp, ga = setup.data_parallel, setup.grad_accum
+    layout = dtype_layout(setup) if setup.method == "full" else None
+    grad_b = layout.grad if layout else 4.0
+    weight_b = layout.weight if layout else 4.0
+    layers = max(spec.num_layers, 1)
+    grads = trainable * grad_b  # per GPU (already divided by tp)
+    if setup.zero == 0 or setup.zero == 1:
+        comm = (ring_all_reduce_s(grads, dp, bandwidth) if setup.zero == 0 else ring_gather_s(grads, dp, bandwidth))
+        last = comm * np.minimum(1.0, DDP_BUCKET_BYTES / np.maximum(grads, 1.0))
+        exposed = np.maximum(comm - bwd_s, last)
+        if setup.zero == 1:
+            exposed = exposed + ring_gather_s(trainable * weight_b, dp, bandwidth)
+        return exposed
+    if setup.zero == 2:
+        rs = ring_gather_s(grads, dp, bandwidth)
+        return ga * np.maximum(rs - bwd_s, rs / layers) + ring_gather_s(trainable * weight_b, dp, bandwidth)
+    gather = ring_gather_s(_gathered_weight_bytes(spec, setup, trainable, weight_b), dp, bandwidth)
+    rs = ring_gather_s(grads, dp, bandwidth)
+    exposed_f = np.maximum(gather - fwd_s, gather / layers)
+    exposed_b = np.maximum(gather + rs - bwd_s, (gather + rs) / layers)
+    return ga * (exposed_f + exposed_b)
+
+
+def _tensor_parallel_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: float):
+    """The all-reduces of the layers' activations, every micro-batch, on the critical path."""
+    act_b = 4.0 if setup.precision == "fp32" else 2.0
+    per_allreduce = ring_all_reduce_s(tokens * spec.hidden_size * act_b, setup.tensor_parallel, bandwidth)
+    count = 4 + (2 if setup.checkpointing == "full" else 0)
+    return setup.grad_accum * count * spec.num_layers * per_allreduce
+
+
+def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens, trainable, fwd_s, bwd_s, corr):
+    """Exposed communication seconds of one step: ``trainable`` elements per GPU, ``fwd_s`` and
+    ``bwd_s`` the compute one micro-batch's forward and backward can hide it behind."""
+    tp_bw, dp_bw = bandwidths(setup, gpu)
+    total = _arr(0.0) * tokens
+    if setup.data_parallel > 1:
+        total = total + _data_parallel_s(spec, setup, trainable, fwd_s, bwd_s, dp_bw)
+    if setup.tensor_parallel > 1:
+        total = total + _tensor_parallel_s(spec, setup, tokens, tp_bw)
+    return total * corr.communication_factor

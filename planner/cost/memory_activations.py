@@ -1,0 +1,158 @@
+"""Activations of one training micro-batch per GPU: what forward saves, what checkpointing keeps.
+
+The part of training memory that grows with the tokens. Per layer, ``planner.cost.activations``
+gives the bytes saved for backward (its inventory, per token and per token and key); here they are
+summed over the layers under activation checkpointing (none, op-level selective, full), split by
+tensor parallelism, with LoRA's adapter tensors and the head, the autocast weight copies and the
+loss's temporaries. Nothing here depends on the ZeRO stage, the GPU count, the accumulation or the
+optimizer, so a search computes it once for all of them (``activation_memory``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from planner.cost import activations as act
+from planner.cost import spec_facts
+from planner.specs.model import ModelSpec
+from planner.specs.setup import TrainingSetup
+
+NOT_READ_BY_ACTIVATIONS = frozenset({"optimizer", "optimizer_impl", "zero", "num_gpus", "grad_accum",
+                                     "offload_optimizer"})
+"""Set-up fields ``activation_memory`` does not read: a search shares one across them."""
+
+
+def _arr(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+class ActivationMemory(NamedTuple):
+    """Token-dependent bytes of one micro-batch per GPU (arrays over micro-batch, length, rank)."""
+
+    layers: object  # every layer's saved activations without checkpointing
+    kept: object  # what checkpointing keeps of the layers (``layers`` without checkpointing)
+    recompute_transient: object  # one layer's activations recomputed in backward (+ its casts)
+    head: object  # outside the layers: ids, final norm, the loss's log-softmax
+    casts: object  # autocast / QLoRA dequantized weight copies held through backward
+    saved: object  # kept + head + casts: what forward leaves for backward
+    loss_temporaries: object
+    forward_logits: object
+
+
+def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mask_bytes: int) -> tuple:
+    """Per layer (norm bytes per token, other bytes per token, bytes per token and key, bytes per
+    token selective checkpointing keeps): integers, kept per spec and precision."""
+
+    def compute() -> tuple:
+        residual = act.PRECISION[setup.precision].residual
+        out = []
+        for index, layer in enumerate(spec.layers):
+            per_token, per_key = act.layer_activation_bytes(
+                spec, layer, setup.precision, setup.attention, setup.dropout, trainable, mask_bytes
+            )
+            norms = act.norms_bytes(layer, act.PRECISION[setup.precision], trainable)
+            if not trainable and index == 0 and layer.pre_norms:
+                # the first norm reads the frozen embedding: nothing needs its gradient
+                first = act.norm_saved_bytes(layer, residual, False)
+                per_token, norms = per_token - first, norms - first
+            out.append((norms, per_token - norms, per_key, selective_kept_per_token(layer, setup)))
+        return tuple(out)
+
+    key = ("layer_bytes", setup.precision, setup.attention, setup.dropout, trainable, mask_bytes)
+    return spec_facts.cached(spec, key, compute)
+
+
+def layer_activations(spec: ModelSpec, setup: TrainingSetup, b, s, tp: int, device: str = "cuda", rank=None):
+    """(all layers' activations without checkpointing, what checkpointing keeps, the transient
+    of recomputing one layer in backward)."""
+    tokens = b * s
+    total = 0.0
+    largest = 0.0
+    kept = 0.0
+    trainable = setup.method == "full"
+    mask_bytes = act.DROPOUT_MASK_BYTES if device == "cuda" else act.PRECISION[setup.precision].matmul
+    rank = _arr(setup.lora_rank if rank is None else rank)
+    lora_per_token = lora_per_token_by_layer(spec, setup, rank) if not trainable else {}
+    for index, (norms, inner, per_key, selective) in enumerate(_per_layer_bytes(spec, setup, trainable, mask_bytes)):
+        bytes_layer = tokens * (norms + inner / tp) + tokens * s * per_key / tp
+        if index in lora_per_token:
+            bytes_layer = bytes_layer + tokens * lora_per_token[index]
+        total = total + bytes_layer
+        largest = np.maximum(largest, bytes_layer)
+        if setup.checkpointing == "selective":
+            kept = kept + tokens * selective
+    if setup.checkpointing == "none":
+        return total, total, 0.0
+    if setup.checkpointing == "full":
+        kept = tokens * act.PRECISION[setup.precision].residual * spec.hidden_size * spec.num_layers
+    return total, kept, largest
+
+
+def selective_kept_per_token(layer, setup: TrainingSetup) -> float:
+    """Op-level selective checkpointing (torchtitan's policy: keep matmul and attention outputs,
+    recompute everything else): the layer input, q/k/v, attention output and log-sum-exp, the
+    output projection, the MLP's up-projections and its output."""
+    p = act.PRECISION[setup.precision].matmul
+    r = act.PRECISION[setup.precision].residual
+    h = layer.hidden_size
+    inter = layer.intermediate_size if not layer.num_experts else layer.experts_per_token * layer.expert_intermediate_size
+    up = (2 if layer.gated_mlp else 1) * inter
+    return r * h + p * (2 * layer.q_dim + 2 * layer.kv_dim + h + up + h) + act.LSE_BYTES * layer.num_heads
+
+
+def lora_per_token_by_layer(spec: ModelSpec, setup: TrainingSetup, rank) -> dict:
+    """LoRA adds per adapted linear and token: peft casts the input to fp32 for the fp32
+    adapter (kept by A's matmul), the rank-r intermediate (fp32, kept by B's matmul), and a
+    dropout mask when lora_dropout > 0. Kept per spec, targets, dropout and ranks."""
+
+    def per_layer() -> dict:
+        out: dict = {}
+        for index, lin in spec_facts.lora_linears(spec, setup.lora_targets):
+            per_token = act.lora_bytes_per_token(lin.in_features, rank, setup.lora_dropout)
+            out[index] = out.get(index, 0) + per_token
+        return out
+
+    rank = _arr(rank)
+    key = ("lora_activations", tuple(setup.lora_targets), setup.lora_dropout, rank.tobytes(), rank.shape)
+    return spec_facts.cached(spec, key, per_layer)
+
+
+def qlora_dequant_bytes(spec: ModelSpec, tp: int) -> float:
+    """bitsandbytes dequantizes one NF4 weight at a time to the compute dtype and frees it:
+    the transient is the largest projection in bf16."""
+    return 2.0 * spec_facts.largest_projection(spec) / tp
+
+
+def _weight_copies(spec: ModelSpec, setup: TrainingSetup, tp: int) -> tuple:
+    """(weight copies held through backward, the head's share): autocast's bf16 casts under
+    bf16-mixed, one dequantized projection with QLoRA."""
+    casts = spec_facts.cached(spec, ("autocast",), lambda: act.autocast_weight_bytes(spec)) / tp if (
+        setup.precision == "bf16-mixed") else 0.0
+    head_cast = 2.0 * spec.vocab_size * spec.hidden_size / tp if setup.precision == "bf16-mixed" else 0.0
+    if setup.method == "qlora":
+        casts = head_cast = qlora_dequant_bytes(spec, tp)
+    return casts, head_cast
+
+
+def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device: str = "cuda") -> ActivationMemory:
+    """Activations of one micro-batch of ``b`` sequences of ``s`` tokens (arrays broadcast with
+    ``rank``). Depends on the method, precision, attention, dropout, checkpointing, LoRA targets
+    and tensor parallelism of ``setup``, not on its ZeRO stage, GPU count, accumulation or optimizer."""
+    tokens = b * s
+    tp = setup.tensor_parallel
+    layer_act, ckpt_saved, ckpt_transient = layer_activations(spec, setup, b, s, tp, device, rank)
+    head_act = tokens * act.head_activation_bytes_per_token(spec, setup.precision, setup.dropout, setup.method == "full")
+    casts, head_cast = _weight_copies(spec, setup, tp)
+    if setup.checkpointing != "none":
+        # casts made inside a checkpointed layer are recomputed with it: only the head's stays
+        layer_casts = (casts - head_cast) / spec.num_layers
+        casts, ckpt_transient = head_cast, ckpt_transient + layer_casts
+    saved = ckpt_saved + head_act + casts
+    loss_temp = tokens * act.loss_backward_temp_bytes_per_token(spec)
+    # forward's loss: the head's logits (compute dtype) and their fp32 copy, beside the saved
+    # log-softmax output (already in ``saved``); in fp32 ``logits.float()`` is the same tensor
+    p = act.PRECISION[setup.precision].matmul
+    logits_fwd = tokens * spec.vocab_size * (p + (4 if p != 4 else 0))
+    return ActivationMemory(layer_act, ckpt_saved, ckpt_transient, head_act, casts, saved, loss_temp, logits_fwd)

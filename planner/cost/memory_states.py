@@ -1,0 +1,203 @@
+"""Weights, gradients, optimizer states and the optimizer step's temporaries, per GPU.
+
+The part of training memory that does not depend on the tokens: bytes per element by precision
+and sharding (``dtype_layout``), the quantized storage of QLoRA (``nf4_bytes``), the states of
+each optimizer (``optimizer_state_elems``, ``adam8bit_state_bytes``) and the transient the step
+allocates (``optimizer_temp_bytes``), put together by ``model_states`` for one set-up. ZeRO
+shards states (stage >= 1), gradients (>= 2) and weights (3) over the data-parallel GPUs; tensor
+parallelism splits the full model's tensors. A training stack that stores tensors differently
+(Megatron's distributed optimizer, torchao's low-precision states) changes this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from planner.cost import spec_facts
+from planner.specs.model import ModelSpec
+from planner.specs.setup import TrainingSetup
+
+NF4_BITS = 4.0
+"""QLoRA (Dettmers et al. 2023, sec. 3): 4-bit NormalFloat data, one fp32 absmax per block of 64;
+with double quantization the absmax are 8-bit with one fp32 constant per 256 of them:
+8/64 + 32/(64*256) bits per parameter instead of 32/64."""
+ADAM8BIT_BLOCK = 256
+"""bitsandbytes 8-bit optimizers: block-wise quantization, one fp32 absmax per 256 values per state
+(Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"); tensors with fewer than
+4096 elements keep 32-bit states (``min_8bit_size=4096``)."""
+ADAM8BIT_MIN_SIZE = 4096
+
+
+def _arr(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes per element of weights / gradients / optimizer states and whether a separate fp32
+    master copy exists (DeepSpeed ZeRO with bf16 mixed precision: bf16 working weights)."""
+
+    weight: float
+    grad: float
+    state: float
+    master: float
+
+
+def dtype_layout(setup: TrainingSetup) -> Bytes:
+    """PyTorch autocast keeps fp32 weights (4+4+states in fp32); pure bf16 keeps everything in
+    bf16 (torch optimizers store states in the parameter dtype); ZeRO (stage >= 1) with mixed
+    precision follows DeepSpeed: bf16 weights and gradients, fp32 master and states (ZeRO's
+    2 + 2 + 12 bytes per parameter for Adam, Rajbhandari et al. 2020)."""
+    if setup.precision == "fp32":
+        return Bytes(4, 4, 4, 0)
+    if setup.precision == "bf16":
+        return Bytes(2, 2, 2, 0)
+    if setup.zero > 0:
+        return Bytes(2, 2, 4, 4)
+    return Bytes(4, 4, 4, 0)
+
+
+def optimizer_state_elems(setup: TrainingSetup, trainable: float, tensors) -> float:
+    """State elements per trainable parameter set (``tensors``: (rows, cols) of each trainable
+    tensor, cols=0 for vectors): AdamW 2 (exp_avg, exp_avg_sq), SGD with momentum 1, Lion 1
+    (Chen et al. 2023), Adafactor row + column second moments for matrices and a full vector
+    for 1-D tensors (Shazeer & Stern 2018, no first moment as torch's default beta1=None)."""
+    if setup.optimizer == "adamw":
+        return 2.0 * trainable
+    if setup.optimizer in ("sgd", "lion"):
+        return 1.0 * trainable
+    if setup.optimizer == "adafactor":
+        return float(sum((r + c) if c else r for r, c in tensors))
+    raise ValueError(setup.optimizer)
+
+
+def adam8bit_state_bytes(tensors, state_bytes_32: float) -> float:
+    """Two 8-bit states plus an fp32 absmax per 256 values; small tensors stay 32-bit."""
+    total = 0.0
+    for rows, cols in tensors:
+        n = rows * (cols or 1)
+        if n < ADAM8BIT_MIN_SIZE:
+            total += 2 * state_bytes_32 * n
+        else:
+            total += 2 * (n + 4 * np.ceil(n / ADAM8BIT_BLOCK))
+    return total
+
+
+def nf4_bytes(num_params, block_size: int, double_quant: bool):
+    """QLoRA weight storage: 4-bit data plus block constants (see NF4_BITS)."""
+    if double_quant:
+        constant_bits = 8.0 / block_size + 32.0 / (block_size * 256)
+    else:
+        constant_bits = 32.0 / block_size
+    return _arr(num_params) * (NF4_BITS + constant_bits) / 8.0
+
+
+def trainable_tensors(spec: ModelSpec, setup: TrainingSetup, rank: int) -> list[tuple[int, int]]:
+    """Shapes of the trainable tensors (for Adafactor, 8-bit states and for-loop temporaries)."""
+    if setup.method != "full":
+        shapes = []
+        for _, lin in spec_facts.lora_linears(spec, setup.lora_targets):
+            shapes += [(rank, lin.in_features), (lin.out_features, rank)]
+        return shapes
+    return list(spec_facts.full_tensor_shapes(spec))
+
+
+def _tensors(spec: ModelSpec, setup: TrainingSetup, rank: int) -> tuple[tuple[int, int], ...]:
+    """``trainable_tensors``, kept per spec (the search asks for the same ones per set-up)."""
+    if setup.method == "full":
+        return spec_facts.full_tensor_shapes(spec)
+    return spec_facts.cached(spec, ("lora_tensors", tuple(setup.lora_targets), rank),
+                             lambda: tuple(trainable_tensors(spec, setup, rank)))
+
+
+def optimizer_temp_bytes(setup: TrainingSetup, trainable, shapes, state_bytes: float):
+    """Transient memory of the optimizer step.
+
+    foreach AdamW: one temporary the size of all states of one kind (``_foreach_sqrt``); fused:
+    none; for-loop: two of the largest tensor (``exp_avg_sq.sqrt()`` and its division by the
+    bias correction coexist). SGD (momentum, in place) and the 8-bit AdamW (a fused kernel)
+    make none. Lion (lion-pytorch: ``exp_avg.clone()`` then ``.add(grad)``) two of the largest
+    tensor; Adafactor (torch: ``row_var @ col_var``) one of the largest tensor.
+    """
+    if setup.optimizer in ("sgd", "adamw-8bit"):
+        return _arr(0.0)
+    if setup.optimizer == "adamw" and setup.optimizer_impl == "foreach":
+        return trainable * state_bytes
+    if setup.optimizer == "adamw" and setup.optimizer_impl == "fused":
+        return _arr(0.0)
+    largest = max((r * (c or 1) for r, c in shapes), default=0) * state_bytes
+    if setup.optimizer in ("adamw", "lion"):
+        return _arr(2 * largest)
+    return _arr(largest)
+
+
+class ModelStates(NamedTuple):
+    """Bytes per GPU of what a step holds besides activations (arrays over the LoRA ranks)."""
+
+    weights: object  # the base weights (sharded, quantized for QLoRA)
+    adapters: object  # LoRA adapter parameters (elements; stored in fp32)
+    gradients: object
+    states: object  # optimizer states
+    master: object  # fp32 master copy (ZeRO with bf16 mixed precision)
+    temporaries: object  # the optimizer step's transient
+    grad_bytes: float  # bytes per gradient element
+
+
+def _base_weight_bytes(spec: ModelSpec, setup: TrainingSetup, total: int):
+    """Frozen base weights of LoRA / QLoRA, whole model (peft keeps adapters apart, in fp32)."""
+    if setup.method == "qlora":
+        quantized = spec_facts.projection_params(spec)
+        return nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + (total - quantized) * 2
+    base_dtype_bytes = 4 if setup.precision in ("fp32",) else (4 if setup.precision == "bf16-mixed" else 2)
+    return total * base_dtype_bytes
+
+
+def _state_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, shapes, state_bytes: float):
+    """Optimizer states of every trainable element, before sharding (scaled with the rank)."""
+    largest = max(float(np.max(trainable)), 1.0)
+    if setup.optimizer == "adamw-8bit":
+        full = spec_facts.cached(spec, ("adam8bit", shapes, state_bytes), lambda: adam8bit_state_bytes(shapes, state_bytes))
+        return _arr(full) * (trainable / largest)
+    elems_full = optimizer_state_elems(setup, float(np.max(trainable)), shapes)
+    return elems_full * state_bytes * trainable / largest
+
+
+NOT_READ_BY_STATES = frozenset({"micro_batch", "seq_len", "grad_accum", "checkpointing", "attention", "dropout",
+                                "lora_dropout"})
+"""Set-up fields ``model_states`` does not read (the LoRA ranks come as an array)."""
+
+
+def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
+    """Weights, adapters, gradients, optimizer states, master copy and step temporaries of
+    ``setup`` per GPU, over an array of LoRA ranks (the optimizer's states and temporaries
+    leave the GPU with ``offload_optimizer``)."""
+    counts = spec_facts.param_counts(spec)
+    layout = dtype_layout(setup)
+    dp, tp = setup.data_parallel, setup.tensor_parallel
+    shard_states = dp if setup.zero >= 1 else 1
+    shard_grads = dp if setup.zero >= 2 else 1
+    shard_weights = dp if setup.zero >= 3 else 1
+    full = setup.method == "full"
+    adapters = spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank if not full else _arr(0.0)
+    if full:
+        weights = counts.total * layout.weight / tp / shard_weights
+        trainable = _arr(counts.total)
+        grad_bytes, state_bytes = layout.grad, layout.state
+        master = counts.total * layout.master
+    else:
+        weights = _base_weight_bytes(spec, setup, counts.total) / tp / shard_weights
+        trainable = adapters
+        grad_bytes, state_bytes = 4.0, 4.0
+        master = 0.0
+    gradients = trainable * grad_bytes / shard_grads
+    shapes = _tensors(spec, setup, int(np.max(rank)) if not full else 0)
+    states = _state_bytes(spec, setup, trainable, shapes, state_bytes) / shard_states / (tp if full else 1)
+    master = _arr(master) / shard_states / tp
+    temporaries = optimizer_temp_bytes(setup, trainable, shapes, state_bytes) / shard_states
+    if setup.offload_optimizer:
+        states, master, temporaries = states * 0, master * 0, temporaries * 0
+    gradients = gradients / (tp if full else 1)
+    return ModelStates(weights, adapters, gradients, states, master, temporaries, grad_bytes)

@@ -1,0 +1,50 @@
+"""Which set-ups the cost model prices, and a clear refusal for the rest.
+
+A set-up may name a stack, a technique or a parallel layout that the formulas do not price yet;
+answering it with the Hugging Face eager numbers would be a silent wrong answer. Every entry
+point of the cost model (``estimate``, ``what_fits``, the plan search) calls ``require_priced``
+first; as each stack and technique gains its formulas it joins ``PRICED_VALUES`` here.
+"""
+
+from __future__ import annotations
+
+from planner.errors import PlannerError
+
+PRICED_VALUES: dict[str, tuple] = {
+    "precision": ("fp32", "bf16", "bf16-mixed"),
+    "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion"),
+    "stack": ("hf",),
+    "loss_impl": ("standard",),
+    "optimizer_in_backward": (False,),
+    "activation_offload": (False,),
+    "packed": (False,),
+    "compile": (False,),
+    "float8": (False,),
+    "dora": (False,),
+    "kbit_preparation": (False,),
+    "adapter_dtype": ("fp32",),
+    "modules_to_save": ((),),
+    "pipeline_parallel": (1,),
+    "virtual_stages": (1,),
+    "sequence_parallel": (False,),
+    "context_parallel": (1,),
+    "expert_parallel": (1,),
+}
+"""Field -> the values the formulas price today (any other value is refused by name)."""
+
+
+def unpriced(setup) -> list[str]:
+    """``field=value`` of every choice of ``setup`` the cost model does not price."""
+    return [f"{field}={getattr(setup, field)!r}" for field, values in PRICED_VALUES.items()
+            if getattr(setup, field) not in values]
+
+
+def require_priced(setup) -> None:
+    """One line naming what is not priced and what is, instead of a silent answer for another set-up."""
+    missing = unpriced(setup)
+    if missing:
+        field = missing[0].split("=")[0]
+        options = ", ".join(repr(v) for v in PRICED_VALUES[field])
+        raise PlannerError(
+            f"{', '.join(missing)}: not priced by the memory and time model yet (priced {field}: {options})"
+        )

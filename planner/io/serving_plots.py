@@ -1,0 +1,116 @@
+"""Figures of the compute axis past training: serving latency and throughput against batch size,
+coverage against samples, the training/inference split of an inference-aware allocation, and
+fine-tuning loss curves. One flat function per figure, each writing a PNG (matplotlib's Agg
+backend, imported inside the functions as in :mod:`planner.io.plots`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from planner.io.plots import _figure, _save
+
+
+def plot_serving(estimate, path, target_tpot_s: float | None = None, title: str = "") -> Path:
+    """Time per output token and throughput per GPU against the number of concurrent requests
+    (a :class:`planner.cost.serving_time.ServingEstimate` over a batch grid); batches whose KV
+    cache does not fit are drawn hollow, the target latency as a line."""
+    b = np.asarray(estimate.batch, dtype=float).ravel()
+    tpot = np.asarray(estimate.tpot_s, dtype=float).ravel() * 1e3
+    tput = np.asarray(estimate.output_tokens_per_s_per_gpu, dtype=float).ravel()
+    fits = np.broadcast_to(np.asarray(estimate.fits), b.shape)
+    fig, (ax1, ax2) = _figure(2)
+    for ax, y, label in ((ax1, tpot, "time per output token (ms)"), (ax2, tput, "output tokens/s per GPU")):
+        ax.plot(b, y, "-", color="C0", lw=1)
+        ax.scatter(b[fits], y[fits], color="C0", s=18, label="KV cache fits")
+        if np.any(~fits):
+            ax.scatter(b[~fits], y[~fits], facecolors="none", edgecolors="C3", s=18, label="does not fit")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests (batch)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if target_tpot_s is not None:
+        ax1.axhline(target_tpot_s * 1e3, color="k", ls="--", lw=1, label="target")
+    ax1.legend(loc="upper left")
+    ax1.set_title(title or f"{estimate.scheduling} batching; +-{estimate.uncertainty:.0%} typical error")
+    ax2.set_title("throughput (memory-bound until the weights are amortised)")
+    return _save(fig, path)
+
+
+def plot_coverage(laws, path, measured: dict | None = None, choice=None, k_max: float = 1e4) -> Path:
+    """Coverage against samples for each law (solid inside its fitted k, dashed beyond), the
+    measured points when given ({name: (k, coverage)}), and the best model per budget of a
+    :class:`planner.loss.test_time.SamplingChoice` on a second panel."""
+    fig, axes = _figure(2 if choice is not None else 1)
+    ax = axes[0]
+    k = np.logspace(0, np.log10(k_max), 200)
+    for i, law in enumerate(laws):
+        inside = ~law.extrapolated(k)
+        ax.plot(k[inside], law.coverage(k[inside]), color=f"C{i}", label=law.name)
+        ax.plot(k[~inside], law.coverage(k[~inside]), color=f"C{i}", ls="--")
+        if measured and law.name in measured:
+            mk, mc = measured[law.name]
+            ax.scatter(mk, mc, color=f"C{i}", s=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("samples per problem k")
+    ax.set_ylabel("coverage (pass@k)")
+    ax.set_title("coverage c(k) = exp(a k^b) (Brown et al. 2024)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if choice is not None:
+        ax2 = axes[1]
+        for i, name in enumerate(choice.models):
+            ax2.plot(choice.budget, choice.coverage[i], color=f"C{i}", label=name)
+        ax2.set_xscale("log")
+        ax2.set_xlabel("budget per query")
+        ax2.set_ylabel("coverage at the affordable samples")
+        ax2.set_title("bigger model or more samples")
+        ax2.grid(alpha=0.3)
+        ax2.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_inference_split(allocation, path) -> Path:
+    """An inference-aware allocation over inference demands (a 1-D
+    :class:`planner.loss.inference_aware.InferenceAwareAllocation`): model size against Chinchilla's,
+    and the training / inference split of its lifetime cost."""
+    t = np.asarray(allocation.inference_tokens, dtype=float).ravel()
+    n = np.asarray(allocation.params_n, dtype=float).ravel()
+    train = np.asarray(allocation.training_flops, dtype=float).ravel()
+    infer = np.asarray(allocation.inference_flops, dtype=float).ravel()
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(t, n, label="inference-aware N*")
+    ax1.plot(t, np.broadcast_to(allocation.chinchilla_params_n, t.shape), ls="--", label="Chinchilla N (same loss)")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("lifetime inference tokens")
+    ax1.set_ylabel("parameters")
+    ax1.set_title(f"Sardana et al. 2024 ({allocation.law})")
+    ax1.legend()
+    ax2.stackplot(t, train, infer, labels=["training 6ND", "inference 2NT"], alpha=0.8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("lifetime inference tokens")
+    ax2.set_ylabel("FLOPs")
+    ax2.set_title("lifetime compute split")
+    ax2.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_finetune_losses(curves: dict, path, title: str = "fine-tuning loss (Zhang et al. 2024)") -> Path:
+    """Loss against fine-tuning examples, one line per label: {label: (examples, loss, trust)};
+    points outside the law's held-out range dashed."""
+    fig, (ax,) = _figure(1)
+    for i, (label, (d, loss, trust)) in enumerate(curves.items()):
+        d, loss, trust = (np.asarray(v).ravel() for v in (d, loss, np.broadcast_to(trust, np.shape(loss))))
+        ok = trust != "extrapolated"
+        ax.plot(d[ok], loss[ok], color=f"C{i}", label=label)
+        ax.plot(d[~ok], loss[~ok], color=f"C{i}", ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning examples")
+    ax.set_ylabel("test loss (log-perplexity)")
+    ax.set_title(title + "; dashed: extrapolated")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,273 @@
+"""The set-up side of the search: peak memory, step time and throughput of every set-up.
+
+A set-up is a categorical combination (model, method, precision, optimizer, checkpointing, GPU
+count, ZeRO stage, tensor parallelism); each is evaluated over arrays of micro-batches and LoRA
+ranks with one call of ``planner.cost.memory.training_memory`` per accumulation regime and of
+``planner.cost.step_time.step_time`` at two accumulations (a step is affine in it). What does not
+depend on the ZeRO stage, the GPU count or the accumulation (a micro-batch's activations and its
+compute, ``memory_activations.activation_memory`` and ``step_time.micro_batch_work``) is computed
+once per model and layout and shared; every result is memoized across the plans of one process
+(compare, sensitivities, notebooks). A set-up whose lighter-checkpointing twin already fits at
+every micro-batch is skipped unless ``exhaustive``. ``reduce_setups`` keeps the fastest set-up of
+each (model, method, GPU count, tokens per step): the only ones that can be on the Pareto front.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from planner.search.context import RELAX, Context
+from planner.search.table import SetupTable, fastest_per_group
+
+PRECISION_FOR_METHOD = {"full": "bf16-mixed", "lora": "bf16", "qlora": "bf16"}
+"""Full training keeps fp32 weights under bf16 autocast (HF Trainer bf16=True); LoRA/QLoRA load the
+base in bf16 (torch_dtype=bfloat16), adapters fp32 (peft's default)."""
+_CKPT_ORDER = {"none": 0, "selective": 1, "full": 2}
+
+
+def grad_accum_for(global_batch_tokens: int, micro_batch, seq_len: int, data_parallel: int):
+    """Micro-batches per optimizer step so that a step holds about ``global_batch_tokens`` tokens (>= 1)."""
+    per_pass = np.asarray(micro_batch, dtype=np.float64) * seq_len * data_parallel
+    return np.maximum(1, np.round(global_batch_tokens / per_pass)).astype(np.int64)
+
+
+def _dominates(a: tuple, b: tuple) -> bool:
+    """Set-up a = (ckpt rank, zero, tp) is at least as fast as b at each micro-batch: same layout,
+    less recompute. (No such order holds across ZeRO stages or tensor parallelism: sharding the
+    optimizer step or splitting the matmuls can make a step faster.)"""
+    return a[1:] == b[1:] and a[0] <= b[0]
+
+
+# ----------------------------------------------------------------------------- memoized cost calls
+
+
+_MEMO: dict = {}
+_MEMO_MAX = 50_000
+
+
+def _memo(ctx: Context, kind: str, entry, setup_key, mb, seq, rank_arg, compute):
+    """``compute()``, memoized across the plans of one process. Keys: the kind, the architecture,
+    what of the set-up the call reads, the GPU, the calibration profile (kept with the value, so
+    its identity is not reused) and the arrays' contents."""
+    profile = id(ctx.profile) if ctx.profile is not None else None
+    key = (kind, entry.key, setup_key, ctx.gpu.name, profile, mb.tobytes(), mb.shape, seq, rank_arg.tobytes(),
+           rank_arg.shape)
+    hit = _MEMO.get(key)
+    if hit is None or hit[0] is not ctx.profile:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        hit = (ctx.profile, compute())
+        _MEMO[key] = hit
+    return hit[1]
+
+
+def _shared(ctx: Context, entry, mb, seq, rank_arg) -> dict:
+    """The cache dict the cost formulas share parts in (``step_time(cache=)``,
+    ``training_memory(cache=)``): one per model, GPU, profile and arrays."""
+    return _memo(ctx, "shared", entry, None, mb, seq, rank_arg, dict)
+
+
+def _memory_peak(ctx: Context, entry, setup, mb, seq, rank_arg):
+    """Peak allocated bytes per GPU: ``planner.cost.memory``, or calibrated by the profile."""
+    if ctx.profile is None:
+        from planner.cost.memory import training_peak_bytes
+
+        cache = _shared(ctx, entry, mb, seq, rank_arg)
+        return np.asarray(training_peak_bytes(entry.spec, setup, mb, seq, rank_arg, cache=cache), dtype=np.float64)
+    from planner.cost.calibrated import calibrated_peak_bytes
+
+    return np.asarray(calibrated_peak_bytes(ctx.profile, entry.spec, setup, mb, seq, rank_arg), dtype=np.float64)
+
+
+def _peak(ctx: Context, entry, setup, mb, seq, rank_arg, ga):
+    """Peak bytes over (micro-batch x rank), with the accumulation each micro-batch implies
+    (gradients live through forward when ga > 1)."""
+    shape = (mb.size, rank_arg.shape[1])
+    single = (ga == 1)[:, 0]
+    peak = np.empty(shape)
+    for accumulate, rows in ((2, ~single), (1, single)):
+        if rows.any():
+            variant = setup.model_copy(update={"grad_accum": accumulate})
+            value = _memo(ctx, "memory", entry, variant, mb[:, None], seq, rank_arg,
+                          lambda v=variant: _memory_peak(ctx, entry, v, mb[:, None], seq, rank_arg))
+            peak[rows] = np.broadcast_to(value, shape)[rows]
+    return peak
+
+
+def _affine_step(ctx: Context, spec, setup, mb, seq, rank_arg, cache: dict | None = None):
+    """(seconds per micro-batch, seconds per step) of ``setup`` from ``planner.cost.step_time.step_time``
+    at ga = 1 and ga = 2: a step of ga micro-batches takes ga x the first + the second. Exact when
+    step_time is affine in ga (its terms are per micro-batch or per step); the tests bound the
+    error elsewhere (the exposed part of a cross-node DDP / ZeRO-1 all-reduce). Returns the two
+    arrays and the number of calls."""
+    from planner.cost.step_time import step_time
+
+    one = np.asarray(step_time(spec, setup.model_copy(update={"grad_accum": 1}), ctx.gpu, mb, seq, rank_arg,
+                               ctx.profile, cache)["step_time_s"], dtype=np.float64)
+    two = np.asarray(step_time(spec, setup.model_copy(update={"grad_accum": 2}), ctx.gpu, mb, seq, rank_arg,
+                               ctx.profile, cache)["step_time_s"], dtype=np.float64)
+    return two - one, 2.0 * one - two, 2
+
+
+def _track_lightest(stats, entry, setup, peak, ranks):
+    i = np.unravel_index(int(np.argmin(peak)), peak.shape)
+    value = float(peak[i])
+    if stats["lightest"] is None or value < stats["lightest"][0]:
+        stats["lightest"] = (value, entry.name, setup, int(ranks[i[1]]))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _Group(NamedTuple):
+    """What the set-ups of one (model, method, optimizer) share."""
+
+    model_row: int  # the model's index in the model list
+    entry: object
+    base: object  # TrainingSetup without the layout
+    ranks: np.ndarray
+    rank_arg: np.ndarray  # 1 x ranks, at least 1
+    mb: np.ndarray
+    work_ratio: np.ndarray  # 1 x ranks: the method's model FLOPs over full training's
+    flops_mb: np.ndarray  # mb x ranks: model FLOPs of one micro-batch (no recompute)
+    peak_rate: float
+
+
+def _work_ratio(spec, base, seq: int, rank_arg):
+    """Model FLOPs of the method over full training's, one sequence (full training: 1)."""
+    from planner.cost.estimate import training_flops
+    from planner.specs.setup import TrainingSetup
+
+    if base.method == "full":
+        return 1.0
+    full_flops = float(training_flops(spec, TrainingSetup(seq_len=seq), 1, seq).model)
+    return training_flops(spec, base, 1, seq, rank_arg).model / full_flops
+
+
+def _groups(ctx: Context, models: list):
+    """Every (model, method, optimizer) of the request, with its shared arrays."""
+    from planner.cost.step_time import micro_batch_flops
+    from planner.specs.setup import TrainingSetup
+
+    req = ctx.request
+    mb = np.asarray(sorted(set(req.micro_batches)), dtype=np.int64)
+    seq = req.seq_len
+    for mi, entry in enumerate(models):
+        spec = entry.spec
+        for method in (req.methods if not req.pretrain else ("full",)):
+            ranks = np.asarray(sorted(set(req.lora_ranks)) if method != "full" else [0], dtype=np.int64)
+            rank_arg = np.maximum(ranks, 1)[None, :]
+            precision = PRECISION_FOR_METHOD[method]
+            for optimizer in req.optimizers:
+                base = TrainingSetup(method=method, precision=precision, optimizer=optimizer, seq_len=seq,
+                                     lora_rank=int(rank_arg.max()))
+                work = np.broadcast_to(np.asarray(_work_ratio(spec, base, seq, rank_arg), dtype=np.float64),
+                                       (1, ranks.size))
+                # model FLOPs of one micro-batch (no recompute; the same for every layout)
+                cache = _shared(ctx, entry, mb[:, None], seq, rank_arg)
+                flops_mb = np.asarray(micro_batch_flops(spec, base, mb[:, None], seq, rank_arg, cache).model,
+                                      dtype=np.float64)
+                yield _Group(mi, entry, base, ranks, rank_arg, mb, work, flops_mb, ctx.gpu.peak_flops_for(precision))
+
+
+def _combos(ctx: Context, g: int, method: str, layouts_for) -> list[tuple]:
+    """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs, lightest first."""
+    from planner.search.candidates import layouts
+
+    if layouts_for is not None:
+        combos = [(_CKPT_ORDER[c], c, z, tp) for c, z, tp in layouts_for(g)]
+    else:
+        combos = [(_CKPT_ORDER[c], c, z, tp) for z, tp in layouts(ctx.request, g, method)
+                  for c in ctx.request.checkpointing]
+    combos.sort(key=lambda t: (t[0] + t[2] + int(math.log2(t[3])), t[0], t[2], t[3]))
+    return combos
+
+
+def _rows(ctx: Context, grp: _Group, setup, ga, peak, keep) -> dict:
+    """The table's columns for the (micro-batch x rank) cells ``keep`` of one set-up."""
+    mb, seq, g = grp.mb, ctx.request.seq_len, setup.num_gpus
+    dp = setup.data_parallel
+    cache = _shared(ctx, grp.entry, mb[:, None], seq, grp.rank_arg)
+    per_mb, per_step, _ = _memo(ctx, "time", grp.entry, setup, mb[:, None], seq, grp.rank_arg,
+                                lambda: _affine_step(ctx, grp.entry.spec, setup, mb[:, None], seq, grp.rank_arg, cache))
+    step = np.broadcast_to(ga * per_mb + per_step, peak.shape)
+    tokens_step = np.broadcast_to((mb[:, None] * seq * dp * ga).astype(np.float64), peak.shape)
+    mfu = grp.flops_mb * ga * dp / step / (grp.peak_rate * g)
+    sel = np.nonzero(keep)
+    k = sel[0].size
+    return {
+        "model": np.full(k, grp.model_row), "method": np.full(k, setup.method, dtype=object),
+        "lora_rank": grp.ranks[sel[1]], "precision": np.full(k, setup.precision, dtype=object),
+        "optimizer": np.full(k, setup.optimizer, dtype=object),
+        "checkpointing": np.full(k, setup.checkpointing, dtype=object), "num_gpus": np.full(k, g),
+        "zero": np.full(k, setup.zero), "tensor_parallel": np.full(k, setup.tensor_parallel),
+        "micro_batch": mb[sel[0]], "grad_accum": np.broadcast_to(ga, peak.shape)[sel], "peak_bytes": peak[sel],
+        "step_time_s": step[sel], "tokens_per_step": tokens_step[sel], "tokens_per_s": (tokens_step / step)[sel],
+        "mfu": np.broadcast_to(mfu, peak.shape)[sel], "work_ratio": np.broadcast_to(grp.work_ratio, peak.shape)[sel],
+    }
+
+
+def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exhaustive: bool, stats: dict) -> list:
+    """Rows of every layout of one group on g GPUs that fits (or would with ``RELAX`` more memory);
+    layouts dominated by a lighter one that fits everywhere are skipped unless ``exhaustive``."""
+    req = ctx.request
+    done: list[tuple[tuple, np.ndarray]] = []  # (key, fits over mb x rank)
+    out = []
+    for ck_rank, ckpt, zero, tp in combos:
+        key = (ck_rank, zero, tp)
+        stats["setups"] += 1
+        lighter = [fits for k, fits in done if _dominates(k, key)]
+        if not exhaustive and any(f.all() for f in lighter):
+            stats["setups_skipped"] += 1
+            continue
+        setup = grp.base.model_copy(update={"checkpointing": ckpt, "num_gpus": g, "zero": zero, "tensor_parallel": tp})
+        ga = grad_accum_for(req.global_batch_tokens, grp.mb, req.seq_len, setup.data_parallel)[:, None]
+        peak = _peak(ctx, grp.entry, setup, grp.mb, req.seq_len, grp.rank_arg, ga)
+        stats["memory_calls"] += 1
+        fits = peak <= ctx.usable_bytes
+        # rows within the memory sensitivity's 10% are kept too (filtered when reduced)
+        near = peak <= ctx.usable_bytes * (1 + RELAX)
+        _track_lightest(stats, grp.entry, setup, peak, grp.ranks)
+        done.append((key, fits))
+        useful = near.copy()
+        if not exhaustive:
+            for f in lighter:
+                useful &= ~f
+        if not useful.any():
+            continue
+        stats["time_calls"] += 2
+        out.append(SetupTable(_rows(ctx, grp, setup, ga, peak, useful if not exhaustive else near)))
+    return out
+
+
+def evaluate_setups(ctx: Context, models: list, gpu_counts_for, exhaustive: bool = False,
+                    layouts_for=None) -> tuple[SetupTable, dict]:
+    """Peak memory, step time and throughput of every set-up, vectorized over micro-batch and rank.
+
+    ``gpu_counts_for(entry, method)`` lists the GPU counts to try; ``layouts_for(g)``, when given,
+    the (checkpointing, ZeRO, TP) triples to try on g GPUs (else every combination). Unless
+    ``exhaustive``, a set-up is skipped (no calls) when the same layout with less activation
+    checkpointing already fits at every micro-batch, and its step time is not computed where it
+    fits at no micro-batch the lighter one leaves out: recompute never makes a step faster at
+    equal micro-batch (the tests check the plan against ``exhaustive=True``).
+    Returns the table (one row per set-up x micro-batch x rank that fits, or would with 10% more
+    memory: the memory constraint's sensitivity) and counts.
+    """
+    stats = {"setups": 0, "setups_skipped": 0, "memory_calls": 0, "time_calls": 0, "lightest": None}
+    tables = []
+    for grp in _groups(ctx, models):
+        for g in gpu_counts_for(grp.entry, grp.base.method):
+            tables += _gpu_count_rows(ctx, grp, g, _combos(ctx, g, grp.base.method, layouts_for), exhaustive, stats)
+    return SetupTable.concat(tables), stats
+
+
+def reduce_setups(table: SetupTable, usable_bytes: float) -> SetupTable:
+    """The fastest fitting set-up of each (model, method, GPU count, tokens per step): the only
+    ones that can be on the front (equal loss for equal tokens, time and cost proportional to
+    seconds per token, and at least as many tokens affordable)."""
+    fit = table.take(table["peak_bytes"] <= usable_bytes)
+    return fastest_per_group(fit, ("model", "method", "num_gpus", "tokens_per_step"), "tokens_per_s")
+
