@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from planner.errors import PlannerError
 
-PRICED_VALUES: dict[str, tuple] = {
+MEMORY_PRICED: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16-mixed"),
     "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion"),
     "stack": ("hf",),
@@ -30,21 +30,26 @@ PRICED_VALUES: dict[str, tuple] = {
     "context_parallel": (1,),
     "expert_parallel": (1,),
 }
-"""Field -> the values the formulas price today (any other value is refused by name)."""
+"""Field -> the values the memory model prices today (any other value is refused by name)."""
+
+TIME_PRICED: dict[str, tuple] = dict(MEMORY_PRICED)
+"""Field -> the values the step-time model prices today."""
+
+PRICED_VALUES = {"memory": MEMORY_PRICED, "time": TIME_PRICED}
 
 
-def unpriced(setup) -> list[str]:
-    """``field=value`` of every choice of ``setup`` the cost model does not price."""
-    return [f"{field}={getattr(setup, field)!r}" for field, values in PRICED_VALUES.items()
+def unpriced(setup, model: str = "memory") -> list[str]:
+    """``field=value`` of every choice of ``setup`` that ``model`` ("memory" or "time") does not price."""
+    return [f"{field}={getattr(setup, field)!r}" for field, values in PRICED_VALUES[model].items()
             if getattr(setup, field) not in values]
 
 
-def require_priced(setup) -> None:
+def require_priced(setup, model: str = "memory") -> None:
     """One line naming what is not priced and what is, instead of a silent answer for another set-up."""
-    missing = unpriced(setup)
+    missing = unpriced(setup, model)
     if missing:
         field = missing[0].split("=")[0]
-        options = ", ".join(repr(v) for v in PRICED_VALUES[field])
+        options = ", ".join(repr(v) for v in PRICED_VALUES[model][field])
         raise PlannerError(
-            f"{', '.join(missing)}: not priced by the memory and time model yet (priced {field}: {options})"
+            f"{', '.join(missing)}: not priced by the {model} model yet (priced {field}: {options})"
         )
