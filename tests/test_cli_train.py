@@ -93,8 +93,12 @@ def test_fit_reports_rows_and_fixes(capsys):
     assert code == 0
     payload = json.loads(out)
     fitting = [r for r in payload["rows"] if r["fits"]]
-    assert fitting and {r["method"] for r in fitting} <= {"lora", "qlora"}
+    hf = [r for r in fitting if r["stack"] == "hf"]
+    assert hf and {r["method"] for r in hf} <= {"lora", "qlora"}
     assert all(r["max_micro_batch"] >= 1 and r["max_seq_len"] >= 4096 for r in fitting)
+    # torchtune's single-device full recipe (paged 8-bit AdamW stepped in backward) fits where HF's does not
+    assert any(r["stack"] == "torchtune" and r["method"] == "full" and "optimizer in backward" in r["techniques"]
+               for r in fitting)
     # the 405B model fits nowhere on one card: shortfall and fixes
     code, out, _ = run(capsys, "fit", "llama-3.1-405b", "--gpu", "rtx-4090", "--json")
     payload = json.loads(out)
@@ -110,7 +114,7 @@ def test_fit_max_micro_batch_is_the_boundary(capsys):
     from planner.specs.setup import TrainingSetup
 
     code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "a100-80gb", "--seq-len", "2048", "--json")
-    row = next(r for r in json.loads(out)["rows"] if r["method"] == "lora" and r["checkpointing"] == "none")
+    row = next(r for r in json.loads(out)["rows"] if r["method"] == "lora" and r["checkpointing"] == "none" and r["stack"] == "hf")
     spec, budget = load_spec("llama-3.2-1b"), usable_allocated_bytes(load_gpu("a100-80gb"))
     setup = TrainingSetup(method="lora", seq_len=2048)
     b = row["max_micro_batch"]
@@ -137,3 +141,26 @@ def test_estimate_as_a_process_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["peak_bytes"] > 0
+
+
+def test_fit_with_a_named_stack_gets_only_that_stack(capsys):
+    code, out, _ = run(capsys, "fit", "llama-3.1-8b", "--gpu", "rtx-4090", "--stack", "torchtune", "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and {r["stack"] for r in rows} == {"torchtune"}
+    best = {r["method"]: r for r in rows if r["fits"]}
+    # torchtune's README (Sept 2024): 8B full 18.9, LoRA 16.2, QLoRA 7.4 GiB on a 4090 at batch 2 x 2048
+    assert set(best) == {"full", "lora", "qlora"}
+    code, out, _ = run(capsys, "fit", "llama-3.1-8b", "--gpu", "rtx-4090")
+    assert "full: fits with torchtune" in out and "(only torchtune fits)" in out
+
+
+def test_fit_on_a_gpu_without_bf16_uses_fp16(capsys):
+    code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "t4", "--json")
+    precisions = {r["precision"] for r in json.loads(out)["rows"]}
+    assert code == 0 and not any(p.startswith("bf16") for p in precisions) and "fp16-mixed" in precisions
+    code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "t4", "--precision", "fp16", "--json")
+    assert code == 0 and {r["precision"] for r in json.loads(out)["rows"]} <= {"fp16", "fp16-mixed"}
+    code, _, err = run(capsys, "fit", "llama-3.2-1b", "--gpu", "t4", "--precision", "bf16")
+    assert code == 2 and "no bf16 units" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "t4", "--precision", "bf16-mixed")
+    assert code == 2 and "fp16-mixed" in err

@@ -138,3 +138,17 @@ def test_dedup_with_given_duplicate_share_removes_exactly_the_duplicates():
     plan = pruning.plan_pruning(1e22, 2e12, "dedup_minhash", LAW, min_keep_fraction=0.9)
     assert plan.keep_fraction == pytest.approx(0.9) and plan.strategy == "hard"
     assert plan.loss < plan.loss_no_pruning
+
+
+def test_erfinv_without_scipy_matches_scipy():
+    """The loss layer's own erf inverse agrees with scipy.special to float64 rounding."""
+    from scipy.special import erf as scipy_erf
+    from scipy.special import erfinv as scipy_erfinv
+
+    from planner.loss.special import erf, erfinv
+
+    y = np.concatenate([np.linspace(-0.999999, 0.999999, 4001), [0.0, 1e-300, 1 - 1e-12, -(1 - 1e-12)]])
+    expected = scipy_erfinv(y)
+    assert np.max(np.abs(erfinv(y) - expected) / np.maximum(1.0, np.abs(expected))) < 1e-12
+    assert np.max(np.abs(erf(y) - scipy_erf(y))) < 1e-15
+    assert erfinv(1.0) == np.inf and erfinv(-1.0) == -np.inf and np.isnan(erfinv(1.5))

@@ -87,7 +87,7 @@ def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     stack.add_argument("--dora", action="store_true", help="DoRA (with --method lora/qlora)")
     stack.add_argument("--galore-rank", type=positive_int, default=128, help="with --optimizer galore-adamw")
     stack.add_argument("--kbit-preparation", action="store_true", help="peft prepare_model_for_kbit_training")
-    stack.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="fp32", help="LoRA weights' dtype")
+    stack.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="auto", help="LoRA weights' dtype")
     stack.add_argument("--modules-to-save", default="", help="fully trained modules with LoRA: embed_tokens,lm_head")
     layout = parser if nested else parser.add_argument_group("parallel layout")
     layout.add_argument("--pipeline-parallel", type=gpu_count, default=1, help="pipeline stages")
@@ -145,6 +145,10 @@ def register(subparsers) -> None:
     fit.add_argument("--num-gpus", type=gpu_count, default=1)
     fit.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="default: 3 when --num-gpus > 1")
     fit.add_argument("--all", action="store_true", help="also SGD, Lion and fp32 set-ups")
+    fit.add_argument("--stack", choices=STACKS, default=None,
+                     help="only this stack's set-ups (default: every stack whose memory is priced)")
+    fit.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="only this precision and its mixed twin (default: what the GPU computes in)")
     fit.add_argument("--inference", action="store_true", help="serving: longest context, largest batch")
     fit.add_argument("--calibration", help="calibration profile JSON (planner calibrate)")
     fit.add_argument("--json", action="store_true")
@@ -209,7 +213,8 @@ def run_fit(args) -> int:
     profile = _load_calibration(args.calibration)
     # the longest sequence searched is the model's context when its config gives one
     result = what_fits(spec, gpu, args.seq_len, args.num_gpus, zero, args.all,
-                       max_seq_len=spec.max_position_embeddings or None, profile=profile)
+                       max_seq_len=spec.max_position_embeddings or None, profile=profile, stack=args.stack,
+                       precision=args.precision)
     payload = {
         "model": spec.name,
         "gpu": gpu.name,

@@ -36,6 +36,7 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
         lora_rank=rank,
         lora_linears=adapted,
         recompute_fraction=recompute_fraction(setup),
+        recompute_skips_down_projection=not (setup.stack == "torchtune" and setup.method != "full"),
     )
 
 
@@ -44,6 +45,8 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
 
     ``device="cpu"`` reproduces CPU kernels' small differences (for the fake-tensor oracle)."""
     require_priced(setup)
+    if gpu is not None:
+        gpu.require_precision(setup.precision)
     memory = training_memory(spec, setup, device=device)
     flops = training_flops(spec, setup)
     counts = count_params(spec)

@@ -61,6 +61,18 @@ def _arr(x):
     return np.asarray(x, dtype=np.float64)
 
 
+SAME_BYTES_AS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
+"""fp16 takes the bytes of bf16 in every tensor; fp16-mixed (autocast to float16 plus
+``torch.amp.GradScaler``) adds only the scaler's scale and found-inf scalars: unscaling runs in
+place (``_amp_foreach_non_finite_check_and_unscale_``), so it is priced as bf16-mixed."""
+
+
+def _bytes_setup(setup: TrainingSetup) -> TrainingSetup:
+    """The set-up whose byte widths the formulas read (fp16 modes priced as their bf16 twins)."""
+    twin = SAME_BYTES_AS.get(setup.precision)
+    return setup if twin is None else setup.model_copy(update={"precision": twin})
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per GPU. ``components`` are sizes; ``phases`` are the live totals at each phase's
@@ -83,18 +95,43 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq
     accumulation or optimizer) and the states (``memory_states.model_states``: no tokens, no
     accumulation) are computed once into it per key of the set-up fields they read.
     """
-    states, acts, tokens, phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)
+    setup = _bytes_setup(setup)
+    if setup.stack == "torchtune":
+        phases, components = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)
+    else:
+        states, acts, tokens, phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)
+        components = _components(states, acts, tokens)
     stacked = np.stack(np.broadcast_arrays(*phases.values()))
     peak = stacked.max(axis=0)
     names = np.array(list(phases))
-    return MemoryEstimate(_components(states, acts, tokens), phases, peak, names[stacked.argmax(axis=0)])
+    return MemoryEstimate(components, phases, peak, names[stacked.argmax(axis=0)])
 
 
 def training_peak_bytes(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_len=None, lora_rank=None,
                         device: str = "cuda", cache: dict | None = None):
     """``training_memory(...).peak_bytes`` alone (a search needs nothing else)."""
-    phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)[3]
+    setup = _bytes_setup(setup)
+    if setup.stack == "torchtune":
+        phases = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)[0]
+    else:
+        phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)[3]
     return np.stack(np.broadcast_arrays(*phases.values())).max(axis=0)
+
+
+def _torchtune(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank) -> tuple[dict, dict]:
+    """The torchtune stack's phases and components (``planner.cost.memory_torchtune``)."""
+    from planner.cost.memory_torchtune import torchtune_phases_and_components
+    from planner.cost.stacks_torchtune import unpriced_reason
+    from planner.errors import PlannerError
+
+    reason = unpriced_reason(spec)
+    if reason:
+        raise PlannerError(reason)
+
+    b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
+    s = _arr(setup.seq_len if seq_len is None else seq_len)
+    rank = _arr(setup.lora_rank if lora_rank is None else lora_rank)
+    return torchtune_phases_and_components(spec, setup, b, s, rank)
 
 
 def _phase_totals(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank, device: str,

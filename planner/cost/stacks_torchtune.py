@@ -59,6 +59,22 @@ def dtype_bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
+PRICED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""The HF model types whose torchtune builders these formulas were checked against (0.6.1)."""
+
+
+def unpriced_reason(spec: ModelSpec) -> str | None:
+    """Why the torchtune formulas cannot price ``spec`` (None when they can)."""
+    if spec.model_type not in PRICED_MODEL_TYPES:
+        return (f"the torchtune stack is priced for {', '.join(PRICED_MODEL_TYPES)} models, "
+                f"not {spec.model_type!r}: use --stack hf")
+    for layer in spec.layers:
+        if (layer.num_experts or not layer.gated_mlp or layer.parallel_residual or layer.qk_norm != "none"
+                or layer.post_norms or layer.attn_logit_softcap):
+            return "the torchtune formulas cover dense pre-norm layers with a gated MLP: use --stack hf"
+    return None
+
+
 def rope_kind(model_type: str) -> str:
     """``half`` (Qwen2's rotate-half RoPE: cos and sin cast to the dtype per call and saved) or
     ``interleaved`` (torchtune's ``RotaryPositionalEmbeddings`` / ``Llama3ScaledRoPE``: saves only
@@ -145,7 +161,7 @@ def head_saved_bytes_per_token(spec: ModelSpec, *, precision: str = "bf16", meth
 
 
 def loss_extra_bytes(spec: ModelSpec, tokens, *, precision: str = "bf16", output_chunks: int = 0,
-                     head_trainable: bool = True) -> dict[str, Any]:
+                     head_trainable: bool = True, compiled: bool = False) -> dict[str, Any]:
     """Bytes the logits and the loss add at the forward's and the backward's peak.
 
     Unchunked (the model's ``.float()`` logits, ``CrossEntropyLoss``): forward, fp32 logits and the
@@ -158,12 +174,21 @@ def loss_extra_bytes(spec: ModelSpec, tokens, *, precision: str = "bf16", output
     matmuls in autograd's input buffer (3 ``V x h`` tensors at the dtype) while the gradients of
     all the chunks wait at the model dtype (autograd runs every chunk's loss backward before the
     head matmuls: ``w V T``).
+
+    ``compiled`` with chunks (the recipes' ``compile_loss`` compiles each chunk's cross-entropy): the
+    compiled chunk saves only its bf16 input (already alive in the list) and two fp32 values per
+    token, not the fp32 log-softmax (counted with ``saved_tensors_hooks`` under
+    ``aot_eager_decomp_partition``: 2 bytes per logit saved against eager's 8); each chunk's
+    gradient is made at the model dtype. Unchunked, the model's own ``.float()`` logits stay, as eager.
     """
     w = dtype_bytes(precision)
     vt = spec.vocab_size * tokens
     if not output_chunks:
         return {"forward": 8 * vt, "backward": 12 * vt}
     head_grads = 3 * w * spec.vocab_size * spec.hidden_size if head_trainable else 0
+    if compiled:
+        first_chunk = w * vt / output_chunks
+        return {"forward": w * vt, "backward": w * vt + max(first_chunk, head_grads)}
     first_chunk = 4 * vt + 8 * vt / output_chunks
     accumulation = w * vt + head_grads
     return {"forward": (w + 4) * vt + 4 * vt / output_chunks,

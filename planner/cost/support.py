@@ -11,7 +11,7 @@ from __future__ import annotations
 from planner.errors import PlannerError
 
 MEMORY_PRICED: dict[str, tuple] = {
-    "precision": ("fp32", "bf16", "bf16-mixed"),
+    "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),
     "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion"),
     "stack": ("hf",),
     "loss_impl": ("standard",),
@@ -22,7 +22,7 @@ MEMORY_PRICED: dict[str, tuple] = {
     "float8": (False,),
     "dora": (False,),
     "kbit_preparation": (False,),
-    "adapter_dtype": ("fp32",),
+    "adapter_dtype": ("auto", "fp32"),
     "modules_to_save": ((),),
     "pipeline_parallel": (1,),
     "virtual_stages": (1,),
@@ -30,7 +30,30 @@ MEMORY_PRICED: dict[str, tuple] = {
     "context_parallel": (1,),
     "expert_parallel": (1,),
 }
-"""Field -> the values the memory model prices today (any other value is refused by name)."""
+"""Field -> the values the memory model prices today for the Hugging Face stack (any other value
+is refused by name)."""
+
+MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
+    "hf": MEMORY_PRICED,
+    "torchtune": {
+        **MEMORY_PRICED,
+        "stack": ("torchtune",),
+        # torchtune trains in one dtype (no autocast); its recipes' optimizers
+        "precision": ("bf16", "fp32"),
+        "optimizer": ("adamw", "adamw-8bit", "paged-adamw-8bit"),
+        "optimizer_impl": ("foreach", "fused"),
+        "attention": ("sdpa",),
+        "checkpointing": ("none", "full"),
+        "loss_impl": ("standard", "chunked"),
+        "optimizer_in_backward": (False, True),
+        "activation_offload": (False, True),
+        "packed": (False, True),
+        "compile": (False, True),
+        "adapter_dtype": ("auto", "base"),
+        "zero": (0, 3),
+    },
+}
+"""Stack -> field -> priced values (``planner.cost.memory_torchtune`` for torchtune)."""
 
 TIME_PRICED: dict[str, tuple] = dict(MEMORY_PRICED)
 """Field -> the values the step-time model prices today."""
@@ -38,9 +61,15 @@ TIME_PRICED: dict[str, tuple] = dict(MEMORY_PRICED)
 PRICED_VALUES = {"memory": MEMORY_PRICED, "time": TIME_PRICED}
 
 
+def _table(setup, model: str) -> dict[str, tuple]:
+    if model == "memory":
+        return MEMORY_PRICED_BY_STACK.get(setup.stack, {"stack": tuple(MEMORY_PRICED_BY_STACK)})
+    return PRICED_VALUES[model]
+
+
 def unpriced(setup, model: str = "memory") -> list[str]:
     """``field=value`` of every choice of ``setup`` that ``model`` ("memory" or "time") does not price."""
-    return [f"{field}={getattr(setup, field)!r}" for field, values in PRICED_VALUES[model].items()
+    return [f"{field}={getattr(setup, field)!r}" for field, values in _table(setup, model).items()
             if getattr(setup, field) not in values]
 
 
@@ -49,7 +78,8 @@ def require_priced(setup, model: str = "memory") -> None:
     missing = unpriced(setup, model)
     if missing:
         field = missing[0].split("=")[0]
-        options = ", ".join(repr(v) for v in PRICED_VALUES[model][field])
+        options = ", ".join(repr(v) for v in _table(setup, model)[field])
         raise PlannerError(
-            f"{', '.join(missing)}: not priced by the {model} model yet (priced {field}: {options})"
+            f"{', '.join(missing)}: not priced by the {model} model for stack {setup.stack!r} yet "
+            f"(priced {field}: {options})"
         )

@@ -54,6 +54,15 @@ def render_table(rows: list[dict], columns: list[str] | None = None) -> str:
 # ----------------------------------------------------------------------------- memory verbs
 
 
+def _stack_words(setup: dict) -> str:
+    """The stack and the techniques a set-up turns on, for the header of a table ("" for plain HF)."""
+    from planner.specs.techniques import technique_words
+
+    words = [f"stack {setup['stack']}"] if setup.get("stack", "hf") != "hf" else []
+    words += technique_words(setup)
+    return (", " + ", ".join(words)) if words else ""
+
+
 def estimate_text(result: dict) -> str:
     """`planner estimate` for people: components, phases, peak, FLOPs."""
     s = result["setup"]
@@ -61,7 +70,8 @@ def estimate_text(result: dict) -> str:
         f"{result['model']}: {s['method']} fine-tuning, {s['precision']}, {s['optimizer']} ({s['optimizer_impl']}), "
         f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens, checkpointing {s['checkpointing']}, "
         f"attention {s['attention']}"
-        + (f", {s['num_gpus']} GPUs ZeRO-{s['zero']} TP {s['tensor_parallel']}" if s["num_gpus"] > 1 else ""),
+        + (f", {s['num_gpus']} GPUs ZeRO-{s['zero']} TP {s['tensor_parallel']}" if s["num_gpus"] > 1 else "")
+        + _stack_words(s),
         f"parameters: {fmt_count(result['params']['total'])} total, {fmt_count(result['params']['trainable'])} trainable",
         "",
         "memory by component (bytes per GPU):",
@@ -111,6 +121,7 @@ def fit_text(payload: dict) -> str:
                 "precision": r["precision"],
                 "optimizer": r["optimizer"],
                 "checkpointing": r["checkpointing"],
+                "stack + techniques": " + ".join([r.get("stack", "hf"), *r.get("techniques", [])]),
                 "peak @b=1": fmt_bytes(r["peak_bytes"]),
                 "fits": "yes" if r["fits"] else "no",
                 "max micro-batch": r["max_micro_batch"] or "-",
@@ -124,11 +135,32 @@ def fit_text(payload: dict) -> str:
         + f" at sequence {payload['seq_len']} (usable for tensors: {fmt_bytes(payload['usable_bytes'])} per GPU)"
     )
     lines = [head, render_table(rows)]
+    best = _best_fit_words(payload["rows"])
+    if best:
+        lines.append(best)
     if payload.get("short_by_bytes") is not None:
         lines.append(f"\nnothing fits: the lightest set-up is short by {fmt_bytes(payload['short_by_bytes'])}")
         for i, fix in enumerate(payload["fixes"], 1):
             lines.append(f"  {i}. {fix['fix']}")
     return "\n".join(lines)
+
+
+def _best_fit_words(rows: list[dict]) -> str:
+    """Which set-up fits best (largest micro-batch, then most headroom), per method, in one line each;
+    and when only another stack makes a method fit, that it does."""
+    lines = []
+    for method in ("full", "lora", "qlora"):
+        fitting = [r for r in rows if r["method"] == method and r["fits"]]
+        if not fitting:
+            continue
+        best = max(fitting, key=lambda r: (r["max_micro_batch"], r["headroom_bytes"]))
+        label = " + ".join([best.get("stack", "hf"), *best.get("techniques", [])])
+        only = {r.get("stack", "hf") for r in fitting}
+        tried = {r.get("stack", "hf") for r in rows if r["method"] == method}
+        alone = f" (only {', '.join(sorted(only))} fits)" if len(tried) > 1 and len(only) == 1 else ""
+        lines.append(f"  {method}: fits with {label}, {best['precision']}, {best['optimizer']}, checkpointing "
+                     f"{best['checkpointing']} at micro-batch up to {best['max_micro_batch']}{alone}")
+    return ("\nbest per method:\n" + "\n".join(lines)) if lines else ""
 
 
 def inference_fit_text(result: dict) -> str:

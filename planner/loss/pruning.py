@@ -35,8 +35,10 @@ model. It is a model in the spirit of their theory, not their replica calculatio
 
 Each method's theta comes from a published measurement ("keeping f0 of the pool reached the
 baseline with 1/s0 of the tokens", :func:`theta_from_efficiency` inverts m(f0, theta) = s0) and
-the planner does not search below the smallest fraction that measurement covers. scipy.special
-(erf, erfinv) and scipy.optimize are imported inside the functions that use them.
+the planner does not search below the smallest fraction that measurement covers. erf is the
+standard library's (``math.erf``, ``math.erfc``) and its inverse ``erfinv`` is solved in ``planner.loss.special``
+(Halley's method), so a plan with a data pool imports no scipy; scipy.optimize is imported inside
+:func:`plan_pruning`'s refinement only.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from planner.loss.scaling.laws import (
     optimal_params_for_tokens,
     optimal_tokens_for_params,
 )
+from planner.loss.special import erf, erfinv
 
 Strategy = Literal["hard", "easy", "auto"]
 
@@ -129,8 +132,6 @@ def boundary_coverage(keep_fraction, theta_deg):
     erf(kappa / (sqrt 2 sin theta)). Geometry of Sorscher et al. 2022 (section 2, the probe at
     angle theta); the coverage reading is this module's modelling assumption.
     """
-    from scipy.special import erf, erfinv
-
     f = np.asarray(keep_fraction, dtype=np.float64)
     s = np.sin(np.radians(np.asarray(theta_deg, dtype=np.float64)))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -153,8 +154,6 @@ def theta_from_efficiency(keep_fraction: float, token_efficiency: float) -> floa
     sin theta = erfinv(f0) / erfinv(s0 f0); s0 f0 >= 1 means the kept part carried all of the
     pool's value, a perfect metric (theta = 0); s0 <= 1 means no better than random (90).
     """
-    from scipy.special import erfinv
-
     f0, s0 = float(keep_fraction), float(token_efficiency)
     if not (0 < f0 <= 1) or not s0 > 0:
         raise PlannerError(f"need 0 < keep_fraction <= 1 and token_efficiency > 0, got {f0}, {s0}")

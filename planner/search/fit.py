@@ -15,6 +15,7 @@ from planner.cost.memory import inference_memory, training_memory
 from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import InferenceSetup, TrainingSetup
+from planner.specs.techniques import technique_words
 
 MICRO_BATCHES = np.array(sorted(set(range(1, 257)) | {2**k for k in range(9, 17)}))
 SEQ_STEP = 128
@@ -66,6 +67,8 @@ class FitRow:
             "precision": s.precision,
             "optimizer": s.optimizer,
             "checkpointing": s.checkpointing,
+            "stack": s.stack,
+            "techniques": technique_words(s),
             "peak_bytes": self.peak_bytes,
             "fits": self.fits,
             "max_micro_batch": self.max_micro_batch,
@@ -103,13 +106,18 @@ def what_fits(
     include_all: bool = False,
     max_seq_len: int | None = None,
     profile=None,
+    stack: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Every default set-up on ``gpu``: rows, and when none fits, the shortfall and fixes.
-    ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) sets the budget."""
+    ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) sets the budget.
+    ``stack``: only that stack's set-ups; None tries every priced stack (``fit_setups``)."""
+    from planner.search.fit_setups import fit_setups
+
     zero = (3 if num_gpus > 1 else 0) if zero is None else zero
     budget = usable_allocated_bytes(gpu, profile)
     limit = max_seq_len or max(spec.max_position_embeddings or 0, seq_len, 4096)
-    rows = [fit_row(spec, setup, seq_len, budget, limit) for setup in default_setups(num_gpus, zero, include_all)]
+    rows = [fit_row(spec, setup, seq_len, budget, limit) for setup in fit_setups(spec, gpu, stack, num_gpus, zero, include_all, precision)]
     rows.sort(key=lambda r: (not r.fits, -r.max_micro_batch, r.peak_bytes))
     result = {"usable_bytes": budget, "rows": rows, "fixes": []}
     if not any(row.fits for row in rows):

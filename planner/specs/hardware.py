@@ -36,7 +36,7 @@ class GpuSpec(BaseModel):
     def peak_flops_for(self, dtype: str) -> float:
         """Dense peak for a precision mode. fp32 means true fp32: PyTorch leaves TF32 matmuls off
         by default (``torch.backends.cuda.matmul.allow_tf32 = False`` since 1.12)."""
-        key = {"bf16-mixed": "bf16"}.get(dtype, dtype)
+        key = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(dtype, dtype)
         if key not in self.peak_flops:
             from planner.errors import PlannerError
 
@@ -44,3 +44,16 @@ class GpuSpec(BaseModel):
                 f"GPU {self.name} has no peak FLOP/s for {dtype!r}; known: {', '.join(self.peak_flops)}"
             )
         return self.peak_flops[key]
+
+    def computes_in(self, precision: str) -> bool:
+        """Whether the GPU has tensor units for the precision mode (T4 and V100 have no bf16)."""
+        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(precision, precision) in self.peak_flops
+
+    def require_precision(self, precision: str) -> None:
+        """A one-line refusal of a precision the GPU cannot compute in (bf16 on a T4 or V100)."""
+        if not self.computes_in(precision):
+            from planner.errors import PlannerError
+
+            usable = [p for p in ("bf16-mixed", "fp16-mixed", "fp32") if self.computes_in(p)]
+            raise PlannerError(f"{self.name} has no {precision.removesuffix('-mixed')} units: "
+                               f"use --precision {' or '.join(usable)}")

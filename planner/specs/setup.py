@@ -90,7 +90,7 @@ class TrainingSetup(_Frozen):
     kbit_preparation: bool = Field(
         False, description="peft prepare_model_for_kbit_training: fp32 embeddings, norms and head (QLoRA recipes)"
     )
-    adapter_dtype: AdapterDtype = "fp32"
+    adapter_dtype: AdapterDtype = "auto"
     modules_to_save: tuple[str, ...] = Field((), description="peft modules_to_save: fully trained, e.g. embed_tokens, lm_head")
     # --- parallel layout beyond data parallel, ZeRO and tensor parallel (issue 10)
     pipeline_parallel: int = Field(1, gt=0, le=MAX_NUM_GPUS, description="pipeline stages")

@@ -25,9 +25,10 @@ LossImpl = Literal["standard", "chunked", "fused-linear"]
 """The cross-entropy: logits materialised whole (``standard``), in chunks (torchtune's
 CEWithChunkedOutputLoss), or fused with the output projection (Liger, Unsloth, Megatron)."""
 PipelineSchedule = Literal["1f1b", "interleaved", "gpipe"]
-AdapterDtype = Literal["fp32", "base"]
-"""LoRA adapter weights in fp32 (peft's default ``autocast_adapter_dtype=True``) or in the base
-model's dtype (peft ``autocast_adapter_dtype=False``, torchtune)."""
+AdapterDtype = Literal["auto", "fp32", "base"]
+"""LoRA adapter weights as the stack keeps them (``auto``: peft fp32, torchtune the model dtype), in
+fp32 (peft's default ``autocast_adapter_dtype=True``) or in the base model's dtype (peft
+``autocast_adapter_dtype=False``, torchtune)."""
 
 METHODS: tuple[str, ...] = Method.__args__
 PRECISIONS: tuple[str, ...] = Precision.__args__

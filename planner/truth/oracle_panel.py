@@ -37,6 +37,11 @@ class PanelCase:
         if s.get("lora_targets"):
             parts.append("+".join(s["lora_targets"]))
         parts.append(f"b{s.get('micro_batch', 1)}s{s.get('seq_len', 2048)}")
+        for key, word in (("stack", None), ("loss_impl", "loss"), ("optimizer_in_backward", "opt-in-bwd"),
+                          ("activation_offload", "offload"), ("packed", "packed"), ("grad_accum", "ga")):
+            value = s.get(key)
+            if value and value not in ("hf", "standard", 1):
+                parts.append(str(value) if word is None else (word if value is True else f"{word}-{value}"))
         return f"{self.model}/{self.num_layers}L " + " ".join(parts)
 
 
@@ -90,3 +95,34 @@ PANEL: tuple[PanelCase, ...] = (
     # a whole small model, every layer
     _case("smollm2-135m-instruct", 30, precision="bf16-mixed", micro_batch=2, seq_len=1024),
 )
+
+
+TORCHTUNE_PANEL: list[PanelCase] = [
+    # torchtune 0.6.1's own model code (planner.truth.torchtune_step) against planner.cost.memory_torchtune;
+    # the set-ups of its single-device recipes, each technique on and off
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024)),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024, loss_impl="chunked")),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024, checkpointing="full",
+                                      activation_offload=True)),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024, optimizer="paged-adamw-8bit",
+                                      optimizer_in_backward=True, loss_impl="chunked")),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024, packed=True)),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=1, seq_len=512, precision="fp32")),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=1, seq_len=1024, grad_accum=2)),
+    PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", method="lora", micro_batch=2, seq_len=512, grad_accum=4,
+                                      loss_impl="chunked")),
+    PanelCase("qwen2.5-0.5b", 2, dict(stack="torchtune", method="lora", micro_batch=2, seq_len=1024)),
+    PanelCase("qwen2.5-1.5b", 3, dict(stack="torchtune", micro_batch=3, seq_len=768, optimizer="adamw-8bit",
+                                      loss_impl="chunked", loss_chunks=4, packed=True)),
+    PanelCase("llama-3-8b", 2, dict(stack="torchtune", method="lora", micro_batch=1, seq_len=4096, lora_rank=64)),
+    PanelCase("llama-3.1-8b", 2, dict(stack="torchtune", method="qlora", micro_batch=1, seq_len=2048,
+                                      checkpointing="full", loss_impl="chunked")),
+    PanelCase("llama-2-7b", 2, dict(stack="torchtune", method="qlora", micro_batch=4, seq_len=512, checkpointing="full")),
+    PanelCase("mistral-7b-v0.3", 2, dict(stack="torchtune", method="qlora", micro_batch=1, seq_len=4096,
+                                         checkpointing="full", activation_offload=True, loss_impl="chunked")),
+    PanelCase("qwen2.5-7b", 2, dict(stack="torchtune", method="lora", micro_batch=1, seq_len=2048,
+                                    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), loss_impl="chunked",
+                                    loss_chunks=16)),
+]
+"""The torchtune stack's panel (``tests/test_torchtune_panel.py``); cases below the first seven were
+held out while the formulas were written (see benchmarks/README.md)."""

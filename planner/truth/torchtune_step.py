@@ -93,15 +93,35 @@ class TorchtuneRecipe:
             raise ValueError(f"seq_len {setup.seq_len} is not a multiple of packed_documents {self.packed_documents}")
 
 
+def recipe_from_setup(setup: TrainingSetup) -> tuple[TorchtuneRecipe, TrainingSetup]:
+    """The recipe switches a set-up's fields ask for (chunked loss, optimizer in backward,
+    activation offload, packing with 4 documents per sequence, paged 8-bit AdamW), and the set-up
+    the oracle's optimizer factory builds (``paged-adamw-8bit`` is bitsandbytes' AdamW8bit, paged)."""
+    recipe = TorchtuneRecipe(
+        output_chunks=setup.loss_chunks if setup.loss_impl == "chunked" else 0,
+        optimizer_in_bwd=setup.optimizer_in_backward,
+        activation_offloading=setup.activation_offload,
+        packed_documents=4 if setup.packed else 0,
+        paged_optimizer=setup.optimizer == "paged-adamw-8bit",
+    )
+    if recipe.paged_optimizer:
+        setup = setup.model_copy(update={"optimizer": "adamw-8bit"})
+    return recipe, setup
+
+
 def trace_torchtune_step(config: dict, setup: TrainingSetup, num_layers: int | None = None, *,
                          count_flops: bool = True, **techniques: Any) -> TraceResult:
     """Two training steps of ``setup`` with torchtune's model of ``config`` (``num_layers`` layers,
     ``None``: as the config says) on fake CPU tensors, the ``TorchtuneRecipe`` switches given as
-    keywords (``output_chunks=8``, ``optimizer_in_bwd=True``, ...). Peaks count the compute
+    keywords (``output_chunks=8``, ``optimizer_in_bwd=True``, ...) or, with none given, read from
+    the set-up's own fields (``recipe_from_setup``). Peaks count the compute
     device only; with offloading or paged states, ``notes`` give the host stand-in's peak.
     ``flops_*``: FlopCounterMode over one micro-batch (SDPA's math path, so attention is counted
     over the full s x s square as the HF oracle's eager count is)."""
-    recipe = TorchtuneRecipe(**techniques)
+    if techniques:
+        recipe = TorchtuneRecipe(**techniques)
+    else:
+        recipe, setup = recipe_from_setup(setup)
     check_torchtune_setup(setup)
     recipe.check(setup)
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -1,0 +1,80 @@
+"""The set-ups `planner fit` compares, per stack: what each stack's recipes can turn on.
+
+The Hugging Face stack (``default_setups`` of ``planner.search.fit``: full fine-tuning over
+precisions and optimizers, LoRA and QLoRA, three checkpointing modes) and the torchtune stack as
+its 0.6.1 recipes ship and as users vary them: chunked cross-entropy always (every recipe's
+``loss: CEWithChunkedOutputLoss``), full fine-tuning with paged 8-bit AdamW stepped in backward
+(``full_finetune_single_device``'s Llama 3.1 8B config) or fused AdamW (the distributed recipe),
+LoRA and QLoRA with AdamW, each with and without activation checkpointing and with activation
+offloading. torchtune trains in one dtype (bf16, or fp32 on a GPU without bf16) and shards with
+FSDP2 only (ZeRO-3). On a GPU without bf16 units (T4, V100) the HF set-ups use fp16 in its place.
+A user who names a stack gets only that stack's set-ups.
+"""
+
+from __future__ import annotations
+
+from planner.cost.stacks_torchtune import unpriced_reason
+from planner.specs.hardware import GpuSpec
+from planner.specs.model import ModelSpec
+from planner.specs.setup import TrainingSetup
+from planner.specs.vocabulary import STACKS
+
+FIT_STACKS = ("hf", "torchtune")
+"""Stacks whose memory `fit` prices today (the others are refused by name)."""
+_FP16_TWIN = {"bf16": "fp16", "bf16-mixed": "fp16-mixed"}
+
+
+def fit_setups(spec: ModelSpec, gpu: GpuSpec, stack: str | None, num_gpus: int, zero: int, include_all: bool,
+               precision: str | None = None) -> list[TrainingSetup]:
+    """Every set-up `fit` tries on ``gpu``: the named stack's, or every priced stack's when None;
+    ``precision`` keeps that mode and its mixed twin ("fp16": fp16 and fp16-mixed)."""
+    from planner.errors import PlannerError
+    from planner.search.fit import default_setups
+
+    if stack is not None and stack not in FIT_STACKS:
+        known = ", ".join(s for s in STACKS if s in FIT_STACKS)
+        raise PlannerError(f"fit prices the memory of stacks {known}; {stack!r} is not priced yet")
+    setups = []
+    if stack in (None, "hf"):
+        every = include_all or precision == "fp32"  # fp32 set-ups are among the extras
+        setups += [_on_gpu(s, gpu) for s in default_setups(num_gpus, zero, every)]
+    reason = unpriced_reason(spec)
+    if stack == "torchtune" and reason:
+        raise PlannerError(reason)
+    if stack in (None, "torchtune") and not reason and (num_gpus == 1 or zero == 3):
+        setups += torchtune_setups(gpu, num_gpus)
+    if precision is not None:
+        gpu.require_precision(precision)
+        family = precision.removesuffix("-mixed")
+        setups = [s for s in setups if s.precision.removesuffix("-mixed") == family]
+    return setups
+
+
+def _on_gpu(setup: TrainingSetup, gpu: GpuSpec) -> TrainingSetup:
+    """fp16 in place of bf16 on a GPU without bf16 units (the bytes are the same)."""
+    if gpu.computes_in(setup.precision) or setup.precision not in _FP16_TWIN:
+        return setup
+    return setup.model_copy(update={"precision": _FP16_TWIN[setup.precision]})
+
+
+def torchtune_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
+    """torchtune 0.6.1's recipes and their common variants (see the module docstring)."""
+    dtype = "bf16" if gpu.computes_in("bf16") else "fp32"
+    common = {"stack": "torchtune", "precision": dtype, "loss_impl": "chunked", "num_gpus": num_gpus,
+              "zero": 3 if num_gpus > 1 else 0}
+    full = [
+        {"optimizer": "paged-adamw-8bit", "optimizer_in_backward": True, "checkpointing": "full"},
+        {"optimizer": "paged-adamw-8bit", "optimizer_in_backward": True, "checkpointing": "full",
+         "activation_offload": True},
+        {"optimizer": "adamw", "optimizer_impl": "fused", "checkpointing": "full"},
+        {"optimizer": "adamw", "optimizer_impl": "fused", "checkpointing": "none"},
+    ]
+    adapters = [
+        {"checkpointing": "none"},
+        {"checkpointing": "full"},
+        {"checkpointing": "full", "activation_offload": True},
+    ]
+    methods = ("lora", "qlora") if dtype == "bf16" else ("lora",)  # torchao NF4 computes in bf16
+    setups = [TrainingSetup(method="full", **common, **choice) for choice in full]
+    setups += [TrainingSetup(method=m, **common, **choice) for m in methods for choice in adapters]
+    return setups
