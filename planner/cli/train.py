@@ -136,6 +136,8 @@ def register(subparsers) -> None:
     _add_setup_arguments(est)
     est.add_argument("--calibration", help="calibration profile JSON (planner calibrate)")
     est.add_argument("--json", action="store_true", help="one JSON object, SI units")
+    est.add_argument("--export", choices=("torchtune",), help="also write the set-up as the stack's own config")
+    est.add_argument("--out", metavar="PATH", help="where --export writes (a .yaml file)")
     est.set_defaults(handler=run_estimate)
 
     fit = subparsers.add_parser("fit", help="what fits on a GPU: methods x techniques, max batch and sequence")
@@ -176,6 +178,8 @@ def run_estimate(args) -> int:
     from planner.specs.catalog import load_gpu, load_spec
     from planner.specs.setup import check_setup
 
+    if getattr(args, "export", None) and not args.out:
+        raise PlannerError("--export needs --out PATH.yaml (where to write the recipe config)")
     spec = load_spec(args.model)
     resolve_seq_len(args, spec.max_position_embeddings)
     setup = setup_from_args(args)
@@ -191,7 +195,20 @@ def run_estimate(args) -> int:
         print(to_json(result))
     else:
         print(estimate_text(result))
+    if args.export:
+        _export_setup(spec.name, setup, args.export, args.out)
     return 0
+
+
+def _export_setup(model: str, setup, fmt: str, out: str | None) -> None:
+    """``estimate --export torchtune --out F.yaml``: the recipe config that launches the priced set-up."""
+    import sys
+
+    from planner.io.exports_torchtune import recipe_name, torchtune_recipe_config
+    from planner.io.planfiles import write_data
+
+    path = write_data(torchtune_recipe_config(model, setup), out)
+    print(f"wrote {path}: tune run {recipe_name(setup)} --config {path}", file=sys.stderr)
 
 
 def run_fit(args) -> int:
