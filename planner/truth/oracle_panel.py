@@ -40,7 +40,7 @@ class PanelCase:
         for key, word in (("stack", None), ("loss_impl", "loss"), ("optimizer_in_backward", "opt-in-bwd"),
                           ("activation_offload", "offload"), ("packed", "packed"), ("grad_accum", "ga")):
             value = s.get(key)
-            if value and value not in ("hf", "standard", 1):
+            if value is True or (value and value not in ("hf", "standard", 1)):  # True == 1 in a tuple test
                 parts.append(str(value) if word is None else (word if value is True else f"{word}-{value}"))
         return f"{self.model}/{self.num_layers}L " + " ".join(parts)
 
