@@ -35,7 +35,9 @@ from planner.specs.setup import TrainingSetup
 
 CSV = Path(__file__).resolve().parent.parent / "models_catalog" / "measurements" / "memory.csv"
 GIB = 1024**3
-STACKS = {"torchtune": "torchtune", "hf-trainer": "hf", "hf-peft": "hf", "hf-trainer+deepspeed": "hf"}
+STACKS = {"torchtune": "torchtune", "hf-trainer": "hf", "hf-peft": "hf", "hf-trainer+deepspeed": "hf",
+          "torchtitan": "torchtitan"}
+CHECKPOINTING = {"op-sac": "selective"}  # torchtitan's per-op selective AC
 TECHNIQUES = {
     "compile": ("compile", True),
     "chunked-ce": ("loss_impl", "chunked"),
@@ -122,12 +124,16 @@ def setup_for(row) -> tuple[object, TrainingSetup]:
         optimizer=str(_stated(row, "optimizer")),
         seq_len=int(_stated(row, "seq_len")),
         micro_batch=int(_stated(row, "micro_batch")),
-        checkpointing=str(_stated(row, "checkpointing")),
+        checkpointing=CHECKPOINTING.get(str(_stated(row, "checkpointing")), str(row["checkpointing"])),
         num_gpus=int(row["num_gpus"]) if row["num_gpus"] == row["num_gpus"] else 1,
-        **{**_techniques(row), **({"packed": True} if packed else {})},
+        # torchtitan's pre-training loader cuts concatenated text to b x s tokens under one causal
+        # mask: exactly the unpacked b x s the planner prices
+        **{**_techniques(row), **({"packed": True} if packed and stack != "torchtitan" else {})},
         **_lora_fields(row, stack),
     )
-    if fields["num_gpus"] > 1:
+    if stack == "torchtitan":  # FSDP2 full shard over every GPU, fused AdamW (its defaults)
+        fields.update(zero=3 if fields["num_gpus"] > 1 else 0, optimizer_impl="fused")
+    elif fields["num_gpus"] > 1:
         raise Unexpressible("multi-GPU row (sharding strategy and per-GPU accounting not stated exactly)")
     if stack == "torchtune" and fields["optimizer"] == "adamw" and fields["method"] == "full":
         fields["optimizer_impl"] = "fused"  # full_finetune_single_device's torch AdamW (fused: True)

@@ -164,3 +164,24 @@ def test_fit_on_a_gpu_without_bf16_uses_fp16(capsys):
     assert code == 2 and "no bf16 units" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "t4", "--precision", "bf16-mixed")
     assert code == 2 and "fp16-mixed" in err
+
+
+def test_recipe_details_of_peft_change_the_estimate(capsys):
+    """Adapters in the base dtype (peft autocast_adapter_dtype=False) cost less than fp32 ones; trained copies
+    of the head and embedding (modules_to_save) cost their weights, gradients and states (oracle panel checks
+    the numbers); what is not priced is refused in one line."""
+    common = ["estimate", "--model", "llama-3.1-8b", "--method", "lora", "--json"]
+    peaks = {}
+    for extra in ([], ["--adapter-dtype", "base"], ["--modules-to-save", "lm_head"]):
+        code, out, _ = run(capsys, *common, *extra)
+        assert code == 0
+        peaks[" ".join(extra)] = json.loads(out)["peak_bytes"]
+    assert peaks["--adapter-dtype base"] < peaks[""] < peaks["--modules-to-save lm_head"]
+    head_params = 128256 * 4096
+    assert peaks["--modules-to-save lm_head"] - peaks[""] >= 6 * head_params  # copy + two bf16 Adam states
+    code, _, err = run(capsys, *common, "--modules-to-save", "embed_tokens", "--num-gpus", "2", "--zero", "3")
+    assert code == 2 and "one GPU" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, *common, "--modules-to-save", "score")
+    assert code == 2 and "modules_to_save" in err
+    code, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--method", "qlora", "--kbit-preparation")
+    assert code == 2 and "kbit_preparation" in err and "not priced" in err

@@ -436,41 +436,29 @@ _ALLOC = st.tuples(
 @given(alloc=_ALLOC)
 @example(alloc="x:model=" + SMALL + ",method=dora")
 def test_compare_any_allocation(alloc):
-    """(micro_batch is test_compare_sharding_fix_with_tensor_parallel, pending.)"""
+    """(micro_batch: see also test_compare_sharding_fix_with_tensor_parallel.)"""
     assert_answer_or_error(run("compare", "--budget-usd", "100", "--gpu", "h100-sxm", "--alloc", alloc))
 
 
-# ------------------------------------------------------------------------------------ pending fixes elsewhere
+# ------------------------------------------------------------------------------------ search bugs found by fuzzing (fixed)
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="fix belongs in planner/search/fit.py (cheapest_fixes): the ZeRO-3 fix copies the lightest set-up "
-                   "with num_gpus n but keeps its tensor_parallel, so n < tensor_parallel gives data_parallel 0 and a "
-                   "ZeroDivisionError in planner/cost/memory_states.py; try only n that are multiples of tensor_parallel")
 def test_compare_sharding_fix_with_tensor_parallel():
     assert_answer_or_error(run("compare", "--budget-usd", "100", "--gpu", "h100-sxm", "--alloc", ":micro_batch=101"))
 
 
-@pytest.mark.xfail(strict=True, reason="fix belongs in planner/search/compare.py: an allocation naming an unknown "
-                   "model is bad input (raise the PlannerError of load_spec before planning), not an infeasible row with exit 0")
 def test_compare_with_an_unknown_model_exits_2():
     assert_one_line_error(run("compare", "--alloc", "x:model=nosuchmodel,method=lora", "--budget-usd", "100",
                               "--gpu", "h100-sxm"), "nosuchmodel")
 
 
-@pytest.mark.xfail(strict=True, reason="fix belongs in planner/cli/plan.py: --num-gpus should use "
-                   "planner.cli.train.gpu_count (at most MAX_NUM_GPUS), and PlanRequest.num_gpus le=MAX_NUM_GPUS in planner/search/plan.py")
 def test_plan_with_a_million_gpus_exits_2():
     assert_one_line_error(run("plan", "--model", SMALL, "--budget-usd", "100", "--num-gpus", "1000000"), "too large")
 
 
-@pytest.mark.xfail(strict=True, reason="fix belongs in planner/search (plan set-ups): check each model's "
-                   "max_position_embeddings against --seq-len (planner.specs.setup.check_setup) and say so")
 def test_plan_with_a_sequence_past_the_context_exits_2():
     assert_one_line_error(run("plan", "--model", "gpt2", "--budget-usd", "100", "--seq-len", "4096"), "1024")
 
 
-@pytest.mark.xfail(strict=True, reason="fix belongs in planner/search/candidates.py (layouts): skip tensor-parallel "
-                   "degrees that do not divide every model's heads and KV heads, and error when none of the requested ones do")
 def test_plan_never_uses_a_tensor_parallel_degree_that_splits_heads():
     code, out, err = run("plan", "--model", LLAMA, "--budget-usd", "1000", "--num-gpus", "6",
                          "--tensor-parallel", "3", "--json")

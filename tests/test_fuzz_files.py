@@ -319,7 +319,7 @@ REQUEST_FIELDS = ("models", "gpu", "num_gpus", "compute_flops", "budget_usd", "g
 @example(request={"bogus": 1}, as_yaml=True)
 def test_plan_request_files(tmp_path, request, as_yaml):
     """Numbers made negative: every such request is an error; strings and lists may happen to plan.
-    (``models`` neither a string nor a list is test_plan_request_models_not_a_list, pending.)"""
+    (``models`` neither a string nor a list: test_plan_request_models_not_a_list.)"""
     request = {k: (v if not isinstance(v, int | float) or isinstance(v, bool) else -abs(v) - 1) for k, v in request.items()}
     if not isinstance(request.get("models", ""), str | list):
         request["models"] = str(request["models"])
@@ -332,8 +332,6 @@ def test_plan_request_files(tmp_path, request, as_yaml):
         assert_answer_or_error(result)
 
 
-@pytest.mark.xfail(strict=True, reason="fix belongs in planner/search/plan.py (PlanRequest._split_models): "
-                   "raise ValueError, not TypeError, for models that is neither a string nor a list (a traceback today)")
 @pytest.mark.parametrize("models", [False, 7, {"a": 1}])
 def test_plan_request_models_not_a_list(tmp_path, models):
     path = _write(tmp_path, "request.json", {"models": models, "budget_usd": 100})

@@ -106,3 +106,23 @@ def test_inference_kv_cache_grows_with_context(llama):
     long = inference_memory(llama, InferenceSetup(context_len=8192))
     assert float(long.components["kv_cache"]) == pytest.approx(8 * float(short.components["kv_cache"]))
     assert float(short.components["weights"]) == 2 * count_params(llama).total
+
+
+def test_fused_linear_cross_entropy_follows_ligers_algorithm():
+    """Liger's fused linear CE (priced from its algorithm, not traced): chunks of next_pow2(T / ceil(V/h))
+    tokens, no fp32 log-softmax kept, the head input's gradient kept from forward, no backward temporaries."""
+    from planner.cost import activations as act
+    from planner.cost.memory_activations import activation_memory
+    from planner.specs.catalog import load_spec
+    from planner.specs.setup import TrainingSetup
+
+    assert act.fused_linear_ce_chunk_tokens(8192, 128256, 4096) == 256  # ceil(V/h) = 32
+    assert act.fused_linear_ce_chunk_tokens(1000, 128256, 4096) == 32  # ceil(1000/32) = 32
+    spec = load_spec("llama-3.1-8b")
+    tokens = 4096.0
+    standard = activation_memory(spec, TrainingSetup(method="lora", seq_len=4096), 1.0, tokens, 16.0)
+    fused = activation_memory(spec, TrainingSetup(method="lora", seq_len=4096, loss_impl="fused-linear"), 1.0, tokens, 16.0)
+    v, h = spec.vocab_size, spec.hidden_size
+    assert float(standard.head - fused.head) == pytest.approx(tokens * (4 * v - 2 * h - 4))
+    assert float(fused.loss_temporaries) == 0.0
+    assert float(fused.forward_logits) == pytest.approx(128 * (v + h) * 2)  # one chunk of 128 tokens, bf16

@@ -187,6 +187,8 @@ def test_pool_smaller_than_optimal_tokens_repeats_as_the_data_constrained_law_sa
     _, d_star = scaling.optimal_closed_form(LAW, c)
     pool = float(d_star) / 8
     one_node = dict(gpu="h100-sxm", num_gpus=8)  # memory never binds at this size: only the pool and compute do
+    # the data-constrained law's own optimum: beyond the plausibility limits (4 epochs, the law's tokens per parameter)
+    one_node["beyond_evidence"] = True
     plan = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all",), **one_node))
     ref = scaling.compute_optimal(LAW, c, pool, repeat=True)
     rec = plan.recommended
@@ -207,7 +209,7 @@ def test_pool_with_a_selection_method_prunes_as_the_pruning_model_says():
     pool = float(d_star) / 2
     method = "perplexity_proxy"
     plan = planning.make_plan(PlanRequest(compute_flops=c, data_pool_tokens=pool, selection=("all", method),
-                                          gpu="h100-sxm", num_gpus=8))
+                                          gpu="h100-sxm", num_gpus=8, beyond_evidence=True))  # the pruning model's own grid
     ref = pruning.plan_pruning(c, pool, method, LAW)
     rec = plan.recommended
     assert rec.loss == pytest.approx(ref.loss, rel=1e-3)
@@ -230,11 +232,12 @@ def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpoin
     spec, budget = load_spec(model), usable_allocated_bytes(load_gpu(gpu))
     for ckpt in checkpointing or request.checkpointing:
         for mb in request.micro_batches:
-            ga = int(setups.grad_accum_for(request.global_batch_tokens, mb, request.seq_len, 1))
-            setup = TrainingSetup(method=method, precision=setups.PRECISION_FOR_METHOD[method], checkpointing=ckpt,
-                                  micro_batch=mb, seq_len=request.seq_len, grad_accum=ga, lora_rank=16)
-            if float(training_memory(spec, setup).peak_bytes) <= budget:
-                return True
+            for precision in setups.FINETUNE_PRECISIONS[method]:  # full fine-tuning: mixed or pure bf16
+                ga = int(setups.grad_accum_for(request.global_batch_tokens, mb, request.seq_len, 1))
+                setup = TrainingSetup(method=method, precision=precision, checkpointing=ckpt,
+                                      micro_batch=mb, seq_len=request.seq_len, grad_accum=ga, lora_rank=16)
+                if float(training_memory(spec, setup).peak_bytes) <= budget:
+                    return True
     return False
 
 
@@ -244,8 +247,10 @@ def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpoin
      ("qwen2.5-32b", "a100-40gb")],
 )
 def test_memory_limit_switches_method_exactly_where_the_memory_model_says(model, gpu):
-    request = PlanRequest(models=(model,), gpu=gpu, num_gpus=1, price_usd_per_hour=2.0, budget_usd=300.0)
-    rec = planning.make_plan(request).recommended
+    # the pre-training law with the PEFT placeholder: full learns most per token, so memory alone decides
+    request = PlanRequest(models=(model,), gpu=gpu, num_gpus=1, price_usd_per_hour=2.0, budget_usd=300.0, finetune_law=None)
+    plan = planning.make_plan(request)
+    rec = plan.recommended
     full_fits = _fits_any(model, gpu, "full", request)
     assert (rec.method == "full") == full_fits
     if not full_fits:
@@ -258,10 +263,15 @@ def test_memory_limit_switches_method_exactly_where_the_memory_model_says(model,
     if not no_ckpt_fits:
         assert rec.checkpointing != "none"
     assert rec.peak_bytes <= rec.usable_bytes
+    # the constraint table says memory decided the method when it excluded full fine-tuning
+    memory = next(c for c in plan.constraints if c.name == "memory_per_gpu")
+    if not full_fits:
+        assert memory.binding and "excluded full" in memory.source
 
 
 def test_peft_efficiency_one_and_cost_objective_prefer_the_cheaper_method():
-    base = dict(models=("qwen2.5-0.5b",), gpu="a100-80gb", num_gpus=1, budget_usd=50.0, data_pool_tokens=2e8)
+    base = dict(models=("qwen2.5-0.5b",), gpu="a100-80gb", num_gpus=1, budget_usd=50.0, data_pool_tokens=2e8,
+                finetune_law=None)  # the pre-training law, where the PEFT placeholder applies
     lossy = planning.make_plan(PlanRequest(**base)).recommended
     assert lossy.method == "full"  # full fits, and LoRA learns less per token (eta = 0.5)
     equal = planning.make_plan(PlanRequest(**base, peft_efficiency={"full": 1.0, "lora": 1.0, "qlora": 1.0})).recommended

@@ -11,7 +11,7 @@ import yaml
 
 from planner.cli import main
 
-FINETUNE = ["--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--num-gpus", "8", "--budget-usd", "200", "--data-pool", "2B"]
+FINETUNE = ["--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--num-gpus", "8", "--budget-usd", "200", "--data-pool", "20B"]
 
 
 def _run(capsys, argv):
@@ -168,6 +168,14 @@ def test_compare_file(capsys, tmp_path):
                         {"name": "lora", "model": "qwen2.5-0.5b", "method": "lora"}],
     }))
     code, out, _ = _run(capsys, ["compare", str(f), "--json"])
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    # each method's loss comes from its own fine-tuning law (Zhang et al. 2024), with its trust
+    assert code == 0 and rows["full"]["loss_law"].endswith("-fmt-model") and rows["lora"]["loss_law"].endswith("-lora-model")
+    assert {rows["full"]["loss_trust"], rows["lora"]["loss_trust"]} <= {"fitted", "held-out", "extrapolated"}
+    # compare --plot draws each allocation's expected loss curve, which ends at its predicted loss
+    assert rows["lora"]["curve_loss"][-1] == pytest.approx(rows["lora"]["loss"], rel=1e-4)  # whole steps
+    # under the pre-training law with the PEFT placeholder, full learns more per token
+    code, out, _ = _run(capsys, ["compare", str(f), "--json", "--finetune-law", "none"])
     rows = {r["name"]: r for r in json.loads(out)["rows"]}
     assert code == 0 and rows["full"]["loss"] < rows["lora"]["loss"]
 

@@ -38,8 +38,10 @@ def _f(x) -> float:
 def test_keys_and_step_is_the_sum(llama8b):
     r = step_time(llama8b, TrainingSetup(precision="bf16-mixed", seq_len=4096), H100)
     assert set(KEYS) <= set(r)
-    parts = ("compute_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s", "communication_s")
+    parts = ("compute_s", "attention_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s", "communication_s",
+             "dequantization_s", "pipeline_bubble_s")
     assert _f(r["step_time_s"]) == pytest.approx(sum(_f(r[k]) for k in parts))
+    assert {k for k in r if k.endswith("_s") and not k.endswith("_per_s")} == {*parts, "step_time_s"}
     assert 0.25 < _f(r["mfu"]) < 0.65  # one H100, 8B full fine-tuning: published runs report 35-55%
 
 
@@ -150,8 +152,9 @@ def test_ring_collectives_closed_form():
 def test_tensor_parallel_all_reduces_are_exposed(llama8b):
     """Megatron: 2 all-reduces of b x s x h per layer in forward, 2 in backward."""
     setup = TrainingSetup(precision="bf16", micro_batch=1, seq_len=4096, num_gpus=2, tensor_parallel=2)
-    r = step_time(llama8b, setup, H100)
-    per = 2 * (2 - 1) / 2 * 4096 * llama8b.hidden_size * 2 / H100.interconnect_bandwidth_bytes_per_s
+    r = step_time(llama8b, setup, H100, grounded=False)
+    # NCCL's achieved ring bandwidth: 370 of 450 GB/s on H100 NVLink (nccl-tests issue #212)
+    per = 2 * (2 - 1) / 2 * 4096 * llama8b.hidden_size * 2 / 370e9
     assert _f(r["communication_s"]) == pytest.approx(4 * llama8b.num_layers * per)
 
 
@@ -182,7 +185,7 @@ def test_corrections_scale_the_terms(llama8b):
         optimizer_time_factor = 3.0
 
     setup = TrainingSetup(precision="bf16-mixed", seq_len=4096)
-    base = step_time(llama8b, setup, H100)
+    base = step_time(llama8b, setup, H100, grounded=False)  # a profile's corrections act on the bare roofline
     corr = step_time(llama8b, setup, H100, profile=Corr())
     assert _f(corr["memory_s"]) == pytest.approx(2 * _f(base["memory_s"]))
     assert _f(corr["optimizer_s"]) == pytest.approx(3 * _f(base["optimizer_s"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from planner.cli.plan_text import compare_text, plan_text  # noqa: F401 - re-exported (notebooks, tests)
 from planner.errors import PlannerError
 
 _LIST_FIELDS = {
@@ -36,12 +37,13 @@ def _quantity(what: str):
 
 
 def _add_request_arguments(p: argparse.ArgumentParser) -> None:
-    from planner.cli.train import positive_int
+    from planner.cli.train import gpu_count, positive_int
+    from planner.loss.evidence import TASKS
 
     p.add_argument("--request", metavar="FILE", help="a PlanRequest as JSON or YAML (flags override it)")
     p.add_argument("--model", help="fine-tune this catalog model (comma-separated: choose among them); none: pre-train and choose the size")
     p.add_argument("--gpu", help="catalog GPU (default h100-sxm, reported)")
-    p.add_argument("--num-gpus", type=positive_int, help="GPUs available (default: free)")
+    p.add_argument("--num-gpus", type=gpu_count, help="GPUs available (default: free)")
     p.add_argument("--price-usd-per-hour", type=_quantity("price"), help="per GPU-hour (default: the catalog's)")
     p.add_argument("--compute", type=_quantity("--compute"), help="training FLOP budget, 6 N D convention (e.g. 1e21)")
     p.add_argument("--budget-usd", type=_quantity("--budget-usd"), help="dollar budget")
@@ -54,6 +56,7 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-loss", type=float, help="objective cost/time: cheapest/fastest plan reaching this loss")
     p.add_argument("--law", help="scaling law: catalog name or JSON path (default besiroglu2024)")
     p.add_argument("--calibration", metavar="PROFILE.json", help="calibration profile (planner calibrate)")
+    p.add_argument("--confidence", type=float, help="hold the deadline/budgets at this quantile of the step time (e.g. 0.9)")
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--global-batch-tokens", type=_quantity("--global-batch-tokens"))
     p.add_argument("--methods", help="full,lora,qlora")
@@ -69,6 +72,18 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", dest="keep_fractions", help="fractions of the pool to keep, e.g. 0.5")
     p.add_argument("--tokens", type=_quantity("--tokens"), help="fix the training tokens")
     p.add_argument("--epochs", type=_quantity("--epochs"), help="fix the passes over the kept data")
+    p.add_argument("--task", choices=TASKS, help="what the run is for: chooses the selection methods with evidence "
+                   "(default pretraining, or instruction-tuning when fine-tuning)")
+    p.add_argument("--beyond-evidence", action="store_true", default=None,
+                   help="lift the plausibility defaults (epochs, tokens per parameter, keep fractions, methods)")
+    p.add_argument("--tokens-per-param", help="pre-training: allowed tokens per parameter, LOW,HIGH (default: the law's evidence)")
+    p.add_argument("--inference-tokens", type=_quantity("--inference-tokens"),
+                   help="tokens served over the model's life: minimise training + inference for the same loss")
+    p.add_argument("--inference-cost-ratio", type=_quantity("--inference-cost-ratio"),
+                   help="cost of an inference FLOP over a training FLOP (default 1)")
+    p.add_argument("--finetune-law", help="fine-tuning loss law (default zhang2024; 'none': the pre-training law)")
+    p.add_argument("--finetune-task", help="task of the fine-tuning law: wmt14-en-de (default), wmt19-en-zh, mlsum")
+    p.add_argument("--tokens-per-example", type=_quantity("--tokens-per-example"), help="mean tokens per fine-tuning example (default 512)")
     p.add_argument("--json", action="store_true", help="print one JSON object (SI units)")
     p.add_argument("--plot", metavar="FILE.png", help="write a figure")
 
@@ -115,8 +130,10 @@ def request_overrides(args) -> dict:
     simple = {"gpu": "gpu", "num_gpus": "num_gpus", "price_usd_per_hour": "price_usd_per_hour",
               "compute": "compute_flops", "budget_usd": "budget_usd", "gpu_hours": "gpu_hours",
               "data_pool": "data_pool_tokens", "max_epochs": "max_epochs", "objective": "objective",
-              "target_loss": "target_loss", "law": "law", "calibration": "calibration", "seq_len": "seq_len",
-              "tokens": "tokens", "epochs": "epochs"}
+              "target_loss": "target_loss", "law": "law", "calibration": "calibration", "seq_len": "seq_len", "confidence": "confidence",
+              "tokens": "tokens", "epochs": "epochs", "task": "task", "beyond_evidence": "beyond_evidence",
+              "inference_tokens": "inference_tokens", "inference_cost_ratio": "inference_cost_ratio",
+              "finetune_task": "finetune_task", "tokens_per_example": "tokens_per_example"}
     for flag, field in simple.items():
         value = getattr(args, flag)
         if value is not None:
@@ -131,6 +148,13 @@ def request_overrides(args) -> dict:
         value = getattr(args, field, None)
         if value is not None:
             out[field] = _split(value, kind, "--" + field.replace("_", "-").replace("keep-fractions", "keep"))
+    if args.finetune_law is not None:
+        out["finetune_law"] = None if args.finetune_law.lower() == "none" else args.finetune_law
+    if args.tokens_per_param is not None:
+        pair = _split(args.tokens_per_param, float, "--tokens-per-param")
+        if len(pair) != 2:
+            raise PlannerError(f"--tokens-per-param: expected LOW,HIGH (e.g. 1.8,162), got {args.tokens_per_param!r}")
+        out["tokens_per_param"] = pair
     if args.peft_efficiency:
         out["peft_efficiency"] = _peft_efficiency(args.peft_efficiency)
     return out
@@ -207,73 +231,6 @@ def run_plan(args) -> int:
     return 0
 
 
-def plan_text(p) -> str:
-    """`planner plan` for people."""
-    from planner.io.report import render_table
-    from planner.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, fmt_usd
-
-    r = p.recommended
-    req = p.request
-    head = (f"plan: {'pre-train (size chosen)' if p.mode == 'pretrain' else 'fine-tune ' + ', '.join(req.models)} on "
-            f"{'up to ' + str(req.num_gpus) if req.num_gpus else 'any number of'} x {p.gpu} "
-            f"(${p.price_usd_per_hour:g}/GPU-hour), law {p.law}, objective {req.objective}")
-    data = "all the data" if r.selection == "all" else f"{r.selection}: keep {fmt_percent(r.keep_fraction)} ({r.strategy})"
-    if r.unique_tokens is not None:
-        data += f", {r.epochs:.2f} epochs over {fmt_count(r.unique_tokens)} unique tokens"
-    method = r.method if r.method == "full" else f"{r.method} (rank {r.lora_rank})"
-    lines = [
-        head,
-        "",
-        f"recommended: {r.model} ({fmt_count(r.params)} params), {method}, {fmt_count(r.tokens)} tokens, {data}",
-        f"  set-up: {r.precision} {r.optimizer}, checkpointing {r.checkpointing}, {r.num_gpus} GPU(s) ZeRO-{r.zero} "
-        f"TP {r.tensor_parallel}, micro-batch {r.micro_batch} x {r.grad_accum} accumulation x {r.seq_len} tokens "
-        f"= {fmt_count(r.global_batch_tokens)} tokens/step, {r.steps:,} steps",
-        f"  predicted loss {r.loss:.4f}; {fmt_seconds(r.time_s)} wall, {r.gpu_hours:,.0f} GPU-hours, {fmt_usd(r.cost_usd)}, "
-        f"{fmt_flops(r.compute_flops)}; MFU {fmt_percent(r.mfu)}; peak {fmt_bytes(r.peak_bytes)} of {fmt_bytes(r.usable_bytes)} per GPU",
-        "",
-        "constraints:",
-    ]
-    for c in p.constraints:
-        limit = _fmt_unit(c.limit, c.unit)
-        used = _fmt_unit(c.used, c.unit)
-        change = "" if c.loss_change_if_relaxed is None else f"; 10% looser: {req.objective} {c.loss_change_if_relaxed:+.4g}"
-        lines.append(f"  {c.name:<17} {used:>14} of {limit:<14} {'BINDING' if c.binding else 'slack ' + fmt_percent(c.slack_fraction)}{change}")
-    s = p.stopping
-    lines += ["", "stopping:"]
-    if s.threshold is None:
-        lines.append(f"  {s.note}; planned {s.planned_steps:,} steps, loss {s.loss_at_stop:.4f}")
-    else:
-        lines.append(f"  lambda = {s.threshold:.4g} {s.threshold_unit}; stop at step {s.stop_step:,} of {s.planned_steps:,} "
-                     f"(loss {s.loss_at_stop:.4f}): {s.note}")
-    if p.continuous is not None:
-        c = p.continuous
-        lines += ["", f"continuous check (geometric program): N {fmt_count(c.params)}, D {fmt_count(c.tokens)}, loss {c.loss:.4f}; "
-                      f"grid differs by N {c.params_rel_diff:+.1%}, D {c.tokens_rel_diff:+.1%}, loss {c.loss_rel_diff:+.2e}"]
-    elif p.mode == "pretrain":
-        lines += ["", "continuous check (geometric program): not run (--continuous-check)"]
-    rows = [{"loss": f"{q.loss:.4f}", "cost": fmt_usd(q.cost_usd), "time": fmt_seconds(q.time_s), "model": q.model,
-             "method": q.method, "gpus": q.num_gpus, "tokens": fmt_count(q.tokens),
-             "data": q.selection if q.selection == "all" else f"{q.selection} {q.keep_fraction:.2g}",
-             "": "<-" if q == r else ""} for q in p.pareto]
-    step = -(-len(rows) // 20)
-    shown = rows[::step]
-    if step > 1 and shown[-1] is not rows[-1]:
-        shown.append(rows[-1])
-    every = f", every {step}th shown" if step > 1 else ""
-    lines += ["", f"Pareto front over loss, cost and time: {len(rows)} plans (by cost{every})", render_table(shown)]
-    lines += ["", "assumptions:"] + [f"  - {a}" for a in p.assumptions]
-    lines.append(f"\nsearched {p.search.setups_evaluated} set-ups ({p.search.rows_feasible} set-up x micro-batch rows fit), "
-                 f"{p.search.candidates:,} candidates in {p.search.wall_s:.2f} s")
-    return "\n".join(lines)
-
-
-def _fmt_unit(value: float, unit: str) -> str:
-    from planner.units import fmt_bytes, fmt_count, fmt_flops, fmt_seconds, fmt_usd
-
-    return {"FLOP": fmt_flops, "USD": fmt_usd, "bytes": fmt_bytes, "s": fmt_seconds, "tokens": fmt_count}.get(
-        unit, lambda v: f"{v:,.0f} {unit}")(value)
-
-
 # ----------------------------------------------------------------------------- compare
 
 
@@ -293,8 +250,22 @@ def parse_allocation(text: str) -> dict:
         if not sep:
             raise PlannerError(f"--alloc {name!r}: {part!r} is not key=value")
         key = key.strip().replace("-", "_")
-        out[key] = parse_quantity(value, key) if key in _ALLOC_QUANTITIES else value.strip()
+        if key in _ALLOC_INTEGERS:
+            out[key] = _alloc_integer(name, key, value.strip())
+        else:
+            out[key] = parse_quantity(value, key) if key in _ALLOC_QUANTITIES else value.strip()
     return out
+
+
+_ALLOC_INTEGERS = ("zero", "lora_rank", "num_gpus", "tensor_parallel", "micro_batch")
+"""Allocation fields that are whole numbers (pydantic's Literal[0, 1, 2, 3] refuses the text "3")."""
+
+
+def _alloc_integer(name: str, key: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PlannerError(f"--alloc {name!r}: {key}={text!r} is not a whole number (e.g. {key}=2)") from None
 
 
 def build_compare(args):
@@ -339,26 +310,3 @@ def run_compare(args) -> int:
             print(f"wrote {args.plot}")
     return 0
 
-
-def compare_text(rows: list[dict]) -> str:
-    from planner.io.report import render_table
-    from planner.units import fmt_bytes, fmt_count, fmt_seconds, fmt_usd
-
-    table = []
-    notes = []
-    for r in rows:
-        if not r["feasible"]:
-            table.append({"allocation": r["name"], "loss": "infeasible"})
-            notes.append(f"{r['name']}: {r['reason']}")
-            continue
-        data = "all" if r["selection"] == "all" else f"{r['selection']} {r['keep_fraction']:.2g}"
-        table.append({
-            "allocation": r["name"], "loss": f"{r['loss']:.4f}", "cost": fmt_usd(r["cost_usd"]), "time": fmt_seconds(r["time_s"]),
-            "peak/GPU": fmt_bytes(r["peak_bytes"]), "model": r["model"], "method": r["method"], "gpus": r["num_gpus"],
-            "tokens": fmt_count(r["tokens"]), "epochs": "-" if r["epochs"] is None else f"{r['epochs']:.2f}", "data": data,
-            "binding": ",".join(r["binding"]) or "-",
-        })
-    out = render_table(table)
-    if notes:
-        out += "\n\n" + "\n".join(notes)
-    return out

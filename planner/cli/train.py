@@ -98,6 +98,12 @@ def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     layout.add_argument("--expert-parallel", type=gpu_count, default=1, help="GPUs the experts are sharded over")
 
 
+def _add_time_arguments(parser: argparse.ArgumentParser) -> None:
+    """The time model's inputs beyond the set-up (issue 11)."""
+    parser.add_argument("--cluster", help="catalog cluster for the network (models_catalog/clusters.json, e.g. dgx-h100, "
+                        "aws-p5); default: 8 GPUs per node on the GPU's link, 400 Gb/s per GPU between nodes")
+
+
 STACK_ARGUMENTS = ("stack", "loss_impl", "loss_chunks", "optimizer_in_backward", "activation_offload", "packed",
                    "compile", "float8", "dora", "galore_rank", "kbit_preparation", "adapter_dtype", "modules_to_save",
                    "pipeline_parallel", "pipeline_schedule", "virtual_stages", "sequence_parallel",
@@ -135,6 +141,7 @@ def register(subparsers) -> None:
     est.add_argument("--gpu", help="catalog GPU name: adds whether it fits and the headroom")
     _add_setup_arguments(est)
     est.add_argument("--calibration", help="calibration profile JSON (planner calibrate)")
+    _add_time_arguments(est)
     est.add_argument("--json", action="store_true", help="one JSON object, SI units")
     est.add_argument("--export", choices=("torchtune",), help="also write the set-up as the stack's own config")
     est.add_argument("--out", metavar="PATH", help="where --export writes (a .yaml file)")
@@ -153,11 +160,12 @@ def register(subparsers) -> None:
                      help="only this precision and its mixed twin (default: what the GPU computes in)")
     fit.add_argument("--inference", action="store_true", help="serving: longest context, largest batch")
     fit.add_argument("--calibration", help="calibration profile JSON (planner calibrate)")
+    _add_time_arguments(fit)
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(handler=run_fit)
 
     cat = subparsers.add_parser("catalog", help="the models and GPUs of the catalog")
-    cat.add_argument("what", nargs="?", choices=("models", "gpus", "all"), default="all")
+    cat.add_argument("what", nargs="?", choices=("models", "gpus", "clusters", "all"), default="all")
     cat.add_argument("--json", action="store_true")
     cat.set_defaults(handler=run_catalog)
 
@@ -185,12 +193,16 @@ def run_estimate(args) -> int:
     setup = setup_from_args(args)
     check_setup(spec, setup)
     gpu = load_gpu(args.gpu) if args.gpu is not None else None
-    result = estimate(spec, setup, gpu)
     profile = _load_calibration(args.calibration)
+    result = estimate(spec, setup, gpu, cluster=args.cluster, profile=profile)
     if profile is not None:
         from planner.cost.calibrated import apply_profile
+        from planner.cost.estimate import calibrated_fields
+        from planner.cost.time_estimate import time_fields
 
         result = apply_profile(profile, spec, setup, result, gpu)
+        result.update(time_fields(spec, setup, gpu or profile.device_spec(), args.cluster, profile))
+        result["calibrated_fields"] = calibrated_fields(result)
     if args.json:
         print(to_json(result))
     else:
@@ -212,8 +224,9 @@ def _export_setup(model: str, setup, fmt: str, out: str | None) -> None:
 
 
 def run_fit(args) -> int:
+    from planner.cost.time_estimate import fit_row_times
     from planner.io.report import fit_text, inference_fit_text, to_json
-    from planner.search.fit import inference_fits, what_fits
+    from planner.search.fit import FIT_CALIBRATED_FIELDS, inference_fits, what_fits
     from planner.specs.catalog import load_gpu, load_spec
     from planner.specs.setup import TrainingSetup, check_setup
 
@@ -239,9 +252,11 @@ def run_fit(args) -> int:
         "zero": zero,
         "seq_len": args.seq_len,
         "usable_bytes": result["usable_bytes"],
-        "rows": [row.as_dict() for row in result["rows"]],
+        "rows": [{**row.as_dict(), **fit_row_times(spec, row.as_dict(), row.setup, gpu, args.cluster, profile)}
+                 for row in result["rows"]],
         "short_by_bytes": result.get("short_by_bytes"),
         "fixes": result["fixes"],
+        "calibrated_fields": list(FIT_CALIBRATED_FIELDS) if profile is not None else [],
     }
     print(to_json(payload) if args.json else fit_text(payload))
     return 0
@@ -264,6 +279,13 @@ def run_catalog(args) -> int:
                 {"name": name, "model_type": config.get("model_type"), "params": params, "hf_repo": source.get("hf_repo")}
             )
     gpus = [g.model_dump(mode="json") for g in list_gpus()] if args.what in ("gpus", "all") else []
+    if args.what == "clusters":
+        from planner.io.report import clusters_text
+        from planner.specs.cluster import list_clusters
+
+        clusters = [c.model_dump(mode="json") for c in list_clusters()]
+        print(to_json({"clusters": clusters}) if args.json else clusters_text(clusters))
+        return 0
     if args.json:
         print(to_json({"models": models, "gpus": gpus}))
     else:

@@ -4,6 +4,7 @@ into a calibration profile that `planner estimate|fit --calibration` apply)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from planner.errors import PlannerError
@@ -51,6 +52,11 @@ def register(subparsers) -> None:
     # sets the precision of the short runs (default there: fp32 on CPU, bf16-mixed on CUDA)
     _add_setup_arguments(src)
     cal.set_defaults(**dict.fromkeys(ASSUMED, None))  # filled, and said, when the file does not tell
+    dist = cal.add_argument_group("communication (--distributed, issue 11)")
+    dist.add_argument("--distributed", type=positive_int, metavar="N", default=None,
+                      help="fit --base's communication factor from torchrun on N local processes (DDP; "
+                      "FSDP with --mode fsdp on CUDA); needs --base and --model")
+    dist.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp", help="with --distributed")
     cal.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
     cal.set_defaults(handler=run_calibrate)
 
@@ -114,6 +120,8 @@ def _checked_out(args) -> None:
 
 def run_calibrate(args) -> int:
     _checked_out(args)
+    if args.distributed:
+        return _calibrate_distributed(args)
     if args.from_file:
         return _calibrate_from_file(args)
     if not args.model:
@@ -137,6 +145,23 @@ def run_calibrate(args) -> int:
                                show_progress=not args.json)
     save_profile(profile, args.out)
     _print_profile(profile, args)
+    print(f"profile written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _calibrate_distributed(args) -> int:
+    """``calibrate --distributed N``: the base profile with its communication factor fitted."""
+    if not (args.base and args.model and args.out):
+        raise PlannerError("calibrate --distributed N needs --base PROFILE.json (a single-device calibration of this "
+                           "device), --model NAME and --out PROFILE.json")
+    from planner.specs.profile import load_profile, save_profile
+    from planner.truth.distributed import calibrate_distributed
+
+    profile, fit = calibrate_distributed(load_profile(args.base), args.model, args.distributed, mode=args.mode,
+                                         layers=args.layers or 2, micro_batch=args.micro_batch or 1,
+                                         seq_len=args.seq_len or 128, steps=args.steps or 3)
+    save_profile(profile, args.out)
+    print(json.dumps(fit) if args.json else profile.notes[-1])
     print(f"profile written to {args.out}", file=sys.stderr)
     return 0
 

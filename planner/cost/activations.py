@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.specs.model import LayerSpec, ModelSpec
 
 LSE_BYTES = 4  # flash attention's log-sum-exp is fp32 per (head, token)
@@ -246,3 +248,52 @@ def lora_bytes_per_token(in_features: int, rank, lora_dropout: float) -> object:
     (peft applies dropout to the input of A)."""
     mask = DROPOUT_MASK_BYTES * in_features if lora_dropout > 0 else 0
     return 4 * in_features + 4 * rank + mask
+
+
+def lora_base_dtype_bytes_per_token(layer: LayerSpec, adapted: set[str], rank, lora_dropout: float, w: int,
+                                    mask_bytes: float, attention: str) -> object:
+    """One layer's LoRA tensors per token when the adapters share the base dtype ``w`` (peft
+    ``autocast_adapter_dtype=False`` on a bf16 model): no cast, so A keeps the projection's own input,
+    one tensor per distinct input however many adapters read it (q, k and v share the normed input,
+    gate and up the MLP's); the output projection's input is SDPA's output, already kept (not so
+    with eager attention); B keeps the rank-r product at ``w``. With lora_dropout > 0 each adapter
+    keeps its own dropped-out input and mask instead. Measured against peft 0.21 on fake tensors
+    (Llama-3.2-1B layers, all-linear, rank 16: exact without dropout)."""
+    adapters = [lin for lin in layer.linears if lin.name in adapted and lin.count == 1]
+    kept = w * rank * len(adapters)
+    if lora_dropout > 0:
+        return kept + sum((w + mask_bytes) * lin.in_features for lin in adapters)
+    groups = [layer.attention[:-1], layer.attention[-1:], layer.mlp[:-1], layer.mlp[-1:]]
+    for index, group in enumerate(groups):
+        if not any(lin.name in adapted for lin in group):
+            continue
+        if index == 1 and attention == "sdpa":
+            continue  # the output projection reads SDPA's output, which SDPA keeps anyway
+        kept = kept + w * group[0].in_features
+    return kept
+
+
+def fused_linear_ce_chunk_tokens(tokens, vocab_size: int, hidden_size: int):
+    """Tokens per chunk of Liger's fused linear cross-entropy: the next power of two of
+    ceil(tokens / ceil(V / h)), so a chunk's logits are about as large as the hidden states
+    (``fused_linear_cross_entropy_forward``, Liger Kernel, Hsu et al. 2024)."""
+    per_chunk = np.ceil(np.asarray(tokens, dtype=np.float64) / np.ceil(vocab_size / hidden_size))
+    return 2.0 ** np.ceil(np.log2(np.maximum(per_chunk, 1.0)))
+
+
+def fused_linear_ce_bytes(spec: ModelSpec, precision: str, tokens, trainable: bool) -> dict:
+    """The head and loss as Liger's fused linear cross-entropy runs them, priced from its algorithm
+    (not traced: a Triton kernel): logits exist one chunk at a time at the compute dtype, the
+    cross-entropy overwrites them with their gradient in place, and the gradients of the head's
+    input (and of its weight, when it trains) are computed in forward and kept for backward, which
+    only rescales them. Replaces the standard head's fp32 log-softmax, its input and the loss's
+    backward temporaries. Returns per-token bytes ``saved_per_token`` that replace the standard
+    head's, the forward transient ``forward_bytes`` and ``loss_temporaries`` (none)."""
+    prec = PRECISION[precision]
+    v, h = spec.vocab_size, spec.hidden_size
+    standard = 4 * v + _norm_output_bytes(spec.layers[0], prec, 1, trainable)
+    kept = prec.matmul * h + 4  # the head input's gradient and the per-token loss (fp32)
+    chunk = fused_linear_ce_chunk_tokens(tokens, v, h)
+    zero = 0 * np.asarray(tokens, dtype=np.float64)
+    return {"saved_per_token": kept - standard, "forward_bytes": chunk * v * prec.matmul + chunk * h * prec.matmul,
+            "loss_temporaries": zero}

@@ -50,10 +50,10 @@ def predict_peak_bytes(spec, setup: TrainingSetup, corrections: Corrections, dev
     return _peak_from_parts(parts, corrections.memory_for(setup.method))
 
 
-def calibrated_peak_bytes(profile: Profile, spec, setup: TrainingSetup, micro_batch=None, seq_len=None,
-                          lora_rank=None):
-    """Calibrated peak allocated bytes, vectorized like ``planner.cost.memory.training_memory`` over
-    micro-batch, sequence length and LoRA rank (the profile's device decides CPU or CUDA kernels)."""
+def calibrated_phases(profile: Profile, spec, setup: TrainingSetup, micro_batch=None, seq_len=None,
+                      lora_rank=None) -> dict:
+    """Calibrated live bytes of each phase, vectorized like ``planner.cost.memory.training_memory``
+    over micro-batch, sequence length and LoRA rank (the profile's device decides CPU or CUDA kernels)."""
     from planner.cost.memory import training_memory
 
     device = "cpu" if profile.device.kind == "cpu" else "cuda"
@@ -61,8 +61,14 @@ def calibrated_peak_bytes(profile: Profile, spec, setup: TrainingSetup, micro_ba
     full = training_memory(spec, setup, b, seq_len, lora_rank, device=device).phases
     empty = training_memory(spec, setup, np.zeros_like(np.asarray(b, float)), seq_len, lora_rank, device=device).phases
     mc = profile.corrections.memory_for(setup.method)
-    phases = [mc.static_factor * empty[p] + mc.activation_factor * (full[p] - empty[p])
-              + mc.phase_offsets_bytes.get(p, 0.0) for p in full]
+    return {p: mc.static_factor * empty[p] + mc.activation_factor * (full[p] - empty[p])
+            + mc.phase_offsets_bytes.get(p, 0.0) for p in full}
+
+
+def calibrated_peak_bytes(profile: Profile, spec, setup: TrainingSetup, micro_batch=None, seq_len=None,
+                          lora_rank=None):
+    """Calibrated peak allocated bytes: the largest of ``calibrated_phases``."""
+    phases = calibrated_phases(profile, spec, setup, micro_batch, seq_len, lora_rank).values()
     return np.max(np.stack(np.broadcast_arrays(*phases)), axis=0)
 
 
@@ -109,7 +115,8 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
     device, ``step_time_s`` (one optimizer step: ``grad_accum`` micro-batches and the
     optimizer; one micro-batch's step at the default grad_accum=1), ``reserved_bytes`` (peak
     reserved by the allocator), ``tokens_per_s``, ``mfu``, ``achieved_flops_per_s`` and a
-    ``calibrated`` block with the breakdown. The analytic ``peak_bytes`` is left as it was."""
+    ``calibrated`` block with the breakdown. ``peak_bytes``, fits and headroom are calibrated by
+    ``planner.cost.estimate.estimate(profile=)``."""
     from planner.cost.step_time import step_time
 
     kind = profile.device.kind
@@ -140,10 +147,7 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
         "time": scalar,
         "corrections": corrections.model_dump(mode="json"),
     }
-    if "gpu" in out:
-        memory = out["gpu"]["memory_bytes"]
-        out["gpu"] = {**out["gpu"], "calibrated_fits": bool(reserved + corrections.context_bytes <= memory),
-                      "calibrated_headroom_bytes": float(memory - reserved - corrections.context_bytes)}
+    # fits and headroom: ``estimate(profile=)`` (planner.cost.device_memory), as in every verb
     notes = list(out.get("notes", []))
     measured = {(m.setup.method, m.setup.precision) for m in profile.measurements if m.status == "ok"}
     if (setup.method, setup.precision) not in measured:
@@ -156,12 +160,7 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
 
 
 def usable_allocated_bytes(profile: Profile, gpu: GpuSpec) -> float:
-    """What PyTorch may allocate on ``gpu`` by the profile: memory less the measured context,
-    less the fitted allocator reserve (inverse of ``predict_reserved_bytes``). The memory-model
-    factors are not folded in (they are near 1 and act per phase)."""
-    if not profile.matches(gpu):
-        raise PlannerError(f"calibration profile was measured on {profile.device.name}, not {gpu.name}")
-    c = profile.corrections
-    if profile.device.kind == "cpu":
-        return gpu.memory_bytes - c.context_bytes
-    return (gpu.memory_bytes - c.context_bytes - c.reserve_offset_bytes) / (1.0 + c.reserve_fraction)
+    """What PyTorch may allocate on ``gpu`` by the profile (``planner.cost.device_memory``)."""
+    from planner.cost.device_memory import usable_allocated_bytes as usable
+
+    return usable(gpu, profile)

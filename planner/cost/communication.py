@@ -1,9 +1,9 @@
 """Exposed communication of one training step: data-parallel gradients and weights, tensor-parallel
 activations, over ring collectives.
 
-Bandwidths per GPU: ``GpuSpec.interconnect_bandwidth_bytes_per_s`` inside a node of
-``GPUS_PER_NODE`` GPUs and ``INTER_NODE_BANDWIDTH_BYTES_PER_S`` across nodes (``bandwidths``:
-the one place a cluster's own numbers would enter). Data parallel (ZeRO-0): one gradient
+Bandwidths per GPU come from a ``planner.specs.cluster.ClusterSpec`` (``--cluster NAME``; without
+one ``default_cluster(gpu)``: 8 GPUs per node on the GPU's own link, 400 Gb/s per GPU between
+nodes), at NCCL's achieved share of the line rate (``bandwidths``: the one place they enter). Data parallel (ZeRO-0): one gradient
 all-reduce per step, hidden behind the last micro-batch's backward except its last bucket
 (PyTorch DDP, Li et al. 2020, ``bucket_cap_mb=25``). ZeRO-1/2: reduce-scatter of gradients
 (hidden like DDP's; ZeRO-2 does it every micro-batch as DeepSpeed does) and all-gather of the
@@ -22,6 +22,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.memory_states import dtype_layout
+from planner.specs.cluster import ClusterSpec, default_cluster
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -56,13 +57,14 @@ def ring_gather_s(num_bytes, group: int, bandwidth: float):
     return (group - 1) / group * _arr(num_bytes) / bandwidth
 
 
-def bandwidths(setup: TrainingSetup, gpu: GpuSpec) -> tuple[float, float]:
-    """(tensor-parallel, data-parallel) bandwidth per GPU: the intra-node link while the group
-    fits in a node, the inter-node network beyond."""
-    intra = gpu.interconnect_bandwidth_bytes_per_s
-    inter = min(intra, INTER_NODE_BANDWIDTH_BYTES_PER_S)
-    tp_bw = intra if setup.tensor_parallel <= GPUS_PER_NODE else inter
-    dp_bw = intra if setup.num_gpus <= GPUS_PER_NODE else inter
+def bandwidths(setup: TrainingSetup, gpu: GpuSpec, cluster: ClusterSpec | None = None) -> tuple[float, float]:
+    """(tensor-parallel, data-parallel) achieved bandwidth per GPU: the intra-node link while the
+    group fits in a node, the inter-node network beyond. Data-parallel ranks are tp x pp x cp apart
+    (Megatron's rank order: tensor parallel innermost, Narayanan et al. 2021 sec. 3.3)."""
+    cluster = cluster or default_cluster(gpu)
+    stride = setup.tensor_parallel * setup.pipeline_parallel * setup.context_parallel
+    tp_bw = cluster.group_bytes_per_s(gpu, setup.tensor_parallel)
+    dp_bw = cluster.group_bytes_per_s(gpu, setup.data_parallel, stride)
     return tp_bw, dp_bw
 
 
@@ -80,7 +82,9 @@ def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bw
     dp, ga = setup.data_parallel, setup.grad_accum
     layout = dtype_layout(setup) if setup.method == "full" else None
     grad_b = layout.grad if layout else 4.0
-    weight_b = layout.weight if layout else 4.0
+    # the weights travel in the compute dtype: FSDP MixedPrecision(param_dtype) casts the shard
+    # before its all-gather, DeepSpeed ZeRO and Megatron's distributed optimizer gather 16-bit params
+    weight_b = 4.0 if setup.precision == "fp32" else 2.0
     layers = max(spec.num_layers, 1)
     grads = trainable * grad_b  # per GPU (already divided by tp)
     if setup.zero == 0 or setup.zero == 1:
@@ -101,18 +105,37 @@ def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bw
 
 
 def _tensor_parallel_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: float):
-    """The all-reduces of the layers' activations, every micro-batch, on the critical path."""
+    """The all-reduces of the layers' activations (of this GPU's pipeline stage and share of the
+    sequence), every micro-batch, on the critical path."""
     act_b = 4.0 if setup.precision == "fp32" else 2.0
-    per_allreduce = ring_all_reduce_s(tokens * spec.hidden_size * act_b, setup.tensor_parallel, bandwidth)
+    per_allreduce = ring_all_reduce_s(tokens * spec.hidden_size * act_b / setup.context_parallel,
+                                      setup.tensor_parallel, bandwidth)
     count = 4 + (2 if setup.checkpointing == "full" else 0)
-    return setup.grad_accum * count * spec.num_layers * per_allreduce
+    return setup.grad_accum * count * spec.num_layers / setup.pipeline_parallel * per_allreduce
 
 
-def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens, trainable, fwd_s, bwd_s, corr):
+def pipeline_p2p_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: float):
+    """Activations sent to the next stage in forward and gradients back in backward, once per
+    micro-batch and model chunk, each GPU of the tensor-parallel group sending ``1/tp`` of the
+    ``b x s x h`` tensor (Megatron's scatter/gather, Narayanan et al. 2021 sec. 4.1); blocking
+    in 1F1B (exposed)."""
+    if setup.pipeline_parallel <= 1:
+        return _arr(tokens) * 0.0
+    act_b = 4.0 if setup.precision == "fp32" else 2.0
+    message = tokens * spec.hidden_size * act_b / (setup.tensor_parallel * setup.context_parallel)
+    return setup.grad_accum * 2.0 * setup.virtual_stages * _arr(message) / bandwidth
+
+
+def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens, trainable, fwd_s, bwd_s, corr,
+                    cluster: ClusterSpec | None = None):
     """Exposed communication seconds of one step: ``trainable`` elements per GPU, ``fwd_s`` and
     ``bwd_s`` the compute one micro-batch's forward and backward can hide it behind."""
-    tp_bw, dp_bw = bandwidths(setup, gpu)
+    tp_bw, dp_bw = bandwidths(setup, gpu, cluster)
     total = _arr(0.0) * tokens
+    if setup.pipeline_parallel > 1:
+        cluster = cluster or default_cluster(gpu)
+        stride = setup.tensor_parallel * setup.context_parallel  # neighbouring stages are tp x cp ranks apart
+        total = total + pipeline_p2p_s(spec, setup, tokens, cluster.group_bytes_per_s(gpu, 2, stride))
     if setup.data_parallel > 1:
         total = total + _data_parallel_s(spec, setup, trainable, fwd_s, bwd_s, dp_bw)
     if setup.tensor_parallel > 1:

@@ -131,10 +131,13 @@ def _lora_seconds(spec: ModelSpec, setup: TrainingSetup, rank, tokens, gpu: GpuS
     """The adapters' products x A^T and (.) B^T: the roofline once per distinct (in, out) shape,
     summed adapter by adapter in peft's order (the same floating-point sum as one roofline per
     adapter). peft keeps adapters in fp32 (autocast_adapter_dtype=True): on a bf16 base they run
-    in fp32 at the fp32 peak; under autocast (bf16-mixed) in bf16."""
+    in fp32 at the fp32 peak; under autocast (bf16-mixed) in bf16; torchtune (and
+    ``adapter_dtype="base"``) keeps them in the base model's dtype."""
     peak = gpu.peak_flops_for(setup.precision)
-    lora_dtype = 2.0 if setup.precision == "bf16-mixed" else 4.0
-    lora_peak = peak if setup.precision == "bf16-mixed" else gpu.peak_flops_for("fp32")
+    in_base_dtype = setup.adapter_dtype == "base" or (setup.stack == "torchtune" and setup.adapter_dtype == "auto")
+    sixteen_bit = setup.precision == "bf16-mixed" or (in_base_dtype and setup.precision == "bf16")
+    lora_dtype = 2.0 if sixteen_bit else 4.0
+    lora_peak = peak if sixteen_bit else gpu.peak_flops_for("fp32")
     per_shape: dict[tuple[int, int], tuple] = {}
     for _, lin in spec_facts.lora_linears(spec, setup.lora_targets):
         shape = (lin.in_features, lin.out_features)

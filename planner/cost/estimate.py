@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner.cost.device_memory import memory_verdict
 from planner.cost.flops import step_flops
 from planner.cost.memory import training_memory
 from planner.cost.params import count_params, lora_params, lora_targets
 from planner.cost.support import require_priced
-from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
+from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -37,13 +38,20 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
         lora_linears=adapted,
         recompute_fraction=recompute_fraction(setup),
         recompute_skips_down_projection=not (setup.stack == "torchtune" and setup.method != "full"),
+        trained_modules=tuple(setup.modules_to_save) if setup.method != "full" else (),
     )
 
 
-def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, device: str = "cuda") -> dict:
+def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, device: str = "cuda",
+             cluster: str | None = None, profile=None) -> dict:
     """The ``planner estimate --json`` object for one configuration (SI units).
 
-    ``device="cpu"`` reproduces CPU kernels' small differences (for the fake-tensor oracle)."""
+    ``device="cpu"`` reproduces CPU kernels' small differences (for the fake-tensor oracle).
+    With a ``gpu``: the step time, tokens per second, MFU and dollars per million tokens with
+    their 80% intervals (``planner.cost.time_estimate``) on the ``cluster`` (a catalog name; None:
+    the default cluster). ``profile``: a calibration profile (``planner.specs.profile``) corrects
+    the peak, the phases, the overheads, fits and headroom (on ``gpu``, else the profile's device)
+    and the step time; ``calibrated_fields`` names them (``planner.cost.device_memory``)."""
     require_priced(setup)
     if gpu is not None:
         gpu.require_precision(setup.precision)
@@ -51,21 +59,16 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
     flops = training_flops(spec, setup)
     counts = count_params(spec)
     trainable = counts.total if setup.method == "full" else lora_params(spec, setup.lora_targets, setup.lora_rank)
-    peak = float(memory.peak_bytes)
-    reserved = peak * (1 + ALLOCATOR_RESERVE_FRACTION)
+    phases = _phases(spec, setup, memory, profile)
+    peak_phase = str(memory.peak_phase) if profile is None else max(phases, key=phases.get)
+    peak = float(memory.peak_bytes) if profile is None else phases[peak_phase]
     result = {
         "model": spec.name,
         "setup": setup.model_dump(mode="json"),
         "peak_bytes": peak,
-        "peak_phase": str(memory.peak_phase),
-        "phases": {name: float(value) for name, value in memory.phases.items()},
+        "peak_phase": str(peak_phase),
+        "phases": phases,
         "components": {name: float(value) for name, value in memory.components.items()},
-        "overheads": {
-            "cuda_context_bytes": CUDA_CONTEXT_BYTES,
-            "allocator_reserve_bytes": reserved - peak,
-            "estimated_reserved_bytes": reserved,
-            "estimated_device_bytes": reserved + CUDA_CONTEXT_BYTES,
-        },
         "flops_per_step": float(flops.model),
         "flops": {
             "forward": float(flops.forward),
@@ -87,16 +90,39 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
         "tokens_per_step": setup.micro_batch * setup.seq_len * setup.data_parallel,
         "notes": _notes(spec, setup),
     }
+    # one verdict for every verb: planner.cost.device_memory (the profile's device when no GPU is named)
+    result.update(memory_verdict(peak, gpu or (profile.device_spec() if profile is not None else None), profile,
+                                 setup.stack))
     if gpu is not None:
-        available = gpu.memory_bytes
-        need = reserved + CUDA_CONTEXT_BYTES
-        result["gpu"] = {
-            "name": gpu.name,
-            "memory_bytes": available,
-            "fits": bool(need <= available),
-            "headroom_bytes": float(available - need),
-        }
+        from planner.cost.time_estimate import time_fields, time_notes
+
+        timing = time_fields(spec, setup, gpu, cluster, profile)
+        result.update(timing)
+        result["notes"] = result["notes"] + time_notes(timing)
+    if profile is not None:
+        result["calibrated_fields"] = calibrated_fields(result)
     return result
+
+
+def _phases(spec: ModelSpec, setup: TrainingSetup, memory, profile) -> dict[str, float]:
+    """Live bytes per phase: the memory model's, or corrected by the calibration profile."""
+    if profile is None:
+        return {name: float(value) for name, value in memory.phases.items()}
+    from planner.cost.calibrated import calibrated_phases
+
+    return {name: float(value) for name, value in calibrated_phases(profile, spec, setup).items()}
+
+
+def calibrated_fields(result: dict) -> list[str]:
+    """The keys of an estimate a calibration profile set (the memory verdict and the time fields)."""
+    from planner.cost.device_memory import CALIBRATED_MEMORY_FIELDS
+
+    timed = result.get("time", {}).get("calibrated")
+    keys = [k for k in CALIBRATED_MEMORY_FIELDS if k in result]
+    if timed:
+        keys += [k for k in result if k.startswith(("step_time_s", "tokens_per_s", "mfu", "usd_per_million_tokens"))]
+        keys += [k for k in ("achieved_flops_per_s", "time") if k in result]
+    return keys
 
 
 def sweep(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank=None) -> dict[str, np.ndarray]:
@@ -108,7 +134,9 @@ def sweep(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank
 
 def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """What this estimate leaves out or assumes, in words."""
-    notes = []
+    from planner.cost.device_memory import leaves_out_note
+
+    notes = [leaves_out_note(setup)]
     if spec.is_moe and setup.method != "full" and "all-linear" in setup.lora_targets:
         notes.append(
             "LoRA all-linear on a mixture of experts: adapters on the attention and dense projections only; "

@@ -74,6 +74,7 @@ def step_flops(
     lora_linears: tuple[tuple[int, Linear], ...] = (),
     recompute_fraction=0.0,
     recompute_skips_down_projection: bool = True,
+    trained_modules: tuple[str, ...] = (),
 ) -> StepFlops:
     """FLOPs of one micro-batch: forward, backward, recompute and per component.
 
@@ -88,15 +89,19 @@ def step_flops(
     the last tensor backward needs is rebuilt, which leaves out each dense layer's down projection
     in HF models and torchtune's full fine-tuning; torchtune's LoRALinear saves a tensor after it,
     so its LoRA layers rerun the whole forward (measured on its traced step: +3.8% FLOPs on a 1B).
+    ``trained_modules``: peft ``modules_to_save`` beside LoRA: a trained head adds its weight
+    gradient; a trained embedding makes every layer's input need a gradient (no frozen first layer).
     """
     tokens = np.asarray(micro_batch, dtype=np.float64) * np.asarray(seq_len, dtype=np.float64)
     keys = ("attention", "attention_core", "mlp", "experts", "lora", "lm_head")
     forward = dict.fromkeys(keys, 0.0)
     backward = dict.fromkeys(keys, 0.0)
-    first_adapted = min((index for index, _ in lora_linears), default=0)
-    for index, layer in enumerate(spec.layers):
-        attention, mlp, experts = _layer_linears_flops(layer, tokens)
-        core = attention_core_forward_flops(layer, micro_batch, seq_len)
+    first_adapted = min((index for index, _ in lora_linears), default=0) if "embed_tokens" not in trained_modules else -1
+    per_layer: dict = {}  # identical layers (most models) are priced once per call
+    for index, (layer, kind) in enumerate(zip(spec.layers, _layer_kinds(spec), strict=True)):
+        if kind not in per_layer:
+            per_layer[kind] = (*_layer_linears_flops(layer, tokens), attention_core_forward_flops(layer, micro_batch, seq_len))
+        attention, mlp, experts, core = per_layer[kind]
         forward["attention"] += attention
         forward["attention_core"] += core
         forward["mlp"] += mlp
@@ -127,13 +132,24 @@ def step_flops(
         backward["lora"] += 2.0 * lora - (through_a if reads_frozen_input else 0.0)
     head = 2.0 * spec.hidden_size * spec.vocab_size * tokens
     forward["lm_head"] = head
-    backward["lm_head"] = head * (2.0 if trainable_base else 1.0)
+    backward["lm_head"] = head * (2.0 if trainable_base or "lm_head" in trained_modules else 1.0)
     total_forward = sum(forward.values())
     total_backward = sum(backward.values())
     skipped = _unrecomputed_tail(spec, tokens) if recompute_skips_down_projection else 0.0
     recompute = (total_forward - forward["lm_head"] - skipped) * recompute_fraction
     by_component = {key: forward[key] + backward[key] for key in keys}
     return StepFlops(total_forward, total_backward, recompute, by_component)
+
+
+def _layer_kinds(spec: ModelSpec) -> tuple[int, ...]:
+    """Each layer's index among the distinct layers of ``spec`` (equal layers share one), once per spec."""
+    from planner.cost.spec_facts import cached
+
+    def kinds() -> tuple[int, ...]:
+        first: dict = {}
+        return tuple(first.setdefault(layer, len(first)) for layer in spec.layers)
+
+    return cached(spec, ("layer_kinds",), kinds)
 
 
 def _unrecomputed_tail(spec: ModelSpec, tokens):

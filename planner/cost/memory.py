@@ -32,6 +32,8 @@ from planner.cost.inference_memory import (
     weight_bytes_inference,
 )
 from planner.cost.memory_activations import NOT_READ_BY_ACTIVATIONS, ActivationMemory, activation_memory
+from planner.cost.memory_parallel import parallel_transient_bytes, zero_shard_degree
+from planner.cost.memory_saved_modules import saved_modules_extra_bytes
 from planner.cost.memory_states import (
     ADAM8BIT_BLOCK,
     ADAM8BIT_MIN_SIZE,
@@ -40,6 +42,7 @@ from planner.cost.memory_states import (
     Bytes,
     ModelStates,
     adam8bit_state_bytes,
+    adapter_bytes,
     dtype_layout,
     model_states,
     nf4_bytes,
@@ -98,9 +101,13 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq
     setup = _bytes_setup(setup)
     if setup.stack == "torchtune":
         phases, components = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)
+    elif setup.stack == "torchtitan":
+        phases, components = _torchtitan(spec, setup, micro_batch, seq_len, device)
+    elif setup.pipeline_parallel > 1:
+        phases, components = _pipeline(spec, setup, micro_batch, seq_len, lora_rank, device, cache)
     else:
         states, acts, tokens, phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)
-        components = _components(states, acts, tokens)
+        components = _components(states, acts, tokens, setup)
     stacked = np.stack(np.broadcast_arrays(*phases.values()))
     peak = stacked.max(axis=0)
     names = np.array(list(phases))
@@ -113,9 +120,24 @@ def training_peak_bytes(spec: ModelSpec, setup: TrainingSetup, micro_batch=None,
     setup = _bytes_setup(setup)
     if setup.stack == "torchtune":
         phases = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)[0]
+    elif setup.stack == "torchtitan":
+        phases = _torchtitan(spec, setup, micro_batch, seq_len, device)[0]
+    elif setup.pipeline_parallel > 1:
+        phases = _pipeline(spec, setup, micro_batch, seq_len, lora_rank, device, cache, components=False)[0]
     else:
         phases = _phase_totals(spec, setup, micro_batch, seq_len, lora_rank, device, cache)[3]
     return np.stack(np.broadcast_arrays(*phases.values())).max(axis=0)
+
+
+def _pipeline(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank, device: str,
+              cache: dict | None, components: bool = True) -> tuple[dict, dict | None]:
+    """The worst pipeline stage's phases and components (``planner.cost.memory_pipeline``)."""
+    from planner.cost.memory_pipeline import pipeline_phases_and_components
+
+    b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
+    s = _arr(setup.seq_len if seq_len is None else seq_len)
+    rank = _arr(setup.lora_rank if lora_rank is None else lora_rank)
+    return pipeline_phases_and_components(spec, setup, b, s, rank, device, cache, components)
 
 
 def _torchtune(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank) -> tuple[dict, dict]:
@@ -134,54 +156,79 @@ def _torchtune(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora
     return torchtune_phases_and_components(spec, setup, b, s, rank)
 
 
+def _torchtitan(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, device: str) -> tuple[dict, dict]:
+    """The torchtitan stack's phases and components (``planner.cost.memory_torchtitan``)."""
+    from planner.cost.memory_torchtitan import torchtitan_phases_and_components
+    from planner.cost.stacks_torchtitan import unpriced_reason
+    from planner.errors import PlannerError
+
+    reason = unpriced_reason(spec)
+    if reason:
+        raise PlannerError(reason)
+    b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
+    s = _arr(setup.seq_len if seq_len is None else seq_len)
+    return torchtitan_phases_and_components(spec, setup, b, s, 0, device)
+
+
 def _phase_totals(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank, device: str,
                   cache: dict | None):
     """(states, activations, tokens, phases) of one step (see ``training_memory``)."""
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
     rank = _arr(setup.lora_rank if lora_rank is None else lora_rank)
-    tokens = b * s
+    tokens = b * s / setup.context_parallel  # per GPU: context parallelism splits every sequence
     states = shared(cache, setup_key("states", setup, NOT_READ_BY_STATES), lambda: model_states(spec, setup, rank))
     acts = shared(cache, (device, *setup_key("activations", setup, NOT_READ_BY_ACTIVATIONS)),
                   lambda: activation_memory(spec, setup, b, s, rank, device))
     return states, acts, tokens, _phases(spec, setup, states, acts, tokens, device)
 
 
-def _phases(spec: ModelSpec, setup: TrainingSetup, st: ModelStates, acts: ActivationMemory, tokens, device: str) -> dict:
-    """Live bytes at the peak of forward, backward and the optimizer step."""
+def _phases(spec: ModelSpec, setup: TrainingSetup, st: ModelStates, acts: ActivationMemory, tokens, device: str,
+            first: bool = True, last: bool = True) -> dict:
+    """Live bytes at the peak of forward, backward and the optimizer step. ``tokens``: per GPU;
+    ``first``/``last``: this GPU holds the embedding / the head (pipeline stages: ``memory_pipeline``)."""
     tp = setup.tensor_parallel
     grads_in_forward = st.gradients if setup.grad_accum > 1 else 0.0
-    weights = st.weights + st.adapters * 4
+    weights = st.weights + st.adapters * adapter_bytes(setup)
     static = weights + st.states + st.master + grads_in_forward
-    forward = static + acts.saved + acts.forward_logits
-    backward_start = static + acts.saved + acts.loss_temporaries
+    # one layer's ring-attention / expert-dispatch buffers, live while the loss's are not
+    transient = parallel_transient_bytes(spec, setup, tokens, act.PRECISION[setup.precision].matmul)
+    forward = static + acts.saved + np.maximum(acts.forward_logits, transient)
+    backward_start = static + acts.saved + np.maximum(acts.loss_temporaries, transient)
+    hidden_grad = tokens * spec.hidden_size * act.PRECISION[setup.precision].residual
+    if not last:  # the gradient received from the next stage and the one computed for it
+        backward_start = backward_start + 2 * hidden_grad
     if setup.checkpointing != "none":
         # recomputing the last layer: its full activations beside what checkpointing kept, the
         # loss's log-softmax released, the head's gradient and the hidden-state gradient live
-        head_grad = spec.vocab_size * spec.hidden_size * st.grad_bytes / tp if setup.method == "full" else 0.0
-        hidden_grad = tokens * spec.hidden_size * act.PRECISION[setup.precision].residual
-        recompute = (static + acts.saved - tokens * 4 * spec.vocab_size + acts.recompute_transient + head_grad
-                     + 2 * hidden_grad)
+        head_grad = spec.vocab_size * spec.hidden_size * st.grad_bytes / tp if setup.method == "full" and last else 0.0
+        released = tokens * 4 * spec.vocab_size if last and setup.loss_impl != "fused-linear" else 0.0
+        recompute = static + acts.saved - released + acts.recompute_transient + head_grad + 2 * hidden_grad
         backward_start = np.maximum(backward_start, recompute)
-    if setup.method == "full":
-        shard_grads = setup.data_parallel if setup.zero >= 2 else 1
+    if setup.method == "full" and first:
+        shard_grads = zero_shard_degree(setup) if setup.zero >= 2 else 1
         embedding = spec.vocab_size * spec.hidden_size * st.grad_bytes / shard_grads / tp
-        # the embedding's own gradient is still a temporary when backward ends
+        # the embedding's own gradient is still a temporary when backward ends (a stage without
+        # the head holds the table alone, untied)
         backward_end = weights + st.states + st.master + st.gradients - embedding + embedding_backward_bytes(
-            spec, st.grad_bytes, device
+            spec, st.grad_bytes, device, tied=spec.tied_embeddings and last
         ) / shard_grads / tp
     else:
         backward_end = weights + st.states + st.master + st.gradients
     backward = np.maximum(backward_start, backward_end)
     optimizer = weights + st.gradients + st.states + st.master + st.temporaries
-    return {"forward": forward, "backward": backward, "optimizer": optimizer + 0 * tokens}
+    phases = {"forward": forward, "backward": backward, "optimizer": optimizer + 0 * tokens}
+    if setup.modules_to_save:  # peft's trained copies of the embedding / head beside LoRA
+        extra = saved_modules_extra_bytes(spec, setup, tokens, acts.loss_temporaries)
+        phases = {name: value + extra[name] for name, value in phases.items()}
+    return phases
 
 
-def _components(st: ModelStates, acts: ActivationMemory, tokens) -> dict:
+def _components(st: ModelStates, acts: ActivationMemory, tokens, setup: TrainingSetup) -> dict:
     """Sizes of what a step holds (each broadcast over the candidates)."""
     return {
         "weights": st.weights + 0 * tokens,
-        "lora_adapters": st.adapters * 4 + 0 * tokens,
+        "lora_adapters": st.adapters * adapter_bytes(setup) + 0 * tokens,
         "gradients": st.gradients + 0 * tokens,
         "master_weights": st.master + 0 * tokens,
         "optimizer_states": st.states + 0 * tokens,
@@ -193,7 +240,7 @@ def _components(st: ModelStates, acts: ActivationMemory, tokens) -> dict:
     }
 
 
-def embedding_backward_bytes(spec: ModelSpec, grad_bytes: float, device: str) -> float:
+def embedding_backward_bytes(spec: ModelSpec, grad_bytes: float, device: str, tied: bool | None = None) -> float:
     """Live gradient bytes of the embedding table when backward computes it (its last step).
 
     Tied embeddings: the autograd engine holds the head's contribution, computes the
@@ -202,6 +249,6 @@ def embedding_backward_bytes(spec: ModelSpec, grad_bytes: float, device: str) ->
     CPU's ``embedding_dense_backward`` accumulates in an fp32 buffer (4 bytes per element).
     """
     table = spec.vocab_size * spec.hidden_size
-    if spec.tied_embeddings:
+    if spec.tied_embeddings if tied is None else tied:
         return 3.0 * table * grad_bytes
     return table * (grad_bytes if device == "cuda" else max(4.0, grad_bytes))

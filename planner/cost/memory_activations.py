@@ -16,6 +16,7 @@ import numpy as np
 
 from planner.cost import activations as act
 from planner.cost import spec_facts
+from planner.cost.memory_states import adapter_bytes, dtype_layout
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -57,7 +58,10 @@ def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mas
                 # the first norm reads the frozen embedding: nothing needs its gradient
                 first = act.norm_saved_bytes(layer, residual, False)
                 per_token, norms = per_token - first, norms - first
-            out.append((norms, per_token - norms, per_key, selective_kept_per_token(layer, setup)))
+            # residual dropouts sit with the norms outside the tensor-parallel region (Korthikanti
+            # et al. 2022 sec. 4.1): replicated under tensor parallelism unless sequence-parallel
+            replicated = norms + act.dropout_bytes(spec, layer, setup.attention, setup.dropout, mask_bytes)[0]
+            out.append((replicated, per_token - replicated, per_key, selective_kept_per_token(layer, setup)))
         return tuple(out)
 
     key = ("layer_bytes", setup.precision, setup.attention, setup.dropout, trainable, mask_bytes)
@@ -66,56 +70,70 @@ def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mas
 
 def layer_activations(spec: ModelSpec, setup: TrainingSetup, b, s, tp: int, device: str = "cuda", rank=None):
     """(all layers' activations without checkpointing, what checkpointing keeps, the transient
-    of recomputing one layer in backward)."""
-    tokens = b * s
+    of recomputing one layer in backward). Context parallelism leaves ``1/cp`` of the tokens on a
+    GPU; sequence parallelism splits the replicated part (norms, residual dropouts, the layer input
+    kept by checkpointing) over the tensor-parallel group too (Korthikanti et al. 2022 sec. 4.2.2)."""
+    tokens = b * s / setup.context_parallel
+    sp = tp if setup.sequence_parallel else 1
     total = 0.0
     largest = 0.0
     kept = 0.0
     trainable = setup.method == "full"
     mask_bytes = act.DROPOUT_MASK_BYTES if device == "cuda" else act.PRECISION[setup.precision].matmul
     rank = _arr(setup.lora_rank if rank is None else rank)
-    lora_per_token = lora_per_token_by_layer(spec, setup, rank) if not trainable else {}
+    lora_per_token = lora_per_token_by_layer(spec, setup, rank, mask_bytes) if not trainable else {}
     for index, (norms, inner, per_key, selective) in enumerate(_per_layer_bytes(spec, setup, trainable, mask_bytes)):
-        bytes_layer = tokens * (norms + inner / tp) + tokens * s * per_key / tp
+        bytes_layer = tokens * (norms / sp + inner / tp) + tokens * s * per_key / tp
         if index in lora_per_token:
             bytes_layer = bytes_layer + tokens * lora_per_token[index]
         total = total + bytes_layer
         largest = np.maximum(largest, bytes_layer)
         if setup.checkpointing == "selective":
-            kept = kept + tokens * selective
+            kept = kept + tokens * (selective[0] / sp + selective[1] / tp)
     if setup.checkpointing == "none":
         return total, total, 0.0
     if setup.checkpointing == "full":
-        kept = tokens * act.PRECISION[setup.precision].residual * spec.hidden_size * spec.num_layers
+        kept = tokens * act.PRECISION[setup.precision].residual * spec.hidden_size * spec.num_layers / sp
     return total, kept, largest
 
 
-def selective_kept_per_token(layer, setup: TrainingSetup) -> float:
+def selective_kept_per_token(layer, setup: TrainingSetup) -> tuple[float, float]:
     """Op-level selective checkpointing (torchtitan's policy: keep matmul and attention outputs,
     recompute everything else): the layer input, q/k/v, attention output and log-sum-exp, the
-    output projection, the MLP's up-projections and its output."""
+    output projection, the MLP's up-projections and its output. Returns (bytes per token outside
+    the tensor-parallel region: the layer input and the two row-parallel outputs, bytes per token
+    split by tensor parallelism)."""
     p = act.PRECISION[setup.precision].matmul
     r = act.PRECISION[setup.precision].residual
     h = layer.hidden_size
     inter = layer.intermediate_size if not layer.num_experts else layer.experts_per_token * layer.expert_intermediate_size
     up = (2 if layer.gated_mlp else 1) * inter
-    return r * h + p * (2 * layer.q_dim + 2 * layer.kv_dim + h + up + h) + act.LSE_BYTES * layer.num_heads
+    return r * h + 2 * p * h, p * (2 * layer.q_dim + 2 * layer.kv_dim + up) + act.LSE_BYTES * layer.num_heads
 
 
-def lora_per_token_by_layer(spec: ModelSpec, setup: TrainingSetup, rank) -> dict:
+def lora_per_token_by_layer(spec: ModelSpec, setup: TrainingSetup, rank, mask_bytes: float = 1.0) -> dict:
     """LoRA adds per adapted linear and token: peft casts the input to fp32 for the fp32
     adapter (kept by A's matmul), the rank-r intermediate (fp32, kept by B's matmul), and a
-    dropout mask when lora_dropout > 0. Kept per spec, targets, dropout and ranks."""
+    dropout mask when lora_dropout > 0; adapters at the base's 16-bit dtype keep less
+    (``activations.lora_base_dtype_bytes_per_token``). Kept per spec, targets, dropout and ranks."""
+    w = int(adapter_bytes(setup))
 
     def per_layer() -> dict:
         out: dict = {}
+        adapted: dict = {}
         for index, lin in spec_facts.lora_linears(spec, setup.lora_targets):
-            per_token = act.lora_bytes_per_token(lin.in_features, rank, setup.lora_dropout)
-            out[index] = out.get(index, 0) + per_token
+            adapted.setdefault(index, set()).add(lin.name)
+            if w == 4:
+                out[index] = out.get(index, 0) + act.lora_bytes_per_token(lin.in_features, rank, setup.lora_dropout)
+        if w == 2:
+            out = {index: act.lora_base_dtype_bytes_per_token(spec.layers[index], names, rank, setup.lora_dropout,
+                                                              w, mask_bytes, setup.attention)
+                   for index, names in adapted.items()}
         return out
 
     rank = _arr(rank)
-    key = ("lora_activations", tuple(setup.lora_targets), setup.lora_dropout, rank.tobytes(), rank.shape)
+    key = ("lora_activations", tuple(setup.lora_targets), setup.lora_dropout, rank.tobytes(), rank.shape, w,
+           mask_bytes, setup.attention)
     return spec_facts.cached(spec, key, per_layer)
 
 
@@ -140,7 +158,7 @@ def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device:
     """Activations of one micro-batch of ``b`` sequences of ``s`` tokens (arrays broadcast with
     ``rank``). Depends on the method, precision, attention, dropout, checkpointing, LoRA targets
     and tensor parallelism of ``setup``, not on its ZeRO stage, GPU count, accumulation or optimizer."""
-    tokens = b * s
+    tokens = b * s / setup.context_parallel  # each context-parallel GPU holds 1/cp of a sequence
     tp = setup.tensor_parallel
     layer_act, ckpt_saved, ckpt_transient = layer_activations(spec, setup, b, s, tp, device, rank)
     head_act = tokens * act.head_activation_bytes_per_token(spec, setup.precision, setup.dropout, setup.method == "full")
@@ -155,4 +173,11 @@ def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device:
     # log-softmax output (already in ``saved``); in fp32 ``logits.float()`` is the same tensor
     p = act.PRECISION[setup.precision].matmul
     logits_fwd = tokens * spec.vocab_size * (p + (4 if p != 4 else 0))
+    if setup.loss_impl == "fused-linear":
+        fused = act.fused_linear_ce_bytes(spec, setup.precision, tokens, setup.method == "full")
+        # a trained head's weight gradient is made in forward and waits for backward beside the rest
+        head_grad = spec.vocab_size * spec.hidden_size * dtype_layout(setup).grad / tp if setup.method == "full" else 0.0
+        head_act = head_act + tokens * fused["saved_per_token"] + head_grad
+        saved = ckpt_saved + head_act + casts
+        logits_fwd, loss_temp = fused["forward_bytes"], fused["loss_temporaries"]
     return ActivationMemory(layer_act, ckpt_saved, ckpt_transient, head_act, casts, saved, loss_temp, logits_fwd)

@@ -4,8 +4,10 @@ The part of training memory that does not depend on the tokens: bytes per elemen
 and sharding (``dtype_layout``), the quantized storage of QLoRA (``nf4_bytes``), the states of
 each optimizer (``optimizer_state_elems``, ``adam8bit_state_bytes``) and the transient the step
 allocates (``optimizer_temp_bytes``), put together by ``model_states`` for one set-up. ZeRO
-shards states (stage >= 1), gradients (>= 2) and weights (3) over the data-parallel GPUs; tensor
-parallelism splits the full model's tensors. A training stack that stores tensors differently
+shards states (stage >= 1), gradients (>= 2) and weights (3) over the data-parallel GPUs (times
+the context-parallel ones); tensor parallelism splits the full model's tensors, expert parallelism
+the routed experts' (``planner.cost.memory_parallel``); a pipeline stage is priced as the model of
+its own layers (``planner.cost.memory_pipeline``). A training stack that stores tensors differently
 (Megatron's distributed optimizer, torchao's low-precision states) changes this module.
 """
 
@@ -17,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
+from planner.cost.memory_parallel import routed_expert_params, sharded_fraction, zero_shard_degree
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -58,6 +61,15 @@ def dtype_layout(setup: TrainingSetup) -> Bytes:
     if setup.zero > 0:
         return Bytes(2, 2, 4, 4)
     return Bytes(4, 4, 4, 0)
+
+
+def adapter_bytes(setup: TrainingSetup) -> float:
+    """Bytes per LoRA adapter element (weight, gradient and optimizer state alike): fp32 as peft
+    keeps them by default (``autocast_adapter_dtype=True``); with ``adapter_dtype="base"`` the dtype
+    of the layer they adapt, which is 16-bit only under pure bf16/fp16 (a 4-bit QLoRA base is not a
+    floating dtype, so its adapters stay fp32; torchtune's own stack is priced apart)."""
+    base_16bit = setup.method == "lora" and setup.precision in ("bf16", "fp16")
+    return 2.0 if setup.adapter_dtype == "base" and base_16bit else 4.0
 
 
 def optimizer_state_elems(setup: TrainingSetup, trainable: float, tensors) -> float:
@@ -176,28 +188,34 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     leave the GPU with ``offload_optimizer``)."""
     counts = spec_facts.param_counts(spec)
     layout = dtype_layout(setup)
-    dp, tp = setup.data_parallel, setup.tensor_parallel
-    shard_states = dp if setup.zero >= 1 else 1
-    shard_grads = dp if setup.zero >= 2 else 1
-    shard_weights = dp if setup.zero >= 3 else 1
+    dp, tp = zero_shard_degree(setup), setup.tensor_parallel
     full = setup.method == "full"
+    # share of the model on this GPU per sharded kind: ZeRO over data x context ranks, routed
+    # experts over the expert-parallel ranks (``memory_parallel.sharded_fraction``)
+    experts = routed_expert_params(spec)
+    share = {z: sharded_fraction(counts.total - experts, experts, setup.expert_parallel, dp if setup.zero >= z else 1)
+             for z in (1, 2, 3)}
+    # LoRA adapts no stacked expert weight: its adapters shard over the ZeRO group alone
+    lora_share = {z: 1.0 / (dp if setup.zero >= z else 1) for z in (1, 2)}
     adapters = spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank if not full else _arr(0.0)
     if full:
-        weights = counts.total * layout.weight / tp / shard_weights
+        weights = counts.total * layout.weight / tp * share[3]
         trainable = _arr(counts.total)
         grad_bytes, state_bytes = layout.grad, layout.state
         master = counts.total * layout.master
     else:
-        weights = _base_weight_bytes(spec, setup, counts.total) / tp / shard_weights
+        weights = _base_weight_bytes(spec, setup, counts.total) / tp * share[3]
         trainable = adapters
-        grad_bytes, state_bytes = 4.0, 4.0
+        grad_bytes = state_bytes = adapter_bytes(setup)
         master = 0.0
-    gradients = trainable * grad_bytes / shard_grads
+    # full training splits every tensor kind over the tensor-parallel group (the step's
+    # temporaries too: each rank steps its own shards); LoRA's adapters are replicated
+    split, kind_share = (tp, share) if full else (1, lora_share)
+    gradients = trainable * grad_bytes * kind_share[2] / split
     shapes = _tensors(spec, setup, int(np.max(rank)) if not full else 0)
-    states = _state_bytes(spec, setup, trainable, shapes, state_bytes) / shard_states / (tp if full else 1)
-    master = _arr(master) / shard_states / tp
-    temporaries = optimizer_temp_bytes(setup, trainable, shapes, state_bytes) / shard_states
+    states = _state_bytes(spec, setup, trainable, shapes, state_bytes) * kind_share[1] / split
+    master = _arr(master) * share[1] / tp
+    temporaries = optimizer_temp_bytes(setup, trainable, shapes, state_bytes) * kind_share[1] / split
     if setup.offload_optimizer:
         states, master, temporaries = states * 0, master * 0, temporaries * 0
-    gradients = gradients / (tp if full else 1)
     return ModelStates(weights, adapters, gradients, states, master, temporaries, grad_bytes)

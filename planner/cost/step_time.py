@@ -13,7 +13,8 @@ The model, term by term (every constant names its source or says it is a guess t
 calibration corrects), each in its own module:
 
 - **compute_s** -- the matmuls, FLOPs counted as ``planner.cost.flops`` counts them (PyTorch's
-  ``FlopCounterMode`` convention), each product at its roofline (``planner.cost.efficiency``).
+  ``FlopCounterMode`` convention), each product at its roofline (``planner.cost.efficiency``);
+  **attention_s** the attention core's products apart (the kernel differs from a GEMM).
   Causal SDPA runs only the unmasked half of the score square (FlashAttention-2 skips fully
   masked tiles, Dao 2023 sec. 3.1); eager attention runs all of it.
 - **memory_s** -- norms, activations, rotary, residual adds, casts, softmax and the loss:
@@ -25,13 +26,17 @@ calibration corrects), each in its own module:
   (``flops.recompute``) and its elementwise forward; selective reruns only the elementwise part.
 - **optimizer_s** -- the optimizer step (``planner.cost.optimizer_step``): its bytes at the
   memory bandwidth, or over PCIe and at host bandwidth with ``offload_optimizer``.
-- **communication_s** -- exposed data- and tensor-parallel collectives (``planner.cost.communication``).
+- **communication_s** -- exposed data- and tensor-parallel collectives and pipeline sends
+  (``planner.cost.communication``) on the cluster's links (``planner.specs.cluster``).
+- **dequantization_s** -- QLoRA's NF4 -> bf16 passes (``dequantization_s``), memory-bound.
 - **overhead_s** -- host-side cost per micro-batch (``planner.cost.host``): exposed on a GPU only
   above the device time, added on a CPU. (The optimizer step's own host ops are part of
   ``optimizer_s``, so that ``overhead_s`` stays per micro-batch.)
 
 ``step_time_s`` is the sum of those terms (compute, memory, recompute and overhead already
-summed over the ``grad_accum`` micro-batches).
+summed over the ``grad_accum`` micro-batches). Without a calibration profile the terms are then
+grounded on published throughput (``planner.cost.time_model``: per-GPU-generation matmul
+efficiency, per-stack framework and overlap, the pipeline split and bubble, context parallel).
 
 The step is built in two halves: ``micro_batch_work`` (compute, elementwise traffic, recompute
 and host ops of one micro-batch: what does not depend on the set-up's ZeRO stage, GPU count,
@@ -81,7 +86,7 @@ from planner.cost.host import (
     optimizer_host_ops,
 )
 from planner.cost.memory_activations import layer_activations
-from planner.cost.memory_states import dtype_layout
+from planner.cost.memory_states import dtype_layout, nf4_bytes
 from planner.cost.optimizer_step import (
     HOST_MEMORY_BANDWIDTH_BYTES_PER_S,
     PCIE_BANDWIDTH_BYTES_PER_S,
@@ -140,8 +145,11 @@ NOT_READ_BY_WORK = frozenset({"optimizer", "optimizer_impl", "zero", "num_gpus",
 of the work are shared more widely (their own lists below); every other field, a new one
 included, is part of each key."""
 _NOT_READ_BY_FLOPS = NOT_READ_BY_WORK | {"precision", "attention", "tensor_parallel", "dropout", "lora_dropout",
-                                         "checkpointing", "qlora_block_size", "qlora_double_quant"}
-"""(checkpointing enters the FLOPs key as the share of the forward it reruns)"""
+                                         "checkpointing", "qlora_block_size", "qlora_double_quant",
+                                         "pipeline_parallel", "pipeline_schedule", "virtual_stages",
+                                         "sequence_parallel"}
+"""(checkpointing enters the FLOPs key as the share of the forward it reruns; the pipeline layout and
+sequence parallelism split the same micro-batch FLOPs across GPUs, which the time model prices)"""
 _NOT_READ_BY_FORWARD = NOT_READ_BY_WORK | {"checkpointing", "dropout", "lora_dropout"}
 _NOT_READ_BY_TRAFFIC = NOT_READ_BY_WORK | {"method", "checkpointing", "lora_targets", "lora_rank", "lora_dropout",
                                            "qlora_block_size", "qlora_double_quant"}
@@ -154,6 +162,7 @@ class MicroBatchWork(NamedTuple):
     flops: StepFlops
     compute_forward_s: object  # the forward's matmuls
     compute_s: object  # forward + backward matmuls
+    attention_s: object  # ... of which the attention core (scores and their product with values)
     elementwise_layers_s: object  # memory-bound work of the layers
     elementwise_head_s: object  # ... of the embedding, final norm, head and loss
     recompute_s: object
@@ -161,10 +170,11 @@ class MicroBatchWork(NamedTuple):
 
 
 def _compute_seconds(flops: StepFlops, fwd_flops: dict, fwd_secs: dict, tp: int):
-    """(forward matmul seconds, all matmul seconds, seconds per FLOP of the layers' matmuls):
-    each component's backward runs at its forward's seconds per FLOP."""
+    """(forward matmul seconds, all matmul seconds, seconds per FLOP of the layers' matmuls, the
+    attention core's share of all): each component's backward runs at its forward's seconds per FLOP."""
     compute_fwd = 0.0
     compute_all = 0.0
+    attention_all = 0.0
     layer_flops = 0.0
     layer_secs = 0.0
     for component, total_flops in flops.by_component.items():
@@ -172,11 +182,14 @@ def _compute_seconds(flops: StepFlops, fwd_flops: dict, fwd_secs: dict, tp: int)
             continue
         per_flop = fwd_secs[component] / np.maximum(fwd_flops[component], 1.0)
         compute_fwd = compute_fwd + fwd_secs[component]
-        compute_all = compute_all + _arr(total_flops) / (tp if component != "lora" else 1) * per_flop
+        seconds = _arr(total_flops) / (tp if component != "lora" else 1) * per_flop
+        compute_all = compute_all + seconds
+        if component == "attention_core":
+            attention_all = attention_all + seconds
         if component in ("attention", "attention_core", "mlp", "experts"):
             layer_flops = layer_flops + fwd_flops[component]
             layer_secs = layer_secs + fwd_secs[component]
-    return compute_fwd, compute_all, layer_secs / np.maximum(layer_flops, 1.0)
+    return compute_fwd, compute_all, layer_secs / np.maximum(layer_flops, 1.0), attention_all
 
 
 def _activation_traffic(spec: ModelSpec, setup: TrainingSetup, b, s):
@@ -207,7 +220,7 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
     flops = micro_batch_flops(spec, setup, b, s, rank, cache)
     fwd_flops, fwd_secs = shared(cache, setup_key("forward", setup, _NOT_READ_BY_FORWARD),
                                  lambda: forward_seconds(spec, setup, b, s, rank, gpu, corr))
-    compute_fwd, compute_all, layer_per_flop = _compute_seconds(flops, fwd_flops, fwd_secs, tp)
+    compute_fwd, compute_all, layer_per_flop, attention_all = _compute_seconds(flops, fwd_flops, fwd_secs, tp)
     layer_traffic, head_traffic = shared(cache, setup_key("traffic", setup, _NOT_READ_BY_TRAFFIC),
                                          lambda: _activation_traffic(spec, setup, b, s))
     elementwise_layers = ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * layer_traffic / bandwidth * corr.memory_time_factor
@@ -218,17 +231,19 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
         recompute = _arr(flops.recompute) / tp * layer_per_flop + forward_share * elementwise_layers
     elif setup.checkpointing == "selective":
         recompute = forward_share * elementwise_layers
-    return MicroBatchWork(flops, compute_fwd, compute_all, elementwise_layers, elementwise_head, recompute,
-                          host_ops_per_micro_batch(spec, setup))
+    return MicroBatchWork(flops, compute_fwd, compute_all, attention_all, elementwise_layers, elementwise_head,
+                          recompute, host_ops_per_micro_batch(spec, setup))
 
 
 # ------------------------------------------------------------------------------- the step
 
 
 def _trainable_per_gpu(spec: ModelSpec, setup: TrainingSetup, rank):
+    """Trainable elements a GPU holds before ZeRO sharding: split over the tensor-parallel group
+    and over the pipeline stages."""
     if setup.method == "full":
-        return _arr(spec_facts.param_counts(spec).total) / setup.tensor_parallel
-    return _arr(spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank)
+        return _arr(spec_facts.param_counts(spec).total) / (setup.tensor_parallel * setup.pipeline_parallel)
+    return _arr(spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank) / setup.pipeline_parallel
 
 
 def _gradient_traffic(spec: ModelSpec, setup: TrainingSetup, rank):
@@ -249,6 +264,35 @@ def _gradient_traffic(spec: ModelSpec, setup: TrainingSetup, rank):
     return _arr(traffic)
 
 
+def dequantization_s(spec: ModelSpec, setup: TrainingSetup, bandwidth: float):
+    """QLoRA: seconds one micro-batch spends turning the NF4 projections into bf16 (Dettmers et
+    al. 2023, "QLoRA", sec. 3: the storage type is dequantized to the compute type for the
+    forward and again for the backward, where only the adapters get weight gradients; the
+    recompute of full checkpointing dequantizes once more). Memory-bound: each pass reads the
+    4-bit data and its block constants (``memory_states.nf4_bytes``) and writes 2 bytes per
+    weight (bitsandbytes' fused ``dequantize_4bit``; an unfused implementation moves more, which
+    ``time_model``'s ``qlora_dequant_factor`` absorbs)."""
+    if setup.method != "qlora":
+        return _arr(0.0)
+    quantized = spec_facts.projection_params(spec) / (setup.tensor_parallel * setup.pipeline_parallel)
+    traffic = nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + 2.0 * quantized
+    passes = 2 + (1 if setup.checkpointing == "full" else 0)
+    return _arr(passes * traffic / bandwidth)
+
+
+FP16_TWINS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
+"""fp16 moves the bytes of bf16 (``planner.cost.memory.SAME_BYTES_AS``) at the fp16 tensor peak;
+the GradScaler's unscale is one in-place pass over the gradients, left out."""
+
+
+def _fp16_twin(setup: TrainingSetup, gpu: GpuSpec):
+    """(bf16 twin of ``setup``, ``gpu`` with its fp16 peak as the bf16 one, no shared cache: the
+    twin must not share parts with a real bf16 set-up of a GPU whose two peaks differ)."""
+    peaks = {**gpu.peak_flops, "bf16": gpu.peak_flops_for("fp16")}
+    return (setup.model_copy(update={"precision": FP16_TWINS[setup.precision]}),
+            gpu.model_copy(update={"peak_flops": peaks}), None)
+
+
 def _device(profile, gpu: GpuSpec | None) -> GpuSpec:
     """The GPU a step runs on: ``gpu``, else the profile's device (which must be ``gpu``'s)."""
     if profile is not None and hasattr(profile, "device_spec"):
@@ -266,7 +310,8 @@ def _device(profile, gpu: GpuSpec | None) -> GpuSpec:
 
 
 def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, micro_batch=None, seq_len=None,
-              lora_rank=None, profile=None, cache: dict | None = None) -> dict[str, np.ndarray]:
+              lora_rank=None, profile=None, cache: dict | None = None, cluster=None,
+              grounded: bool | None = None) -> dict[str, np.ndarray]:
     """Seconds of one optimizer step of ``setup`` on ``gpu`` (arrays override its numbers).
 
     Returns arrays (broadcast over the candidates) keyed: ``compute_s``, ``memory_s``,
@@ -283,21 +328,32 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
     same arrays; the parts that other set-ups share (``micro_batch_work``: everything that does
     not depend on the ZeRO stage, the GPU count, the accumulation or the optimizer) are computed
     once into it.
+    ``cluster``: a ``planner.specs.cluster.ClusterSpec`` (None: ``default_cluster(gpu)``).
+    ``grounded``: apply the constants fitted on published throughput (``planner.cost.time_model``;
+    adds ``pipeline_bubble_s``). Default: when no profile is given (a profile's corrections
+    replace them); ``False`` gives the bare roofline a fit starts from.
     """
     gpu = _device(profile, gpu)
+    if setup.precision in FP16_TWINS:  # priced as bf16 on a GPU whose bf16 peak is its fp16 peak
+        setup, gpu, cache = _fp16_twin(setup, gpu)
     corr = Corrections(profile)
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
     rank = _arr(setup.lora_rank if lora_rank is None else lora_rank)
     work = shared(cache, setup_key("work", setup, NOT_READ_BY_WORK),
                   lambda: micro_batch_work(spec, setup, gpu, b, s, rank, corr, cache))
-    return _step(spec, setup, gpu, work, b * s, rank, corr)
+    parts = _step(spec, setup, gpu, work, b * s, rank, corr, cluster)
+    if profile is None if grounded is None else grounded:
+        from planner.cost import time_model
+
+        parts = time_model.ground(parts, time_model.features(spec, setup, gpu), time_model.load_constants()["values"])
+    return _totals(parts, setup, gpu, work, b * s)
 
 
-def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchWork, tokens, rank, corr):
-    """The step around ``grad_accum`` micro-batches of ``work``: gradient traffic, host overhead,
-    optimizer, communication, and the totals ``step_time`` returns."""
-    ga, tp, dp = setup.grad_accum, setup.tensor_parallel, setup.data_parallel
+def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchWork, tokens, rank, corr, cluster):
+    """The roofline parts of a step around ``grad_accum`` micro-batches of ``work``: gradient
+    traffic, host overhead, optimizer, communication."""
+    ga = setup.grad_accum
     bandwidth = gpu.memory_bandwidth_bytes_per_s * MEMORY_BANDWIDTH_EFFICIENCY
     memory = work.elementwise_layers_s + work.elementwise_head_s + _gradient_traffic(spec, setup, rank) / bandwidth * (
         corr.memory_time_factor)
@@ -306,21 +362,31 @@ def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchW
     overhead_mb = host_mb if is_cpu(gpu) else np.maximum(host_mb - device_mb, 0.0)
     trainable = _trainable_per_gpu(spec, setup, rank) + 0.0 * tokens
     optimizer = optimizer_step_s(spec, setup, gpu, trainable, rank, corr)
-    fwd_s = work.compute_forward_s + 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * memory
-    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, device_mb - fwd_s, corr)
-    result = {
-        "compute_s": ga * work.compute_s + 0.0 * tokens,
+    split = setup.pipeline_parallel * setup.context_parallel  # the share of a micro-batch's work one GPU runs
+    fwd_s = (work.compute_forward_s + 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * memory) / split
+    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, device_mb / split - fwd_s, corr,
+                                    cluster)
+    return {
+        "compute_s": ga * (work.compute_s - work.attention_s) + 0.0 * tokens,
+        "attention_s": ga * work.attention_s + 0.0 * tokens,
         "memory_s": ga * memory + 0.0 * tokens,
         "recompute_s": ga * work.recompute_s + 0.0 * tokens,
         "overhead_s": ga * overhead_mb + 0.0 * tokens,
         "optimizer_s": optimizer + 0.0 * tokens,
         "communication_s": communication + 0.0 * tokens,
+        "dequantization_s": ga * dequantization_s(spec, setup, bandwidth) * corr.memory_time_factor + 0.0 * tokens,
     }
+
+
+def _totals(result: dict, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchWork, tokens) -> dict:
+    """``step_time_s`` (the sum of the parts), tokens per second of the job, model FLOPs, MFU."""
+    ga, tp, dp = setup.grad_accum, setup.tensor_parallel, setup.data_parallel
     step = sum(result.values())
     model_flops = _arr(work.flops.model) * ga * dp
     result["step_time_s"] = step
     result["tokens_per_s"] = tokens * ga * dp / step
     result["flops_per_step"] = model_flops + 0.0 * tokens
     result["mfu"] = model_flops / (step * gpu.peak_flops_for(setup.precision) * setup.num_gpus)
-    result["achieved_flops_per_s"] = _arr(work.flops.executed) * ga / tp / step
+    split = setup.pipeline_parallel * setup.context_parallel
+    result["achieved_flops_per_s"] = _arr(work.flops.executed) * ga / (tp * split) / step
     return result

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from planner.errors import PlannerError
 
+_LAYOUT_COUNTS = range(1, 2**18 + 1)  # every pipeline / context / expert degree a set-up accepts (MAX_NUM_GPUS)
+_BASELINE_LAYOUT = {"pipeline_parallel": (1,), "virtual_stages": (1,), "sequence_parallel": (False,),
+                    "context_parallel": (1,), "expert_parallel": (1,)}
+
 MEMORY_PRICED: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),
     "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion"),
     "stack": ("hf",),
-    "loss_impl": ("standard",),
+    "loss_impl": ("standard", "fused-linear"),
     "optimizer_in_backward": (False,),
     "activation_offload": (False,),
     "packed": (False,),
@@ -22,13 +26,14 @@ MEMORY_PRICED: dict[str, tuple] = {
     "float8": (False,),
     "dora": (False,),
     "kbit_preparation": (False,),
-    "adapter_dtype": ("auto", "fp32"),
-    "modules_to_save": ((),),
-    "pipeline_parallel": (1,),
-    "virtual_stages": (1,),
-    "sequence_parallel": (False,),
-    "context_parallel": (1,),
-    "expert_parallel": (1,),
+    "adapter_dtype": ("auto", "fp32", "base"),
+    "modules_to_save": ((), ("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")),
+    # planner.cost.memory_parallel / memory_pipeline: stages, SP, ring-attention CP, EP
+    "pipeline_parallel": _LAYOUT_COUNTS,
+    "virtual_stages": _LAYOUT_COUNTS,
+    "sequence_parallel": (False, True),
+    "context_parallel": _LAYOUT_COUNTS,
+    "expert_parallel": _LAYOUT_COUNTS,
 }
 """Field -> the values the memory model prices today for the Hugging Face stack (any other value
 is refused by name)."""
@@ -37,6 +42,7 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
     "hf": MEMORY_PRICED,
     "torchtune": {
         **MEMORY_PRICED,
+        **_BASELINE_LAYOUT,  # torchtune runs FSDP (and TP); its memory model prices no other layout
         "stack": ("torchtune",),
         # torchtune trains in one dtype (no autocast); its recipes' optimizers
         "precision": ("bf16", "fp32"),
@@ -52,11 +58,43 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
         "adapter_dtype": ("auto", "base"),
         "zero": (0, 3),
     },
+    "torchtitan": {
+        **MEMORY_PRICED,
+        **_BASELINE_LAYOUT,  # FSDP2 over the data-parallel GPUs; TP, PP, CP, EP not priced
+        "stack": ("torchtitan",),
+        # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), or fp32; full pre-training
+        "precision": ("bf16-mixed", "fp32"),
+        "method": ("full",),
+        "optimizer": ("adamw",),
+        "optimizer_impl": ("fused", "foreach"),  # 0.3.0's default is "fused"; foreach adds one fp32 temporary
+        "attention": ("sdpa",),
+        "checkpointing": ("none", "full", "selective"),
+        "loss_impl": ("standard",),
+        "compile": (False, True),
+        "zero": (0, 3),
+        "tensor_parallel": (1,),
+    },
 }
-"""Stack -> field -> priced values (``planner.cost.memory_torchtune`` for torchtune)."""
+"""Stack -> field -> priced values (``planner.cost.memory_torchtune`` for torchtune,
+``planner.cost.memory_torchtitan`` for torchtitan)."""
 
-TIME_PRICED: dict[str, tuple] = dict(MEMORY_PRICED)
-"""Field -> the values the step-time model prices today."""
+_ANY_COUNT = range(1, 2**18 + 1)  # every count a set-up accepts (MAX_NUM_GPUS)
+TIME_PRICED: dict[str, tuple] = {
+    **MEMORY_PRICED,
+    # planner.cost.time_model: per-stack framework, fused/eager memory-bound work, compile, the
+    # pipeline (stage split, head on the last stage, bubble, p2p), ring-attention context parallel
+    "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),  # fp16: bf16's bytes at the fp16 peak
+    "stack": ("hf", "torchtune", "torchtitan", "megatron"),
+    "loss_impl": ("standard", "chunked"),  # torchtune's chunked CE: the same logits FLOPs and bytes, in chunks
+    "compile": (False, True),
+    "packed": (False, True),
+    "pipeline_parallel": _ANY_COUNT,
+    "virtual_stages": _ANY_COUNT,
+    "sequence_parallel": (False, True),
+    "context_parallel": _ANY_COUNT,
+    "expert_parallel": (1,),  # the all-to-all dispatch is not timed yet (the memory model prices EP)
+}
+"""Field -> the values the step-time model prices today (``planner.cost.time_model``)."""
 
 PRICED_VALUES = {"memory": MEMORY_PRICED, "time": TIME_PRICED}
 

@@ -30,6 +30,9 @@ def _need_single_node_tp(c: Candidate, engine: str) -> None:
             f"the plan uses tensor parallelism {c.tensor_parallel}, which {engine} does not launch; "
             "re-plan with --tensor-parallel 1 or use Megatron / torchtitan"
         )
+    if c.pipeline_parallel > 1:
+        raise PlannerError(f"the plan uses {c.pipeline_parallel} pipeline stages, which {engine} does not launch here: "
+                           "use Megatron / torchtitan, or re-plan with ZeRO-3 (--zero 3)")
 
 
 def deepspeed_config(c: Candidate) -> dict:

@@ -264,10 +264,15 @@ def plot_loss_curve(plan, path) -> Path:
 
 
 def plot_plan(plan, path) -> Path:
-    """`planner plan --plot`: the Pareto front and the recommended run's loss curve with its stop."""
-    fig, (ax1, ax2) = _figure(2, width=6.5)
-    _pareto_axes(ax1, plan)
-    _loss_curve_axes(ax2, plan)
+    """`planner plan --plot`: the Pareto front and the recommended run's loss curve with its stop;
+    with --inference-tokens, the training vs inference split of the two plans (``serving_plots``)."""
+    fig, axes = _figure(3 if plan.inference is not None else 2, width=6.5)
+    _pareto_axes(axes[0], plan)
+    _loss_curve_axes(axes[1], plan)
+    if plan.inference is not None:
+        from planner.io.serving_plots import lifetime_split_axes
+
+        lifetime_split_axes(axes[2], plan)
     return _save(fig, path)
 
 
@@ -279,7 +284,16 @@ def plot_allocations(rows, path) -> Path:
     if not ok:
         raise PlannerError("no feasible allocation to plot")
     names = [r["name"] for r in ok]
-    fig, axes = _figure(4, width=3.6, height=4.0)
+    curves = all(r.get("curve_tokens") for r in ok)
+    fig, axes = _figure(5 if curves else 4, width=3.6, height=4.0)
+    if curves:  # the expected loss curves of the allocations (their laws: loss_law), on tokens
+        for i, r in enumerate(ok):
+            axes[4].plot(r["curve_tokens"], r["curve_loss"], color=f"C{i}", label=r["name"])
+        axes[4].set_xscale("log")
+        axes[4].set_xlabel("training tokens")
+        axes[4].set_title("expected loss curve", fontsize=9)
+        axes[4].legend(fontsize=7)
+        axes = axes[:4]
     panels = (("loss", "predicted loss", 1.0), ("cost_usd", "cost (USD)", 1.0), ("time_s", "wall time (hours)", 3600.0),
               ("peak_bytes", "peak memory per GPU (GiB)", GiB))
     for ax, (key, label, scale) in zip(axes, panels, strict=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from planner.units import fmt_bytes, fmt_count, fmt_flops, fmt_seconds
+from planner.units import fmt_bytes, fmt_count, fmt_flops, fmt_percent, fmt_seconds, fmt_usd
 
 
 def to_json(obj) -> str:
@@ -92,7 +92,8 @@ def estimate_text(result: dict) -> str:
         "",
         f"peak allocated: {fmt_bytes(result['peak_bytes'])} ({result['peak_phase']}); "
         f"+ allocator reserve {fmt_bytes(over['allocator_reserve_bytes'])} + CUDA context "
-        f"{fmt_bytes(over['cuda_context_bytes'])} = {fmt_bytes(over['estimated_device_bytes'])} on the device",
+        f"{fmt_bytes(over['cuda_context_bytes'])} = {fmt_bytes(over['estimated_device_bytes'])} on the device"
+        + (" (calibrated)" if over.get("calibrated") else ""),
         f"FLOPs per micro-batch: {fmt_flops(result['flops_per_step'])} "
         f"(forward {fmt_flops(result['flops']['forward'])}, backward {fmt_flops(result['flops']['backward'])}"
         + (f", recompute {fmt_flops(result['flops']['recompute'])}" if result["flops"]["recompute"] else "")
@@ -103,12 +104,58 @@ def estimate_text(result: dict) -> str:
         verdict = "fits" if g["fits"] else "does NOT fit"
         lines.append(
             f"{g['name']} ({fmt_bytes(g['memory_bytes'])}): {verdict}, headroom {fmt_bytes(g['headroom_bytes'])}"
+            + (" (calibrated)" if g.get("calibrated") else "")
         )
     if "step_time_s" in result:
-        lines.append(
-            f"calibrated: step {fmt_seconds(result['step_time_s'])}, reserved {fmt_bytes(result['reserved_bytes'])}"
-        )
+        lines += _time_lines(result)
+    elif "time_not_priced" in result:
+        lines.append(f"time: {result['time_not_priced']}")
     return "\n".join(lines)
+
+
+def _span(low: float, high: float, fmt) -> str:
+    return f"[{fmt(low)} - {fmt(high)}]"
+
+
+def _time_lines(result: dict) -> list[str]:
+    """Step time, throughput, MFU and cost with their 80% interval (``planner.cost.time_estimate``)."""
+    r, t = result, result.get("time", {})
+    kind = "calibrated" if t.get("calibrated") or "calibrated" in r else "default model"
+    lines = [
+        f"time ({kind}, {t.get('interval', 0.8):.0%} interval, {t.get('regime', '')}, cluster {t.get('cluster', '-')}):",
+        f"  {'calibrated: ' if kind == 'calibrated' else ''}step {fmt_seconds(r['step_time_s'])} "
+        + (_span(r["step_time_s_low"], r["step_time_s_high"], fmt_seconds) if "step_time_s_low" in r else ""),
+        f"  {fmt_count(r['tokens_per_s'])} tokens/s (whole job) "
+        + (_span(r["tokens_per_s_low"], r["tokens_per_s_high"], fmt_count) if "tokens_per_s_low" in r else ""),
+        f"  MFU {fmt_percent(r['mfu'])} " + (_span(r["mfu_low"], r["mfu_high"], fmt_percent) if "mfu_low" in r else ""),
+    ]
+    if "usd_per_million_tokens" in r:
+        lines.append(f"  {fmt_usd(r['usd_per_million_tokens'])} per million tokens "
+                     f"{_span(r['usd_per_million_tokens_low'], r['usd_per_million_tokens_high'], fmt_usd)} "
+                     f"at {fmt_usd(r['price_usd_per_gpu_hour'])} per GPU-hour")
+    if "reserved_bytes" in r:
+        lines.append(f"  calibrated reserved memory {fmt_bytes(r['reserved_bytes'])}")
+    return lines
+
+
+def _fit_time_cells(r: dict) -> dict:
+    """`planner fit`'s time columns: at the row's largest fitting micro-batch, with the 80% interval."""
+    if "step_time_s" not in r:
+        return {"step (80%)": "-", "tokens/s": "-", "MFU": "-", "$/M tokens": "-"}
+    cells = {
+        "step (80%)": f"{fmt_seconds(r['step_time_s'])} {_span(r['step_time_s_low'], r['step_time_s_high'], fmt_seconds)}",
+        "tokens/s": f"{fmt_count(r['tokens_per_s'])} {_span(r['tokens_per_s_low'], r['tokens_per_s_high'], fmt_count)}",
+        "MFU": f"{fmt_percent(r['mfu'])}",
+    }
+    cells["$/M tokens"] = (f"{fmt_usd(r['usd_per_million_tokens'])} "
+                           f"{_span(r['usd_per_million_tokens_low'], r['usd_per_million_tokens_high'], fmt_usd)}"
+                           if "usd_per_million_tokens" in r else "-")
+    return cells
+
+
+_SHORT = {"optimizer in backward": "opt-in-bwd", "activation offload": "offload", "chunked CE": "chunked-CE",
+          "fused linear CE": "fused-CE", "k-bit preparation": "kbit-prep", "sequence parallel": "SP"}
+"""Technique words as the `fit` table abbreviates them (the JSON and the summary lines spell them out)."""
 
 
 def fit_text(payload: dict) -> str:
@@ -121,18 +168,20 @@ def fit_text(payload: dict) -> str:
                 "precision": r["precision"],
                 "optimizer": r["optimizer"],
                 "checkpointing": r["checkpointing"],
-                "stack + techniques": " + ".join([r.get("stack", "hf"), *r.get("techniques", [])]),
+                "stack + techniques": "+".join([r.get("stack", "hf"), *(_SHORT.get(t, t) for t in r.get("techniques", []))]),
                 "peak @b=1": fmt_bytes(r["peak_bytes"]),
                 "fits": "yes" if r["fits"] else "no",
                 "max micro-batch": r["max_micro_batch"] or "-",
                 "max seq @b=1": r["max_seq_len"] or "-",
                 "headroom": fmt_bytes(r["headroom_bytes"]),
+                **_fit_time_cells(r),
             }
         )
     head = (
         f"{payload['model']} on {payload['num_gpus']} x {payload['gpu']}"
         + (f" ZeRO-{payload['zero']}" if payload.get("zero") is not None else "")
         + f" at sequence {payload['seq_len']} (usable for tensors: {fmt_bytes(payload['usable_bytes'])} per GPU)"
+        + ("; every number calibrated by the profile" if payload.get("calibrated_fields") else "")
     )
     lines = [head, render_table(rows)]
     best = _best_fit_words(payload["rows"])
@@ -146,21 +195,24 @@ def fit_text(payload: dict) -> str:
 
 
 def _best_fit_words(rows: list[dict]) -> str:
-    """Which set-up fits best (largest micro-batch, then most headroom), per method, in one line each;
+    """Which set-up fits best (fastest where priced, else largest micro-batch), per method, one line each;
     and when only another stack makes a method fit, that it does."""
     lines = []
     for method in ("full", "lora", "qlora"):
         fitting = [r for r in rows if r["method"] == method and r["fits"]]
         if not fitting:
             continue
-        best = max(fitting, key=lambda r: (r["max_micro_batch"], r["headroom_bytes"]))
+        # the fastest when the time model prices the rows, else the largest micro-batch
+        best = max(fitting, key=lambda r: (r.get("tokens_per_s") or 0.0, r["max_micro_batch"], r["headroom_bytes"]))
+        speed = f" ({fmt_count(best['tokens_per_s'])} tokens/s)" if best.get("tokens_per_s") else ""
         label = " + ".join([best.get("stack", "hf"), *best.get("techniques", [])])
         only = {r.get("stack", "hf") for r in fitting}
         tried = {r.get("stack", "hf") for r in rows if r["method"] == method}
         alone = f" (only {', '.join(sorted(only))} fits)" if len(tried) > 1 and len(only) == 1 else ""
         lines.append(f"  {method}: fits with {label}, {best['precision']}, {best['optimizer']}, checkpointing "
-                     f"{best['checkpointing']} at micro-batch up to {best['max_micro_batch']}{alone}")
-    return ("\nbest per method:\n" + "\n".join(lines)) if lines else ""
+                     f"{best['checkpointing']} at micro-batch {best.get('time_micro_batch') or best['max_micro_batch']}"
+                     f"{speed}{alone}")
+    return ("\nfastest fitting set-up per method:\n" + "\n".join(lines)) if lines else ""
 
 
 def inference_fit_text(result: dict) -> str:
@@ -194,3 +246,11 @@ def catalog_text(models: list[dict], gpus: list[dict]) -> str:
         ]
         parts.append(render_table(rows))
     return "\n\n".join(parts)
+
+
+def clusters_text(clusters: list[dict]) -> str:
+    """`planner catalog clusters`: the networks a step time can be priced on (``--cluster``)."""
+    rows = [{"cluster": c["name"], "GPUs/node": c["gpus_per_node"], "intra-node": c["intra_node_link"],
+             "inter-node per GPU": f"{c['inter_node_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", "link": c["inter_node_link"]}
+            for c in clusters]
+    return render_table(rows) + "\n(without --cluster: 8 GPUs per node on the GPU's own link, 400 Gb/s per GPU between nodes)"

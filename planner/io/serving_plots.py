@@ -114,3 +114,20 @@ def plot_finetune_losses(curves: dict, path, title: str = "fine-tuning loss (Zha
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def lifetime_split_axes(ax, plan) -> None:
+    """Training vs lifetime inference of the training-only and the recommended plan (stacked bars,
+    in the plan's unit: FLOPs or dollars; Sardana et al. 2024's Figure 1 as bars)."""
+    i = plan.inference
+    plans = (("training only", i.training_only), ("inference-aware", plan.recommended))
+    usd = i.unit == "USD"
+    train = [p.cost_usd if usd else p.compute_flops for _, p in plans]
+    infer = [p.inference_cost_usd if usd else p.inference_flops for _, p in plans]
+    names = [f"{name}\n{p.model}" for name, p in plans]
+    ax.bar(names, train, color="C0", label="training")
+    ax.bar(names, infer, bottom=train, color="C1", label="inference")
+    ax.set_ylabel("US dollars" if usd else "FLOPs")
+    ax.set_title(f"same loss {i.target_loss:.3f}: {i.savings_fraction:+.1%} saved", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)

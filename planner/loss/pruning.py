@@ -94,6 +94,7 @@ class PruningMethod(_Frozen):
     min_keep_fraction: float | None = Field(None, gt=0, le=1)
     scoring: Scoring
     citation: str = ""
+    evidence: dict | None = None  # the domain of its published results (planner.loss.evidence)
 
     @property
     def metric_angle_deg(self) -> float:
@@ -215,6 +216,20 @@ def pruned_loss(
     u_n = optimal_params_for_tokens(law, v * np.minimum(kept, d))
     n_eff = effective_params(n, u_n, rep.r_n_star)
     return law.E + law.A * n_eff ** (-law.alpha) + law.B * d_eff ** (-law.beta)
+
+
+def effective_data_tokens(law: ScalingLaw, params_n, tokens_d, pool_tokens, keep_fraction, theta_deg,
+                          strategy: Literal["hard", "easy"] = "hard"):
+    """The data term of :func:`pruned_loss` alone: v D'(f U, D), the fresh-token equivalent of D
+    tokens drawn with repetition from the kept f U (Muennighoff et al.'s D', Eq. 5) times the
+    selection value v. Without the excess-parameter term, which concerns a model trained from
+    scratch (a fine-tune's base model is given)."""
+    if law.repetition is None:
+        raise PlannerError(f"law {law.name!r} has no repetition constants; pruning needs them")
+    f = np.asarray(keep_fraction, dtype=np.float64)
+    kept = f * np.asarray(pool_tokens, dtype=np.float64)
+    v = selection_value(f, theta_deg, abundance(law, params_n, pool_tokens), strategy)
+    return v * effective_tokens(kept, np.asarray(tokens_d, dtype=np.float64), law.repetition.r_d_star)
 
 
 # --------------------------------------------------------------------------------------------

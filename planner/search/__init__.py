@@ -7,7 +7,10 @@ ladder, GPU counts and layouts, data choices, token counts), ``setups`` (memory 
 every set-up, into a ``table.SetupTable``), ``scoring`` (loss, time, cost and FLOPs of every
 candidate), ``pareto`` (the front and the choice), ``constraints`` (binding limits, stopping,
 shortfalls), ``convex`` (the cvxpy geometric program and the check of the grid against it),
-``planning`` (``make_plan``) and ``compare`` (allocations side by side). May import
+``planning`` (``make_plan``) and ``compare`` (allocations side by side); beside them ``finetuning``
+(a fine-tuning candidate's loss under a fine-tuning law), ``plausible`` (the evidence's limits in
+the constraint table, and what going beyond would gain) and ``lifetime`` (training plus lifetime
+inference, ``--inference-tokens``). May import
 ``planner.cost``, ``planner.loss``, ``planner.specs`` and below; never ``planner.io``,
 ``planner.truth`` or ``planner.cli``.
 """

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.errors import PlannerError
-from planner.loss import pruning, scaling
+from planner.loss import evidence, pruning, scaling
 from planner.search.context import Context
 from planner.search.plan import PlanRequest
 
@@ -119,10 +119,32 @@ def _entry(spec, law: scaling.ScalingLaw, name: str) -> ModelEntry:
     return ModelEntry(name=name, spec=spec, params_n=float(n), total_params=float(counts.total))
 
 
-def catalog_models(names, law) -> list[ModelEntry]:
+def catalog_models(names, law, request: PlanRequest | None = None) -> list[ModelEntry]:
+    """The catalog models to fine-tune, checked against the request: a sequence past a model's
+    context, or tensor-parallel degrees none of which divide its heads, is bad input."""
     from planner.specs.catalog import load_spec
 
-    return [_entry(load_spec(name), law, load_spec(name).name) for name in names]
+    specs = [load_spec(name) for name in names]
+    if request is not None:
+        for spec in specs:
+            _check_request_fits_model(spec, request)
+    return [_entry(spec, law, spec.name) for spec in specs]
+
+
+def _check_request_fits_model(spec, request: PlanRequest) -> None:
+    from planner.specs.setup import TrainingSetup, check_setup
+
+    context = spec.max_position_embeddings
+    if context and request.seq_len > context:
+        check_setup(spec, TrainingSetup(seq_len=request.seq_len))  # raises, saying what would work
+    if "tensor_parallel" in request.model_fields_set and not any(_divides_heads(spec, tp) for tp in request.tensor_parallel):
+        check_setup(spec, TrainingSetup(seq_len=min(request.seq_len, context or request.seq_len),
+                                        num_gpus=max(request.tensor_parallel), tensor_parallel=max(request.tensor_parallel)))
+
+
+def _divides_heads(spec, tp: int) -> bool:
+    """Megatron-style tensor parallelism gives each GPU whole query and key/value heads."""
+    return all(layer.num_heads % tp == 0 and layer.num_kv_heads % tp == 0 for layer in spec.layers)
 
 
 def ladder_models(sizes, law) -> list[ModelEntry]:
@@ -223,8 +245,9 @@ def gpu_counts_for(ctx: Context):
     return pretrain_counts
 
 
-def layouts(request: PlanRequest, num_gpus: int, method: str) -> list[tuple[int, int]]:
-    """(ZeRO stage, tensor parallel) pairs for a GPU count, lightest-communication first."""
+def layouts(request: PlanRequest, num_gpus: int, method: str, spec=None) -> list[tuple[int, int]]:
+    """(ZeRO stage, tensor parallel) pairs for a GPU count, lightest-communication first; with a
+    ``spec``, only tensor-parallel degrees that divide its heads."""
     set_fields = request.model_fields_set
     pretrain = request.pretrain
     zeros = request.zero if (not pretrain or "zero" in set_fields) else PRETRAIN_ZERO
@@ -236,7 +259,7 @@ def layouts(request: PlanRequest, num_gpus: int, method: str) -> list[tuple[int,
         zeros = tuple(z for z in zeros if z in (0, 3)) or zeros
     out = []
     for tp in sorted(tps):
-        if tp > min(num_gpus, MAX_TENSOR_PARALLEL) or num_gpus % tp:
+        if tp > min(num_gpus, MAX_TENSOR_PARALLEL) or num_gpus % tp or (spec is not None and not _divides_heads(spec, tp)):
             continue
         for z in sorted(zeros):
             out.append((z, tp))
@@ -259,8 +282,9 @@ class DataChoices:
         return int(self.keep_fraction.size)
 
 
-def _selection_names(request: PlanRequest, law: scaling.ScalingLaw, notes: list[str]) -> tuple[str, ...]:
-    """The selection methods to try: the request's, or every catalog method that applies."""
+def _selection_names(request: PlanRequest, law: scaling.ScalingLaw, notes: list[str], plaus=None) -> tuple[str, ...]:
+    """The selection methods to try: the request's, or every catalog method with evidence for the
+    task (``planner.loss.evidence``; every method beyond the evidence)."""
     names = request.selection
     if request.data_pool_tokens is None:
         if names is not None and any(n != "all" for n in names):
@@ -272,13 +296,20 @@ def _selection_names(request: PlanRequest, law: scaling.ScalingLaw, notes: list[
                                "drop --selection or use a Chinchilla-form law that has them (besiroglu2024)")
         notes.append(f"{law.name} has no repetition term: tokens are capped at the kept data (one epoch)")
         return names or ("all",)
+    allowed = None if plaus is None else plaus.methods
     if names is None:
         return ("all",) + tuple(m for m in pruning.list_methods()
-                                if m != "random" and pruning.load_method(m).min_keep_fraction is not None)
+                                if m != "random" and pruning.load_method(m).min_keep_fraction is not None
+                                and (allowed is None or m in allowed))
+    outside = [n for n in names if n != "all" and allowed is not None and n not in allowed]
+    for name in outside:  # named by the user: used, and said to be beyond the evidence
+        setting = ", ".join(evidence.method_settings(pruning.load_method(name))) or "none recorded"
+        notes.append(f"selection {name} was asked for but has no evidence for {plaus.task} (its results: {setting}): "
+                     "beyond the evidence")
     return names
 
 
-def _method_rows(request: PlanRequest, name: str) -> list[tuple]:
+def _method_rows(request: PlanRequest, name: str, plaus=None) -> list[tuple]:
     """(selection, kept fraction, metric angle, strategy, scoring FLOPs) of one selection method."""
     if name == "all":
         return [("all", 1.0, 90.0, "hard", 0.0)]
@@ -292,12 +323,23 @@ def _method_rows(request: PlanRequest, name: str) -> list[tuple]:
     elif method.min_keep_fraction is None:
         raise PlannerError(f"selection {name} needs the pool's non-duplicate share: give keep fractions (--keep)")
     else:
-        fractions = np.geomspace(method.min_keep_fraction, 1.0, KEEP_GRID)[:-1]
+        fractions = _keep_grid(method, plaus)
     return [(name, float(f), float(theta), strategy, score)
             for f in fractions for strategy in (request.strategies if theta < 90.0 else ("hard",))]
 
 
-def data_choices(request: PlanRequest, law: scaling.ScalingLaw) -> tuple[DataChoices, list[str]]:
+def _keep_grid(method, plaus) -> np.ndarray:
+    """Log-spaced kept fractions from the method's smallest measured one to 1, inside the kept
+    fractions of its published results unless beyond the evidence."""
+    grid = np.geomspace(method.min_keep_fraction, 1.0, KEEP_GRID)[:-1]
+    rng = evidence.keep_fraction_range(method)
+    if plaus is None or plaus.beyond_evidence or rng is None:
+        return grid
+    inside = grid[(grid >= rng[0] * (1 - 1e-9)) & (grid <= rng[1] * (1 + 1e-9))]
+    return inside if inside.size else np.array([rng[0]])
+
+
+def data_choices(request: PlanRequest, law: scaling.ScalingLaw, plaus=None) -> tuple[DataChoices, list[str]]:
     """Selection method x kept fraction x strategy.
 
     "all" trains on the whole pool (or, without a pool, on unlimited fresh data); "random" keeps a
@@ -306,7 +348,7 @@ def data_choices(request: PlanRequest, law: scaling.ScalingLaw) -> tuple[DataCho
     the hard and the easy examples, and pays its scoring FLOPs.
     """
     notes: list[str] = []
-    rows = [row for name in _selection_names(request, law, notes) for row in _method_rows(request, name)]
+    rows = [row for name in _selection_names(request, law, notes, plaus) for row in _method_rows(request, name, plaus)]
     if not rows:
         raise PlannerError("no data choice left: check --selection and the keep fractions")
     sel, f, theta, strat, score = (np.asarray(x) for x in zip(*rows, strict=True))

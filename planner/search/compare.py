@@ -62,6 +62,11 @@ def compare(request) -> list[dict]:
 
     Returns one row per allocation: name, feasible, reason, and the recommended run's fields
     (``planner.search.plan.Candidate``) with the binding constraints."""
+    from planner.specs.catalog import load_spec
+
+    # an unknown model is bad input (exit 2), not an infeasible allocation
+    for name in dict.fromkeys([*request.base.models, *(a.model for a in request.allocations if a.model)]):
+        load_spec(name)
     rows = []
     for alloc in request.allocations:
         try:
@@ -73,5 +78,8 @@ def compare(request) -> list[dict]:
         row.update(plan.recommended.model_dump())
         row["binding"] = [c.name for c in plan.constraints if c.binding]
         row["stop_step"] = plan.stopping.stop_step
+        # the expected loss curve (tokens, loss) of the allocation's run, for compare --plot
+        row["curve_tokens"] = [t * plan.recommended.global_batch_tokens for t in plan.stopping.curve_step]
+        row["curve_loss"] = plan.stopping.curve_loss
         rows.append(row)
     return rows

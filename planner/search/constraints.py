@@ -14,7 +14,7 @@ from planner.errors import PlannerError
 from planner.search.context import RELAX, Context, Limits
 from planner.search.pareto import choose
 from planner.search.plan import Candidate, ConstraintReport, Stopping
-from planner.search.scoring import budget_flops_per_token, predicted_loss, score_candidates
+from planner.search.scoring import budget_flops_per_token, candidate_loss, score_candidates
 from planner.search.setups import reduce_setups
 
 UNITS = {"compute_flops": "FLOP", "budget_usd": "USD", "gpu_hours": "GPU-hour", "deadline_s": "s", "usable_bytes": "bytes"}
@@ -57,13 +57,20 @@ def constraints(ctx: Context, state, data, limits: Limits, rec: Candidate) -> li
         ratio = used[name] / limit
         binding = ratio >= 1 - 1e-6 if name != "usable_bytes" else (change is not None and change < -1e-12)
         out.append(ConstraintReport(name=CONSTRAINT_NAMES[name], limit=limit, used=used[name], unit=UNITS[name],
-                                    binding=bool(binding), slack_fraction=1 - ratio, loss_change_if_relaxed=change))
+                                    binding=bool(binding), slack_fraction=1 - ratio, loss_change_if_relaxed=change,
+                                    kind="hardware" if name == "usable_bytes" else "budget"))
     if req.data_pool_tokens is not None:
         unique = rec.unique_tokens or 0.0
         out.append(ConstraintReport(name="data_pool", limit=req.data_pool_tokens, used=unique, unit="tokens",
                                     binding=bool(rec.tokens >= rec.keep_fraction * req.data_pool_tokens * (1 - 1e-9)),
-                                    slack_fraction=1 - unique / req.data_pool_tokens, loss_change_if_relaxed=None))
-    return out
+                                    slack_fraction=1 - unique / req.data_pool_tokens, loss_change_if_relaxed=None,
+                                    kind="data"))
+    from planner.search.plausible import memory_exclusion, plausibility_reports  # the evidence's limits
+
+    excluded = memory_exclusion(ctx, state, data, rec)
+    if excluded:  # memory decided the method: it binds even where 10% more would not fit the better one
+        out = [c.model_copy(update={"binding": True, "source": excluded}) if c.name == "memory_per_gpu" else c for c in out]
+    return out + plausibility_reports(ctx, state, data, limits, rec, now)
 
 
 def choice_index(data, c: Candidate) -> int:
@@ -93,8 +100,8 @@ def _loss_curve(ctx: Context, state, data, rec: Candidate):
     tokens = t * rec.global_batch_tokens
     entry = next(m for m in state.models if m.name == rec.model)
     j = choice_index(data, rec)
-    loss = predicted_loss(ctx.law, entry.params_n, tokens, ctx.request.data_pool_tokens, data.keep_fraction[j],
-                          data.theta_deg[j], str(data.strategy[j]), ctx.request.peft_efficiency[rec.method])
+    loss = candidate_loss(ctx, entry.params_n, rec.method, tokens, data.keep_fraction[j], data.theta_deg[j],
+                          str(data.strategy[j]))
     return t, loss
 
 
@@ -150,11 +157,11 @@ def memory_shortfall(ctx: Context, state) -> str:
     peak, name, setup, _ = lightest
     entry = next(m for m in state.models if m.name == name)
     short = peak - ctx.usable_bytes
-    fixes = cheapest_fixes(entry.spec, ctx.gpu, setup.model_copy(update={"micro_batch": 1}), ctx.request.seq_len,
-                           ctx.usable_bytes, max(ctx.request.seq_len, 4096))
+    fixes = cheapest_fixes(entry.spec, ctx.gpu, setup, ctx.request.seq_len, ctx.usable_bytes,
+                           max(ctx.request.seq_len, 4096), ctx.profile)
     fix_text = "; ".join(f["fix"] for f in fixes) if fixes else "a GPU with more memory"
     return (f"nothing fits in memory: the lightest set-up ({name}, {setup.method}, checkpointing {setup.checkpointing}, "
-            f"{setup.num_gpus} GPU(s) ZeRO-{setup.zero} TP {setup.tensor_parallel}, micro-batch 1) needs "
+            f"{setup.num_gpus} GPU(s) ZeRO-{setup.zero} TP {setup.tensor_parallel}, micro-batch {setup.micro_batch}) needs "
             f"{fmt_bytes(peak)} per GPU, {fmt_bytes(short)} more than the {fmt_bytes(ctx.usable_bytes)} usable on "
             f"{ctx.gpu.name}; relax: {fix_text}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.errors import PlannerError
-from planner.loss import scaling
+from planner.loss import evidence, scaling
 from planner.search.plan import PlanRequest
 
 DEFAULT_GPU = "h100-sxm"
@@ -32,6 +32,7 @@ class Context:
     usable_bytes: float
     profile: object
     assumptions: tuple[str, ...]
+    plausibility: object = None  # planner.loss.evidence.Plausibility: the task's methods, epochs, tokens per parameter
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,21 @@ def make_context(request: PlanRequest) -> Context:
     price = _price(request, gpu, notes)
     if profile is not None:
         notes.append(f"calibration: {request.calibration} ({profile.device.name}, fitted: "
-                     f"{', '.join(profile.corrections.fitted) or 'nothing'})")
+                     f"{', '.join(profile.corrections.fitted) or 'nothing'}) sets every set-up's peak_bytes, "
+                     "usable_bytes, fits and step_time_s (planner.cost.device_memory)")
     usable = usable_allocated_bytes(gpu, profile)
-    return Context(request, law, gpu, price, float(usable), profile, tuple(notes))
+    if request.uses_finetune_law:  # an unknown law or task fails before the search
+        from planner.search.finetuning import method_law
+
+        for method in request.methods:
+            method_law(method, request.finetune_task, request.finetune_law)
+    limits = evidence.plausibility(law, request.pretrain, request.task, request.max_epochs, request.tokens_per_param,
+                                   request.beyond_evidence)
+    return Context(request, law, gpu, price, float(usable), profile, tuple(notes), limits)
+
+
+def beyond(ctx: Context) -> Context:
+    """The same context with every plausibility limit lifted (what going beyond the evidence gains)."""
+    from dataclasses import replace
+
+    return replace(ctx, plausibility=ctx.plausibility.relaxed())

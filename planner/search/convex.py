@@ -22,6 +22,7 @@ def allocation_gp(
     tokens_cap: float | None = None,
     params_cap: float | None = None,
     efficiency: float = 1.0,
+    tokens_per_param: tuple[float, float] | None = None,
 ) -> dict:
     """Model size and tokens as a geometric program (cvxpy, ``gp=True``).
 
@@ -47,6 +48,9 @@ def allocation_gp(
         constraints["data_pool"] = d <= tokens_cap / scale
     if params_cap is not None:
         constraints["memory"] = n <= params_cap / scale
+    if tokens_per_param is not None:  # the law's evidence (planner.loss.evidence): lo N <= D <= hi N, monomial
+        constraints["tokens_per_param_max"] = d <= tokens_per_param[1] * n
+        constraints["tokens_per_param_min"] = tokens_per_param[0] * n <= d
     problem = cp.Problem(cp.Minimize(objective), list(constraints.values()))
     problem.solve(gp=True, solver=cp.CLARABEL)
     if problem.status not in ("optimal", "optimal_inaccurate"):
@@ -102,7 +106,9 @@ def check_grid(ctx, models: list, fits, rec: Candidate) -> ContinuousCheck | Non
         params_cap = largest
     if rec.selection not in ("all", "random") or rec.keep_fraction < 1:
         notes.append("the grid prunes the data; the program does not model selection")
-    sol = allocation_gp(law, caps, tokens_cap, params_cap)
+    plaus = ctx.plausibility
+    tpp = None if plaus is None else plaus.tokens_per_param
+    sol = allocation_gp(law, caps, tokens_cap, params_cap, tokens_per_param=tpp)
     return ContinuousCheck(
         params=sol["params_n"], tokens=sol["tokens_d"], loss=sol["loss"], duals=sol["duals"], binding=sol["binding"],
         grid_params=rec.params, grid_tokens=rec.tokens, grid_loss=rec.loss,

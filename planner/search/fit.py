@@ -11,25 +11,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.memory import inference_memory, training_memory
-from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GpuSpec
+from planner.cost import device_memory
+from planner.cost.device_memory import peak_allocated_bytes
+from planner.cost.memory import inference_memory
+from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import InferenceSetup, TrainingSetup
 from planner.specs.techniques import technique_words
 
+FIT_CALIBRATED_FIELDS = ("usable_bytes", "short_by_bytes", "fixes", "rows.peak_bytes", "rows.fits", "rows.headroom_bytes",
+                         "rows.max_micro_batch", "rows.max_seq_len", "rows.step_time_s", "rows.tokens_per_s", "rows.mfu",
+                         "rows.usd_per_million_tokens")
+"""What a calibration profile sets in ``planner fit --json`` (``calibrated_fields``)."""
 MICRO_BATCHES = np.array(sorted(set(range(1, 257)) | {2**k for k in range(9, 17)}))
 SEQ_STEP = 128
 
 
 def usable_allocated_bytes(gpu: GpuSpec, profile=None) -> float:
     """What PyTorch may allocate: device memory less the CUDA context, less the allocator's
-    reserve (see ``memory.CUDA_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_FRACTION``); with a
-    calibration profile of this GPU, its measured context and fitted reserve instead."""
-    if profile is not None:
-        from planner.cost.calibrated import usable_allocated_bytes as calibrated_usable
-
-        return calibrated_usable(profile, gpu)
-    return (gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE_FRACTION)
+    reserve (``planner.cost.device_memory``, the verdict every verb shares); with a calibration
+    profile of this GPU, its measured context and fitted reserve instead."""
+    return device_memory.usable_allocated_bytes(gpu, profile)
 
 
 def default_setups(num_gpus: int = 1, zero: int = 0, include_all: bool = False) -> list[TrainingSetup]:
@@ -54,11 +56,12 @@ def default_setups(num_gpus: int = 1, zero: int = 0, include_all: bool = False) 
 @dataclass(frozen=True)
 class FitRow:
     setup: TrainingSetup
-    peak_bytes: float  # at micro-batch 1 and the requested sequence length
+    peak_bytes: float  # peak allocated at micro-batch 1 and the requested sequence length
     fits: bool
     max_micro_batch: int  # 0 when micro-batch 1 does not fit
     max_seq_len: int  # at micro-batch 1; 0 when even SEQ_STEP does not fit
-    headroom_bytes: float  # usable minus peak at micro-batch 1 (negative: short by)
+    headroom_bytes: float  # memory minus device bytes at micro-batch 1 (negative: short by), as in estimate
+    calibrated: bool = False  # whether a calibration profile set the numbers above
 
     def as_dict(self) -> dict:
         s = self.setup
@@ -74,6 +77,7 @@ class FitRow:
             "max_micro_batch": self.max_micro_batch,
             "max_seq_len": self.max_seq_len,
             "headroom_bytes": self.headroom_bytes,
+            "calibrated": self.calibrated,
         }
 
 
@@ -82,18 +86,23 @@ def _largest_fitting(values: np.ndarray, peaks: np.ndarray, budget: float) -> in
     return int(values[ok[-1]]) if ok.size else 0
 
 
-def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, budget: float, max_seq_len: int) -> FitRow:
-    peak1 = float(training_memory(spec, setup, 1, seq_len).peak_bytes)
-    batch_peaks = training_memory(spec, setup, MICRO_BATCHES, seq_len).peak_bytes
+def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, gpu: GpuSpec, max_seq_len: int,
+            profile=None) -> FitRow:
+    """One set-up's verdict on ``gpu`` by ``planner.cost.device_memory`` (calibrated by ``profile``)."""
+    budget = device_memory.usable_allocated_bytes(gpu, profile, setup.stack)
+    peak1 = float(peak_allocated_bytes(spec, setup, 1, seq_len, profile=profile))
+    batch_peaks = peak_allocated_bytes(spec, setup, MICRO_BATCHES, seq_len, profile=profile)
     seqs = np.arange(SEQ_STEP, max_seq_len + 1, SEQ_STEP)
-    seq_peaks = training_memory(spec, setup, 1, seqs).peak_bytes
+    seq_peaks = peak_allocated_bytes(spec, setup, 1, seqs, profile=profile)
+    need = float(device_memory.device_bytes(peak1, device_memory.overheads(gpu, profile, setup.stack)))
     return FitRow(
         setup=setup,
         peak_bytes=peak1,
         fits=peak1 <= budget,
         max_micro_batch=_largest_fitting(MICRO_BATCHES, np.asarray(batch_peaks), budget),
         max_seq_len=_largest_fitting(seqs, np.asarray(seq_peaks), budget),
-        headroom_bytes=budget - peak1,
+        headroom_bytes=gpu.memory_bytes - need,
+        calibrated=profile is not None,
     )
 
 
@@ -110,41 +119,46 @@ def what_fits(
     precision: str | None = None,
 ) -> dict:
     """Every default set-up on ``gpu``: rows, and when none fits, the shortfall and fixes.
-    ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) sets the budget.
+    ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) corrects every row's
+    peak, fits, headroom, largest micro-batch and longest sequence, and the budget.
     ``stack``: only that stack's set-ups; None tries every priced stack (``fit_setups``)."""
     from planner.search.fit_setups import fit_setups
 
     zero = (3 if num_gpus > 1 else 0) if zero is None else zero
     budget = usable_allocated_bytes(gpu, profile)
     limit = max_seq_len or max(spec.max_position_embeddings or 0, seq_len, 4096)
-    rows = [fit_row(spec, setup, seq_len, budget, limit) for setup in fit_setups(spec, gpu, stack, num_gpus, zero, include_all, precision)]
+    rows = [fit_row(spec, setup, seq_len, gpu, limit, profile)
+            for setup in fit_setups(spec, gpu, stack, num_gpus, zero, include_all, precision)]
     rows.sort(key=lambda r: (not r.fits, -r.max_micro_batch, r.peak_bytes))
-    result = {"usable_bytes": budget, "rows": rows, "fixes": []}
+    result = {"usable_bytes": budget, "rows": rows, "fixes": [], "calibrated": profile is not None}
     if not any(row.fits for row in rows):
         lightest = min(rows, key=lambda r: r.peak_bytes)
         result["short_by_bytes"] = lightest.peak_bytes - budget
-        result["fixes"] = cheapest_fixes(spec, gpu, lightest.setup, seq_len, budget, limit)
+        result["fixes"] = cheapest_fixes(spec, gpu, lightest.setup, seq_len, budget, limit, profile)
     return result
 
 
 def cheapest_fixes(
-    spec: ModelSpec, gpu: GpuSpec, lightest: TrainingSetup, seq_len: int, budget: float, limit: int
+    spec: ModelSpec, gpu: GpuSpec, lightest: TrainingSetup, seq_len: int, budget: float, limit: int, profile=None
 ) -> list[dict]:
     """Fixes for a job where no set-up fits, cheapest first: a shorter sequence with the lightest
-    set-up, sharding over more GPUs of this kind (ZeRO-3), a larger GPU of the catalog."""
+    set-up, sharding over more GPUs of this kind (ZeRO-3), a larger GPU of the catalog. A
+    calibration ``profile`` of ``gpu`` corrects the peaks (another GPU gets the defaults' overheads)."""
     from planner.specs.catalog import list_gpus
 
     fixes = []
     seqs = np.arange(SEQ_STEP, limit + 1, SEQ_STEP)
-    max_seq = _largest_fitting(seqs, np.asarray(training_memory(spec, lightest, 1, seqs).peak_bytes), budget)
+    max_seq = _largest_fitting(seqs, np.asarray(peak_allocated_bytes(spec, lightest, 1, seqs, profile=profile)), budget)
     if max_seq:
         fixes.append({"fix": f"shorter sequences: up to {max_seq} tokens", "change": "seq_len", "value": max_seq})
     for n in (2, 4, 8, 16, 32, 64, 128):
+        if n % (lightest.tensor_parallel * lightest.pipeline_parallel):
+            continue  # the model-parallel group must divide the GPUs (else no data-parallel rank)
         sharded = lightest.model_copy(update={"num_gpus": n, "zero": 3})
-        if float(training_memory(spec, sharded, 1, seq_len).peak_bytes) <= budget:
+        if float(peak_allocated_bytes(spec, sharded, 1, seq_len, profile=profile)) <= budget:
             fixes.append({"fix": f"{n} x {gpu.name} with ZeRO-3 / FSDP", "change": "num_gpus", "value": n})
             break
-    need = float(training_memory(spec, lightest, 1, seq_len).peak_bytes)
+    need = float(peak_allocated_bytes(spec, lightest, 1, seq_len, profile=profile))
     bigger = sorted(
         (g for g in list_gpus() if usable_allocated_bytes(g) >= need), key=lambda g: g.memory_bytes
     )

@@ -8,18 +8,20 @@ its 0.6.1 recipes ship and as users vary them: chunked cross-entropy always (eve
 LoRA and QLoRA with AdamW, each with and without activation checkpointing and with activation
 offloading. torchtune trains in one dtype (bf16, or fp32 on a GPU without bf16) and shards with
 FSDP2 only (ZeRO-3). On a GPU without bf16 units (T4, V100) the HF set-ups use fp16 in its place.
-A user who names a stack gets only that stack's set-ups.
+torchtitan (0.3.0, pre-training: full training only) under FSDP2 mixed precision with its
+checkpointing modes, eager and compiled. A user who names a stack gets only that stack's set-ups.
 """
 
 from __future__ import annotations
 
+from planner.cost.stacks_torchtitan import unpriced_reason as titan_unpriced_reason
 from planner.cost.stacks_torchtune import unpriced_reason
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 from planner.specs.vocabulary import STACKS
 
-FIT_STACKS = ("hf", "torchtune")
+FIT_STACKS = ("hf", "torchtune", "torchtitan")
 """Stacks whose memory `fit` prices today (the others are refused by name)."""
 _FP16_TWIN = {"bf16": "fp16", "bf16-mixed": "fp16-mixed"}
 
@@ -37,17 +39,25 @@ def fit_setups(spec: ModelSpec, gpu: GpuSpec, stack: str | None, num_gpus: int, 
     setups = []
     if stack in (None, "hf"):
         every = include_all or precision == "fp32"  # fp32 set-ups are among the extras
-        setups += [_on_gpu(s, gpu) for s in default_setups(num_gpus, zero, every)]
-    reason = unpriced_reason(spec)
-    if stack == "torchtune" and reason:
-        raise PlannerError(reason)
-    if stack in (None, "torchtune") and not reason and (num_gpus == 1 or zero == 3):
-        setups += torchtune_setups(gpu, num_gpus)
+        setups += [_on_gpu(s, gpu) for s in default_setups(num_gpus, zero, every) if _runs_on(s, gpu)]
+    for name, reason_of, make in (("torchtune", unpriced_reason, torchtune_setups),
+                                  ("torchtitan", titan_unpriced_reason, torchtitan_setups)):
+        reason = reason_of(spec)
+        if stack == name and reason:
+            raise PlannerError(reason)
+        if stack in (None, name) and not reason and (num_gpus == 1 or zero == 3):
+            setups += make(gpu, num_gpus)
     if precision is not None:
         gpu.require_precision(precision)
         family = precision.removesuffix("-mixed")
         setups = [s for s in setups if s.precision.removesuffix("-mixed") == family]
     return setups
+
+
+def _runs_on(setup: TrainingSetup, gpu: GpuSpec) -> bool:
+    """Full fine-tuning in pure 16-bit on a GPU without bf16 would be pure fp16 (fp16 weights and
+    AdamW states), which GradScaler cannot unscale and nobody runs: it trains fp16-mixed there."""
+    return gpu.computes_in(setup.precision) or not (setup.method == "full" and setup.precision == "bf16")
 
 
 def _on_gpu(setup: TrainingSetup, gpu: GpuSpec) -> TrainingSetup:
@@ -78,3 +88,15 @@ def torchtune_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
     setups = [TrainingSetup(method="full", **common, **choice) for choice in full]
     setups += [TrainingSetup(method=m, **common, **choice) for m in methods for choice in adapters]
     return setups
+
+
+def torchtitan_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
+    """torchtitan's pre-training set-ups: full training under FSDP2 mixed precision (fp32 sharded
+    parameters, bf16 compute) with fused AdamW, without, with per-op selective and with full
+    activation checkpointing, eager and compiled (its configs' knobs)."""
+    if not gpu.computes_in("bf16"):
+        return []  # torchtitan trains in bf16 mixed precision
+    common = {"stack": "torchtitan", "method": "full", "precision": "bf16-mixed", "optimizer_impl": "fused",
+              "num_gpus": num_gpus, "zero": 3 if num_gpus > 1 else 0}
+    return [TrainingSetup(checkpointing=ckpt, compile=compiled, **common)
+            for ckpt in ("none", "selective", "full") for compiled in (False, True)]

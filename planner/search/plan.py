@@ -12,13 +12,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from planner.loss.evidence import TASKS
+from planner.specs.vocabulary import MAX_NUM_GPUS
+
 Objective = Literal["loss", "cost", "time"]
 ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed"]
 EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 METHODS_ALL = ("full", "lora", "qlora")
 
 DEFAULT_PEFT_TOKEN_EFFICIENCY = {"full": 1.0, "lora": 0.5, "qlora": 0.5}
-"""Token efficiency eta of each method: a run with method m on D tokens is predicted to reach the
+"""Used only when a fine-tuning plan is priced with the pre-training law (``finetune_law=None``,
+`--finetune-law none`); by default each method has its own fine-tuning law (Zhang et al. 2024,
+``planner.search.finetuning``) and eta is 1 unless the user gives a measured one.
+Token efficiency eta of each method: a run with method m on D tokens is predicted to reach the
 loss the law gives for eta * D tokens (and eta * the pool). Full fine-tuning is the law itself (1).
 LoRA: Biderman et al. 2024 ("LoRA Learns Less and Forgets Less", arXiv:2405.09673, section 4.1)
 find LoRA substantially below full fine-tuning in continued pretraining (20B tokens of code and
@@ -44,7 +50,7 @@ class PlanRequest(_Frozen):
 
     models: tuple[str, ...] = ()
     gpu: str | None = Field(None, description="catalog GPU; None: the default GPU (reported)")
-    num_gpus: int | None = Field(None, gt=0, description="GPUs available; None: free")
+    num_gpus: int | None = Field(None, gt=0, le=MAX_NUM_GPUS, description="GPUs available; None: free")
     price_usd_per_hour: float | None = Field(None, gt=0, description="per GPU-hour; None: the catalog's")
     compute_flops: float | None = Field(None, gt=0, description="training FLOP budget (6 N D convention)")
     budget_usd: float | None = Field(None, gt=0)
@@ -58,11 +64,14 @@ class PlanRequest(_Frozen):
     loss_tolerance: float = Field(0.01, ge=0, description="objective cost/time without target: best loss + this")
     law: str = "besiroglu2024"
     calibration: str | None = Field(None, description="calibration profile JSON (planner calibrate)")
+    confidence: float | None = Field(None, gt=0, lt=1, description="hold deadline/dollar/GPU-hour budgets at this "
+                                     "quantile of the step time (planner.cost.time_model); None: the median")
     seq_len: int = Field(2048, gt=0)
     global_batch_tokens: int = Field(2**19, gt=0, description="tokens per optimizer step (grad accumulation fills it)")
     methods: tuple[Literal["full", "lora", "qlora"], ...] = METHODS_ALL
     lora_ranks: tuple[int, ...] = (16,)
-    peft_efficiency: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PEFT_TOKEN_EFFICIENCY))
+    peft_efficiency: dict[str, float] | None = Field(None, description="token efficiency per method; None: 1 under "
+                                                     "the fine-tuning law (it prices the method), else the placeholders")
     optimizers: tuple[Literal["adamw", "adamw-8bit", "adafactor", "sgd", "lion"], ...] = ("adamw",)
     checkpointing: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")
     zero: tuple[Literal[0, 1, 2, 3], ...] = (0, 1, 2, 3)
@@ -75,6 +84,15 @@ class PlanRequest(_Frozen):
     tokens: float | None = Field(None, gt=0, description="fix the training tokens (repeats counted)")
     epochs: float | None = Field(None, gt=0, description="fix the passes over the kept data (needs a pool)")
     token_grid: int = Field(12, ge=0, description="token counts tried below the budget's: a sqrt(2) lattice down to 1/2^(n/2) of it")
+    task: Literal[TASKS] | None = Field(None, description="what the run is for; chooses the selection methods with "
+                                        "evidence (None: pretraining, or instruction-tuning when fine-tuning)")
+    beyond_evidence: bool = Field(False, description="lift the plausibility defaults and use every selection method")
+    tokens_per_param: tuple[float, float] | None = Field(None, description="pre-training: allowed D/N range; None: the law's evidence")
+    inference_tokens: float | None = Field(None, ge=0, description="tokens served over the model's life (Sardana et al. 2024)")
+    inference_cost_ratio: float = Field(1.0, gt=0, description="cost of an inference FLOP over a training FLOP (1: compute framing)")
+    finetune_law: str | None = Field("zhang2024", description="fine-tuning loss law file; None: the pre-training law")
+    finetune_task: str = Field("wmt14-en-de", description="task of the fine-tuning law's constants")
+    tokens_per_example: float = Field(512.0, gt=0, description="mean tokens of one fine-tuning example (the law counts examples)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -83,6 +101,8 @@ class PlanRequest(_Frozen):
             return ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError("models must be a model name, a comma-separated string or a list of names")
         return tuple(value)
 
     @field_validator("lora_ranks", "micro_batches", "tensor_parallel")
@@ -104,20 +124,33 @@ class PlanRequest(_Frozen):
         if not self.methods:
             raise ValueError("methods is empty: use full, lora and/or qlora")
         for method in self.methods:
-            eta = self.peft_efficiency.get(method)
+            eta = self.efficiency(method)
             if eta is None or not 0 < eta <= 1:
                 raise ValueError(f"peft_efficiency[{method!r}] must be in (0, 1], got {eta}")
+        if self.tokens_per_param is not None and not 0 < self.tokens_per_param[0] <= self.tokens_per_param[1]:
+            raise ValueError("tokens_per_param must be (low, high) with 0 < low <= high")
         if self.epochs is not None and self.data_pool_tokens is None:
             raise ValueError("epochs needs a data pool (data_pool_tokens / --data-pool)")
         if self.tokens is not None and self.epochs is not None:
             raise ValueError("give tokens or epochs, not both")
-        if self.gpu_counts is not None and (not self.gpu_counts or any(g <= 0 for g in self.gpu_counts)):
-            raise ValueError("gpu_counts must be positive integers")
+        if self.gpu_counts is not None and (not self.gpu_counts or any(not 0 < g <= MAX_NUM_GPUS for g in self.gpu_counts)):
+            raise ValueError(f"gpu_counts must be positive integers of at most {MAX_NUM_GPUS}")
         return self
 
     @property
     def pretrain(self) -> bool:
         return not self.models
+
+    @property
+    def uses_finetune_law(self) -> bool:
+        return not self.pretrain and self.finetune_law is not None
+
+    def efficiency(self, method: str) -> float | None:
+        """Token efficiency of a method: the request's, else 1 where the fine-tuning law prices the
+        method, else ``DEFAULT_PEFT_TOKEN_EFFICIENCY`` (the placeholder of the pre-training law)."""
+        if self.peft_efficiency is not None:
+            return self.peft_efficiency.get(method, 1.0 if method == "full" else None)
+        return 1.0 if self.uses_finetune_law else DEFAULT_PEFT_TOKEN_EFFICIENCY[method]
 
 
 class Allocation(_Frozen):
@@ -177,6 +210,8 @@ class Candidate(_Frozen):
     num_gpus: int
     zero: int
     tensor_parallel: int
+    pipeline_parallel: int = 1  # 1F1B stages (planner.search.pipelines)
+    sequence_parallel: bool = False
     micro_batch: int
     grad_accum: int
     seq_len: int
@@ -193,6 +228,11 @@ class Candidate(_Frozen):
     unique_tokens: float | None = None
     epochs: float | None = None
     scoring_flops: float = 0.0
+    loss_law: str = ""
+    loss_trust: str = Field("", description="fitted | held-out | extrapolated: where the point sits in the law's evidence")
+    loss_extrapolation: float = Field(1.0, description="how many times beyond the law's fitted ranges (1: inside)")
+    inference_flops: float = 0.0
+    inference_cost_usd: float = 0.0
 
 
 class ConstraintReport(_Frozen):
@@ -205,6 +245,8 @@ class ConstraintReport(_Frozen):
     loss_change_if_relaxed: float | None = Field(
         None, description="best loss with this limit 10% looser minus the best loss now (negative: relaxing helps)"
     )
+    kind: Literal["budget", "hardware", "data", "plausibility"] = "budget"
+    source: str = Field("", description="where a plausibility default comes from, or what the limit excluded")
 
 
 class Stopping(_Frozen):
@@ -244,6 +286,36 @@ class SearchStats(_Frozen):
     wall_s: float
 
 
+class Evidence(_Frozen):
+    """Where the plan stands against the evidence of its models, and what going beyond would gain."""
+
+    task: str
+    beyond_evidence: bool
+    methods: list[str] = Field(description="selection methods with evidence for the task")
+    max_epochs: float | None
+    tokens_per_param: tuple[float, float] | None
+    notes: list[str]
+    beyond_loss: float | None = Field(None, description="best loss with every plausibility limit lifted")
+    beyond_gain: float | None = Field(None, description="beyond_loss - recommended loss (negative: what beyond would gain)")
+    beyond_plan: str = ""
+
+
+class InferenceAware(_Frozen):
+    """Training plus lifetime inference (Sardana et al. 2024): the plan that reaches the same loss cheapest."""
+
+    inference_tokens: float
+    target_loss: float
+    unit: Literal["FLOP", "USD"]
+    training_only: Candidate = Field(description="the best plan counting training alone")
+    training_only_total: float
+    recommended_total: float
+    savings_fraction: float
+    analytic_params: float | None = Field(None, description="Sardana et al.'s continuous optimum N for the target "
+                                          "(planner.loss.inference_aware; pre-training only)")
+    analytic_tokens: float | None = None
+    note: str
+
+
 class Plan(_Frozen):
     request: PlanRequest
     mode: Literal["pretrain", "finetune"]
@@ -257,6 +329,8 @@ class Plan(_Frozen):
     continuous: ContinuousCheck | None = None
     assumptions: list[str]
     search: SearchStats
+    evidence: Evidence | None = None
+    inference: InferenceAware | None = None
 
 
 class Comparison(_Frozen):

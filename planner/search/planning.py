@@ -27,8 +27,11 @@ from planner.errors import PlannerError
 from planner.search import candidates as cand
 from planner.search.constraints import budget_shortfall, constraints, memory_shortfall, stopping
 from planner.search.context import Context, limits_of, make_context
+from planner.search.finetuning import finetune_notes
+from planner.search.lifetime import inference_flops
 from planner.search.pareto import choose, grouped_front
 from planner.search.plan import Candidate, Plan, PlanRequest, SearchStats
+from planner.search.plausible import evidence_report
 from planner.search.scoring import score_candidates
 from planner.search.setups import evaluate_setups, reduce_setups
 from planner.search.table import SetupTable
@@ -55,7 +58,7 @@ def _refine_ladder(ctx: Context, state: SearchState, exhaustive: bool) -> Search
     reduced = reduce_setups(table, ctx.usable_bytes)
     if reduced.empty:
         return state
-    data, _ = cand.data_choices(ctx.request, ctx.law)
+    data, _ = cand.data_choices(ctx.request, ctx.law, ctx.plausibility)
     scored = score_candidates(ctx, models, reduced, data, limits_of(ctx), only_max=True)
     best = choose(scored, "loss", None, 0.0)
     if best is None:
@@ -67,13 +70,13 @@ def _refine_ladder(ctx: Context, state: SearchState, exhaustive: bool) -> Search
     step = 1.0 / cand.LADDER_COARSE_PER_DECADE
     near = [i for i, m in enumerate(models) if abs(math.log10(m.total_params / n_best)) <= step * 1.01]
     won = reduced.take(np.isin(reduced["model"], near))
-    layouts = {(int(won["num_gpus"][i]), won["checkpointing"][i], int(won["zero"][i]), int(won["tensor_parallel"][i]))
-               for i in range(len(won))}
+    layouts = {(int(won["num_gpus"][i]), won["checkpointing"][i], int(won["zero"][i]), int(won["tensor_parallel"][i]),
+                int(won["pipeline_parallel"][i])) for i in range(len(won))}
     counts_won = tuple(sorted({g for g, *_ in layouts}))
     if not (extra and layouts):
         return state
     t2, s2 = evaluate_setups(ctx, extra, lambda entry, method: counts_won, exhaustive,
-                             lambda g: sorted({(c, z, t) for gg, c, z, t in layouts if gg == g}))
+                             lambda g: sorted({(c, z, t, p) for gg, c, z, t, p in layouts if gg == g}))
     t2 = t2.with_column("model", t2["model"] + len(models))
     _merge_stats(stats, s2)
     return SearchState(models + extra, SetupTable.concat([table, t2]), stats)
@@ -84,7 +87,7 @@ def search_setups(ctx: Context, exhaustive: bool = False) -> SearchState:
     req = ctx.request
     counts = cand.gpu_counts_for(ctx)
     if not req.pretrain:
-        models = cand.catalog_models(req.models, ctx.law)
+        models = cand.catalog_models(req.models, ctx.law, req)
         table, stats = evaluate_setups(ctx, models, counts, exhaustive)
         return SearchState(models, table, stats)
     models = cand.ladder_models(cand.ladder_sizes(cand.ladder_center(ctx)), ctx.law)
@@ -100,7 +103,7 @@ def evaluate_candidates(request: PlanRequest, exhaustive: bool = True):
 
     ctx = make_context(request)
     state = search_setups(ctx, exhaustive=exhaustive)
-    data, _ = cand.data_choices(request, ctx.law)
+    data, _ = cand.data_choices(request, ctx.law, ctx.plausibility)
     table = state.table.take(state.table["peak_bytes"] <= ctx.usable_bytes)
     if table.empty:
         return pd.DataFrame()
@@ -125,7 +128,7 @@ def make_plan(request: PlanRequest, exhaustive: bool = False, continuous_check: 
     start = time.perf_counter()
     ctx = make_context(request)
     req = ctx.request
-    data, notes = cand.data_choices(req, ctx.law)  # bad data requests fail before the search
+    data, notes = cand.data_choices(req, ctx.law, ctx.plausibility)  # bad data requests fail before the search
     state = search_setups(ctx, exhaustive=exhaustive)
     limits = limits_of(ctx)
     rows = reduce_setups(state.table, ctx.usable_bytes)
@@ -138,6 +141,13 @@ def make_plan(request: PlanRequest, exhaustive: bool = False, continuous_check: 
     front = grouped_front(scored, rows)
     front = front[np.argsort(scored["cost_usd"][front], kind="stable")]
     rec = _candidate(ctx, state, rows, data, scored, best)
+    inference = None
+    if req.inference_tokens:  # training + lifetime inference for the same loss (planner.search.lifetime)
+        from planner.search import lifetime
+
+        more, i, target = lifetime.lifetime_choice(ctx, state, rows, data, limits, scored, best)
+        training_only, rec = rec, _candidate(ctx, state, rows, data, more, i)
+        inference = lifetime.report(ctx, rec, training_only, target)
     return Plan(
         request=req,
         mode="pretrain" if req.pretrain else "finetune",
@@ -151,6 +161,8 @@ def make_plan(request: PlanRequest, exhaustive: bool = False, continuous_check: 
         continuous=_continuous(ctx, state, rows, rec) if req.pretrain and continuous_check else None,
         assumptions=list(ctx.assumptions) + notes + _standing_assumptions(ctx),
         search=_search_stats(ctx, state, data, scored, start),
+        evidence=evidence_report(ctx, state, limits, rec),
+        inference=inference,
     )
 
 
@@ -176,9 +188,16 @@ def _search_stats(ctx: Context, state: SearchState, data, scored, start: float) 
 def _standing_assumptions(ctx: Context) -> list[str]:
     req = ctx.request
     out = [f"loss: {ctx.law.name} law ({ctx.law.citation.split(',')[0]}); budget FLOPs counted as 6 N D"]
-    if not req.pretrain and any(m != "full" for m in req.methods):
-        eff = ", ".join(f"{m} {req.peft_efficiency[m]:g}" for m in req.methods if m != "full")
-        out.append(f"PEFT token efficiency (assumed, see planner.search.plan.DEFAULT_PEFT_TOKEN_EFFICIENCY): {eff}")
+    out += finetune_notes(req)
+    if not req.pretrain and any(m != "full" for m in req.methods) and (req.peft_efficiency or not req.uses_finetune_law):
+        eff = ", ".join(f"{m} {req.efficiency(m):g}" for m in req.methods if m != "full")
+        source = "given" if req.peft_efficiency else "assumed, see planner.search.plan.DEFAULT_PEFT_TOKEN_EFFICIENCY"
+        out.append(f"PEFT token efficiency ({source}): {eff}")
+    if req.task is None:
+        out.append(f"task: {ctx.plausibility.task} (none given; --task chooses the selection methods with evidence)")
+    if req.inference_tokens:
+        out.append(f"inference: {req.inference_tokens:.3g} tokens served, 2 N FLOPs each (Sardana et al. 2024), an inference "
+                   f"FLOP costing {req.inference_cost_ratio:g} x a training FLOP (--inference-cost-ratio)")
     if req.gpu_counts is not None:
         out.append(f"GPU counts tried: {', '.join(map(str, req.gpu_counts))}")
     elif req.num_gpus is None:
@@ -198,7 +217,13 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
     f = float(data.keep_fraction[j])
     unique = None if pool is None else min(tokens, f * pool)
     tps = float(row["tokens_per_step"])
+    loss_law, trust, factor = _provenance(ctx, entry, str(row["method"]), tokens, data, j)
+    flops = float(scored["compute_flops"][i])
+    inf_flops = 0.0 if not ctx.request.inference_tokens else float(
+        inference_flops(entry.params_n, ctx.request.inference_tokens, ctx.request.inference_cost_ratio))
     return Candidate(
+        loss_law=loss_law, loss_trust=trust, loss_extrapolation=factor, inference_flops=inf_flops,
+        inference_cost_usd=float(scored["cost_usd"][i]) * inf_flops / flops if flops > 0 else 0.0,
         model=entry.name,
         params=entry.params_n,
         tokens=tokens,
@@ -215,6 +240,8 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
         num_gpus=int(row["num_gpus"]),
         zero=int(row["zero"]),
         tensor_parallel=int(row["tensor_parallel"]),
+        pipeline_parallel=int(row.get("pipeline_parallel", 1)),
+        sequence_parallel=bool(row.get("sequence_parallel", False)),
         micro_batch=int(row["micro_batch"]),
         grad_accum=int(row["grad_accum"]),
         seq_len=ctx.request.seq_len,
@@ -232,3 +259,16 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
         epochs=None if unique is None else tokens / (f * pool),
         scoring_flops=float(data.scoring_flops[j]),
     )
+
+
+def _provenance(ctx: Context, entry, method: str, tokens: float, data, j: int) -> tuple[str, str, float]:
+    """Which law produced a candidate's loss, and where the point sits in its evidence."""
+    from planner.search.finetuning import finetune_provenance, pretraining_provenance
+
+    if not ctx.request.uses_finetune_law:
+        return pretraining_provenance(ctx.law, entry.params_n, tokens)
+    from planner.search.finetuning import data_tokens
+
+    d_eff = data_tokens(ctx, entry.params_n, tokens, data.keep_fraction[j], data.theta_deg[j], str(data.strategy[j]),
+                        ctx.request.efficiency(method))
+    return finetune_provenance(ctx, entry.params_n, method, float(d_eff))

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from planner.cost.time_model import quantile_factor
 from planner.errors import PlannerError
 from planner.loss import pruning, scaling
 from planner.search.candidates import DataChoices, ModelEntry, token_lattice
@@ -57,6 +58,19 @@ def predicted_loss(
     return pruning.pruned_loss(law, params_n, d, u, keep_fraction, theta_deg, strategy)
 
 
+def candidate_loss(ctx: Context, params_n, method: str, tokens_d, keep_fraction, theta_deg, strategy: str):
+    """Loss of one model and method over token counts: the request's law(s), as the scoring computes it."""
+    req = ctx.request
+    if req.uses_finetune_law:
+        from planner.search.finetuning import data_tokens, finetune_losses
+
+        d_eff = data_tokens(ctx, params_n, tokens_d, keep_fraction, theta_deg, strategy, req.efficiency(method))
+        flat = np.atleast_1d(np.asarray(d_eff, dtype=np.float64))[None, None, :]
+        return finetune_losses(ctx, np.array([[params_n]]), np.array([method]), flat)[0, 0].reshape(np.shape(d_eff))
+    return predicted_loss(ctx.law, params_n, tokens_d, req.data_pool_tokens, keep_fraction, theta_deg, strategy,
+                          req.efficiency(method))
+
+
 class _Rows:
     """Per set-up row (column vectors, rows x 1): what the scoring reads."""
 
@@ -65,10 +79,13 @@ class _Rows:
         self.params = np.array([models[i].params_n for i in rows["model"]])[:, None]
         self.g = rows["num_gpus"].astype(f64)[:, None]
         self.tps = rows["tokens_per_s"].astype(f64)[:, None]
+        # throughput the time budgets are held at: the request's quantile of the step time
+        self.tps_held = self.tps / quantile_factor(self.g, ctx.request.confidence)
         mfu = rows["mfu"].astype(f64)[:, None]
         peak_rate = np.array([ctx.gpu.peak_flops_for(p) for p in rows["precision"]])[:, None]
         self.fpt = budget_flops_per_token(self.params, rows["work_ratio"].astype(f64)[:, None])
-        self.eta = np.array([ctx.request.peft_efficiency[m] for m in rows["method"]])[:, None]
+        self.eta = np.array([ctx.request.efficiency(m) for m in rows["method"]])[:, None]
+        self.method = rows["method"]
         self.score = data.scoring_flops[None, :]
         self.scoring_time = self.score / (mfu * peak_rate * self.g)
         self.tokens_per_step = rows["tokens_per_step"].astype(f64)[:, None, None]
@@ -90,12 +107,16 @@ def _token_caps(ctx: Context, r: _Rows, data: DataChoices, limits: Limits) -> li
     if limits.deadline_s is not None:
         seconds.append(np.full_like(r.g, limits.deadline_s))
     if seconds:
-        caps.append((np.minimum.reduce(seconds) - r.scoring_time) * r.tps)
+        caps.append((np.minimum.reduce(seconds) - r.scoring_time) * r.tps_held)
+    plaus = ctx.plausibility
+    max_epochs = req.max_epochs if plaus is None else plaus.max_epochs
     if pool is not None:
-        if req.max_epochs is not None:
-            caps.append(req.max_epochs * f * pool + 0 * r.params)
-        elif not req.repeat or ctx.law.repetition is None:
+        if not req.repeat or ctx.law.repetition is None:
             caps.append(f * pool + 0 * r.params)
+        elif max_epochs is not None:
+            caps.append(max_epochs * f * pool + 0 * r.params)
+    if plaus is not None and plaus.tokens_per_param is not None:
+        caps.append(plaus.tokens_per_param[1] * r.params + 0 * f)
     return caps
 
 
@@ -126,13 +147,22 @@ def _token_counts(ctx: Context, r: _Rows, data: DataChoices, limits: Limits, onl
 
 
 def _losses(ctx: Context, r: _Rows, data: DataChoices, safe_tokens) -> np.ndarray:
-    """The law's loss of every candidate, one call per selection strategy."""
+    """The law's loss of every candidate, one call per selection strategy; fine-tuning under a
+    fine-tuning law: that law at the effective tokens (``planner.search.finetuning``)."""
     loss = np.empty(safe_tokens.shape)
+    finetune = ctx.request.uses_finetune_law
     for strategy in ("hard", "easy"):
         cols = data.strategy == strategy
         if not cols.any():
             continue
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if finetune:
+                from planner.search.finetuning import data_tokens, finetune_losses
+
+                d_eff = data_tokens(ctx, r.params[:, :, None], safe_tokens[:, cols, :], data.keep_fraction[None, cols, None],
+                                    data.theta_deg[None, cols, None], strategy, r.eta[:, :, None])
+                loss[:, cols, :] = finetune_losses(ctx, r.params, r.method, d_eff)
+                continue
             loss[:, cols, :] = predicted_loss(
                 ctx.law, r.params[:, :, None], safe_tokens[:, cols, :], ctx.request.data_pool_tokens,
                 data.keep_fraction[None, cols, None], data.theta_deg[None, cols, None], strategy, r.eta[:, :, None])
@@ -158,6 +188,9 @@ def score_candidates(ctx: Context, models: list[ModelEntry], rows: SetupTable, d
     cost = run_cost_usd(time_s, r.g[:, :, None], ctx.price)
     flops = safe_tokens * r.fpt[:, :, None] + r.score[:, :, None]
     feasible &= np.isfinite(loss)
+    plaus = ctx.plausibility
+    if plaus is not None and plaus.tokens_per_param is not None:  # fewer tokens per parameter than the law's runs
+        feasible &= safe_tokens >= plaus.tokens_per_param[0] * r.params[:, :, None] * (1 - 1e-9)
     out = {
         "row": np.broadcast_to(np.arange(R)[:, None, None], shape),
         "choice": np.broadcast_to(np.arange(J)[None, :, None], shape),

@@ -20,11 +20,16 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.search.context import RELAX, Context
+from planner.search.pipelines import fits_states_floor, pipeline_combos, pipeline_fields, wants_pipeline
 from planner.search.table import SetupTable, fastest_per_group
 
 PRECISION_FOR_METHOD = {"full": "bf16-mixed", "lora": "bf16", "qlora": "bf16"}
 """Full training keeps fp32 weights under bf16 autocast (HF Trainer bf16=True); LoRA/QLoRA load the
 base in bf16 (torch_dtype=bfloat16), adapters fp32 (peft's default)."""
+FINETUNE_PRECISIONS = {"full": ("bf16-mixed", "bf16"), "lora": ("bf16",), "qlora": ("bf16",)}
+"""Fine-tuning also tries full training in pure bf16 (weights, gradients and AdamW states in bf16,
+torchtune's full-fine-tuning recipes' ``dtype: bf16``): half the states of mixed precision, so it
+is what makes full fine-tuning fit on smaller GPUs. Pre-training keeps mixed precision."""
 _CKPT_ORDER = {"none": 0, "selective": 1, "full": 2}
 
 
@@ -35,7 +40,7 @@ def grad_accum_for(global_batch_tokens: int, micro_batch, seq_len: int, data_par
 
 
 def _dominates(a: tuple, b: tuple) -> bool:
-    """Set-up a = (ckpt rank, zero, tp) is at least as fast as b at each micro-batch: same layout,
+    """Set-up a = (ckpt rank, zero, tp, pp) is at least as fast as b at each micro-batch: same layout,
     less recompute. (No such order holds across ZeRO stages or tensor parallelism: sharding the
     optimizer step or splitting the matmuls can make a step faster.)"""
     return a[1:] == b[1:] and a[0] <= b[0]
@@ -71,15 +76,11 @@ def _shared(ctx: Context, entry, mb, seq, rank_arg) -> dict:
 
 
 def _memory_peak(ctx: Context, entry, setup, mb, seq, rank_arg):
-    """Peak allocated bytes per GPU: ``planner.cost.memory``, or calibrated by the profile."""
-    if ctx.profile is None:
-        from planner.cost.memory import training_peak_bytes
+    """Peak allocated bytes per GPU, or calibrated by the profile (``planner.cost.device_memory``, as every verb)."""
+    from planner.cost.device_memory import peak_allocated_bytes
 
-        cache = _shared(ctx, entry, mb, seq, rank_arg)
-        return np.asarray(training_peak_bytes(entry.spec, setup, mb, seq, rank_arg, cache=cache), dtype=np.float64)
-    from planner.cost.calibrated import calibrated_peak_bytes
-
-    return np.asarray(calibrated_peak_bytes(ctx.profile, entry.spec, setup, mb, seq, rank_arg), dtype=np.float64)
+    cache = _shared(ctx, entry, mb, seq, rank_arg) if ctx.profile is None else None
+    return np.asarray(peak_allocated_bytes(entry.spec, setup, mb, seq, rank_arg, ctx.profile, cache=cache), dtype=np.float64)
 
 
 def _peak(ctx: Context, entry, setup, mb, seq, rank_arg, ga):
@@ -88,7 +89,8 @@ def _peak(ctx: Context, entry, setup, mb, seq, rank_arg, ga):
     shape = (mb.size, rank_arg.shape[1])
     single = (ga == 1)[:, 0]
     peak = np.empty(shape)
-    for accumulate, rows in ((2, ~single), (1, single)):
+    # a pipeline holds min(pp, m) micro-batches in flight: priced at m = pp (exact for m >= pp)
+    for accumulate, rows in ((max(2, setup.pipeline_parallel), ~single), (1, single)):
         if rows.any():
             variant = setup.model_copy(update={"grad_accum": accumulate})
             value = _memo(ctx, "memory", entry, variant, mb[:, None], seq, rank_arg,
@@ -112,11 +114,16 @@ def _affine_step(ctx: Context, spec, setup, mb, seq, rank_arg, cache: dict | Non
     return two - one, 2.0 * one - two, 2
 
 
-def _track_lightest(stats, entry, setup, peak, ranks):
+def _track_lightest(stats, entry, setup, peak, ranks, micro_batches):
     i = np.unravel_index(int(np.argmin(peak)), peak.shape)
     value = float(peak[i])
+    by_method = stats.setdefault("lightest_by_method", {})
+    if setup.method not in by_method or value < by_method[setup.method]:
+        by_method[setup.method] = value  # what memory excluded (planner.search.constraints)
     if stats["lightest"] is None or value < stats["lightest"][0]:
-        stats["lightest"] = (value, entry.name, setup, int(ranks[i[1]]))
+        # the set-up as evaluated at its lightest point: the micro-batch the search tried there
+        lightest = setup.model_copy(update={"micro_batch": int(micro_batches[i[0]])})
+        stats["lightest"] = (value, entry.name, lightest, int(ranks[i[1]]))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -160,8 +167,8 @@ def _groups(ctx: Context, models: list):
         for method in (req.methods if not req.pretrain else ("full",)):
             ranks = np.asarray(sorted(set(req.lora_ranks)) if method != "full" else [0], dtype=np.int64)
             rank_arg = np.maximum(ranks, 1)[None, :]
-            precision = PRECISION_FOR_METHOD[method]
-            for optimizer in req.optimizers:
+            precisions = (PRECISION_FOR_METHOD[method],) if req.pretrain else FINETUNE_PRECISIONS[method]
+            for precision, optimizer in ((p, o) for p in precisions for o in req.optimizers):
                 base = TrainingSetup(method=method, precision=precision, optimizer=optimizer, seq_len=seq,
                                      lora_rank=int(rank_arg.max()))
                 work = np.broadcast_to(np.asarray(_work_ratio(spec, base, seq, rank_arg), dtype=np.float64),
@@ -173,14 +180,14 @@ def _groups(ctx: Context, models: list):
                 yield _Group(mi, entry, base, ranks, rank_arg, mb, work, flops_mb, ctx.gpu.peak_flops_for(precision))
 
 
-def _combos(ctx: Context, g: int, method: str, layouts_for) -> list[tuple]:
+def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None) -> list[tuple]:
     """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs, lightest first."""
     from planner.search.candidates import layouts
 
     if layouts_for is not None:
-        combos = [(_CKPT_ORDER[c], c, z, tp) for c, z, tp in layouts_for(g)]
+        combos = [(_CKPT_ORDER[c], c, z, tp, *pp) for c, z, tp, *pp in layouts_for(g)]  # (pipeline degree)
     else:
-        combos = [(_CKPT_ORDER[c], c, z, tp) for z, tp in layouts(ctx.request, g, method)
+        combos = [(_CKPT_ORDER[c], c, z, tp) for z, tp in layouts(ctx.request, g, method, spec)
                   for c in ctx.request.checkpointing]
     combos.sort(key=lambda t: (t[0] + t[2] + int(math.log2(t[3])), t[0], t[2], t[3]))
     return combos
@@ -204,6 +211,8 @@ def _rows(ctx: Context, grp: _Group, setup, ga, peak, keep) -> dict:
         "optimizer": np.full(k, setup.optimizer, dtype=object),
         "checkpointing": np.full(k, setup.checkpointing, dtype=object), "num_gpus": np.full(k, g),
         "zero": np.full(k, setup.zero), "tensor_parallel": np.full(k, setup.tensor_parallel),
+        "pipeline_parallel": np.full(k, setup.pipeline_parallel),
+        "sequence_parallel": np.full(k, setup.sequence_parallel),
         "micro_batch": mb[sel[0]], "grad_accum": np.broadcast_to(ga, peak.shape)[sel], "peak_bytes": peak[sel],
         "step_time_s": step[sel], "tokens_per_step": tokens_step[sel], "tokens_per_s": (tokens_step / step)[sel],
         "mfu": np.broadcast_to(mfu, peak.shape)[sel], "work_ratio": np.broadcast_to(grp.work_ratio, peak.shape)[sel],
@@ -216,21 +225,26 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
     req = ctx.request
     done: list[tuple[tuple, np.ndarray]] = []  # (key, fits over mb x rank)
     out = []
-    for ck_rank, ckpt, zero, tp in combos:
-        key = (ck_rank, zero, tp)
+    for combo in combos:
+        ck_rank, ckpt, zero, tp, pp = (*combo, 1)[:5]  # pipeline layouts carry their degree
+        key = (ck_rank, zero, tp, pp)
         stats["setups"] += 1
         lighter = [fits for k, fits in done if _dominates(k, key)]
-        if not exhaustive and any(f.all() for f in lighter):
+        # a pipeline of the same layout that fits with no more stages and no more recompute is
+        # preferred (smaller bubble, less recompute: planner.search.pipelines)
+        shallower = [fits for k, fits in done if k[1:3] == key[1:3] and k[0] <= key[0] and 1 < k[3] <= key[3]]
+        if not exhaustive and (any(f.all() for f in lighter) or any(f.any() for f in shallower)):
             stats["setups_skipped"] += 1
             continue
-        setup = grp.base.model_copy(update={"checkpointing": ckpt, "num_gpus": g, "zero": zero, "tensor_parallel": tp})
+        setup = grp.base.model_copy(update={"checkpointing": ckpt, "num_gpus": g, "zero": zero, "tensor_parallel": tp,
+                                            **pipeline_fields(tp, pp)})
         ga = grad_accum_for(req.global_batch_tokens, grp.mb, req.seq_len, setup.data_parallel)[:, None]
         peak = _peak(ctx, grp.entry, setup, grp.mb, req.seq_len, grp.rank_arg, ga)
         stats["memory_calls"] += 1
         fits = peak <= ctx.usable_bytes
         # rows within the memory sensitivity's 10% are kept too (filtered when reduced)
         near = peak <= ctx.usable_bytes * (1 + RELAX)
-        _track_lightest(stats, grp.entry, setup, peak, grp.ranks)
+        _track_lightest(stats, grp.entry, setup, peak, grp.ranks, grp.mb)
         done.append((key, fits))
         useful = near.copy()
         if not exhaustive:
@@ -260,7 +274,16 @@ def evaluate_setups(ctx: Context, models: list, gpu_counts_for, exhaustive: bool
     tables = []
     for grp in _groups(ctx, models):
         for g in gpu_counts_for(grp.entry, grp.base.method):
-            tables += _gpu_count_rows(ctx, grp, g, _combos(ctx, g, grp.base.method, layouts_for), exhaustive, stats)
+            combos = _combos(ctx, g, grp.base.method, layouts_for, grp.entry.spec)
+            rows = _gpu_count_rows(ctx, grp, g, combos, exhaustive, stats)
+            # the model needs a pipeline where only ZeRO-2/3 (or nothing) fits
+            fits = any(bool(((t["peak_bytes"] <= ctx.usable_bytes) & (t["zero"] <= 1)).any()) for t in rows)
+            # given layouts (a refinement) carry their own pipeline degrees
+            if layouts_for is None and wants_pipeline(g, grp.base.method, fits):  # planner.search.pipelines
+                pipelined = [c for c in pipeline_combos(combos, g, grp.entry.spec.num_layers)
+                             if fits_states_floor(grp.base, grp.entry.total_params, c, ctx.usable_bytes)]
+                rows += _gpu_count_rows(ctx, grp, g, pipelined, exhaustive, stats)
+            tables += rows
     return SetupTable.concat(tables), stats
 
 

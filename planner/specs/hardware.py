@@ -4,16 +4,46 @@ for every figure) and what a training process holds on it besides its tensors.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # --- what a training process holds on a GPU besides its tensors (defaults; a calibration
 # profile measures them)
 CUDA_CONTEXT_BYTES = 512 * 1024**2
-"""CUDA context + cuBLAS/cuDNN workspaces held outside PyTorch's allocator: ~0.5 GiB on A100/H100
-with torch 2.x and lazy module loading (nvidia-smi minus torch.cuda.memory_reserved)."""
+"""The CUDA context held outside PyTorch's allocator (driver, lazily loaded kernels), the
+``driver_context_bytes`` of ``models_catalog/device_overheads.json`` (sources there); the fixed part
+a verdict adds is ``default_context_bytes`` (this plus the cuBLAS workspaces per architecture)."""
 ALLOCATOR_RESERVE_FRACTION = 0.06
 """Reserved-but-unallocated share of the caching allocator at the peak (block rounding and
 fragmentation); 5-10% is typical for transformer training without expandable segments."""
+
+
+def default_context_bytes(gpu: GpuSpec | None, stack: str = "hf") -> tuple[float, str]:
+    """Bytes a ``stack`` training process holds on ``gpu`` outside the memory model's tensors, and
+    where the figure comes from: the CUDA context plus the cuBLAS workspaces of its two handles,
+    whose size depends on the architecture (``models_catalog/device_overheads.json``, every
+    figure with its source). ``gpu=None``: the default architecture. A calibration profile
+    replaces the whole figure by its measurement."""
+    table = _overheads_table()
+    arch = next((a for a, names in table["architectures"].items() if gpu is not None and gpu.name in names), None)
+    if arch is None and gpu is not None and gpu.vendor.lower() == "amd":
+        arch = "rocm"
+    workspace = table["cublas_workspace_bytes"].get(arch or "default", table["cublas_workspace_bytes"]["default"])
+    handles = table["cublas_handles_per_process"]
+    total = table["driver_context_bytes"] + handles * workspace + table["stacks"].get(stack, 0)
+    source = (f"CUDA context {table['driver_context_bytes'] / 2**20:.0f} MiB + {handles} cuBLAS workspaces of "
+              f"{workspace / 2**20:.3g} MiB ({arch or 'default'}); models_catalog/device_overheads.json")
+    return float(total), source
+
+
+@lru_cache(maxsize=1)
+def _overheads_table() -> dict:
+    import json
+
+    from planner.specs.catalog import catalog_root
+
+    return json.loads(catalog_root().joinpath("device_overheads.json").read_text(encoding="utf-8"))
 
 
 class GpuSpec(BaseModel):

@@ -158,6 +158,14 @@ def _check_layout_flags(setup: TrainingSetup) -> None:
         raise ValueError("virtual_stages > 1 is the interleaved 1F1B schedule: set pipeline_schedule interleaved")
     if setup.virtual_stages > 1 and setup.pipeline_parallel == 1:
         raise ValueError("virtual_stages > 1 needs pipeline_parallel > 1")
+    replicas = setup.data_parallel * setup.context_parallel
+    if replicas % setup.expert_parallel:
+        raise ValueError(
+            f"expert_parallel={setup.expert_parallel} must divide the {replicas} data-parallel x context-parallel GPUs "
+            f"(num_gpus / (tensor_parallel x pipeline_parallel)): use a divisor of {replicas}"
+        )
+    if setup.context_parallel > 1 and setup.attention == "eager":
+        raise ValueError("context_parallel runs ring attention, a blockwise (flash) kernel: use attention sdpa")
     if setup.dora and setup.method == "full":
         raise ValueError("DoRA adapts a frozen model: use method lora or qlora with dora")
     if setup.optimizer_in_backward and setup.grad_accum > 1:
@@ -197,11 +205,38 @@ def check_setup(spec: ModelSpec, setup: TrainingSetup) -> None:
     _check_tensor_parallel(spec, setup.tensor_parallel)
     if setup.method != "full":
         _check_lora_rank(spec, setup)
-    if setup.zero and setup.data_parallel == 1 and not setup.offload_optimizer:
+    _check_parallel_layout(spec, setup)
+    if setup.zero and setup.data_parallel * setup.context_parallel == 1 and not setup.offload_optimizer:
         raise PlannerError(
             f"ZeRO-{setup.zero} shards model states over the data-parallel GPUs and this set-up has one "
             f"({setup.num_gpus} GPU(s), tensor parallel {setup.tensor_parallel}), so it would change nothing: "
             "use --zero 0, more GPUs (--num-gpus), or --offload-optimizer (ZeRO-Offload)"
+        )
+
+
+def _check_parallel_layout(spec: ModelSpec, setup: TrainingSetup) -> None:
+    """Pipeline stages need a layer each; context parallelism splits each sequence into 2 x cp
+    chunks (the load-balanced causal split of Megatron-LM and torchtitan); expert parallelism
+    needs experts to spread."""
+    chunks = setup.pipeline_parallel * setup.virtual_stages
+    if chunks > spec.num_layers:
+        raise PlannerError(
+            f"pipeline parallel {setup.pipeline_parallel} x virtual stages {setup.virtual_stages} = {chunks} chunks for "
+            f"{spec.name}'s {spec.num_layers} layers: use at most {spec.num_layers} (each chunk needs a layer)"
+        )
+    cp = setup.context_parallel
+    if cp > 1 and setup.seq_len % (2 * cp):
+        raise PlannerError(
+            f"context parallel {cp} splits each sequence into {2 * cp} chunks and --seq-len {setup.seq_len} does not "
+            f"divide: use a multiple of {2 * cp}"
+        )
+    experts = {layer.num_experts for layer in spec.layers if layer.num_experts}
+    ep = setup.expert_parallel
+    if ep > 1 and not experts:
+        raise PlannerError(f"expert parallel {ep} needs a mixture-of-experts model; {spec.name} is dense: use 1")
+    if ep > 1 and any(n % ep for n in experts):
+        raise PlannerError(
+            f"expert parallel {ep} does not divide {spec.name}'s {min(experts)} experts: use a divisor of {min(experts)}"
         )
 
 

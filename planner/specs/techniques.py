@@ -28,7 +28,13 @@ def technique_words(setup) -> list[str]:
     if loss in _LOSSES:
         words.append(_LOSSES[loss])
     words += [word for key, word in _FLAGS if get(key, False)]
-    words += [f"{word} {get(key)}" for key, word in _DEGREES if (get(key, 1) or 1) > 1]
+    for key, word in _DEGREES:
+        degree = get(key, 1) or 1
+        if degree > 1 and key == "pipeline_parallel":
+            chunks = get("virtual_stages", 1) or 1
+            words.append(f"PP {degree} ({get('pipeline_schedule', '1f1b')}" + (f", {chunks} chunks)" if chunks > 1 else ")"))
+        elif degree > 1:
+            words.append(f"{word} {degree}")
     return words
 
 

@@ -37,6 +37,10 @@ class PanelCase:
         if s.get("lora_targets"):
             parts.append("+".join(s["lora_targets"]))
         parts.append(f"b{s.get('micro_batch', 1)}s{s.get('seq_len', 2048)}")
+        if s.get("modules_to_save"):
+            parts.append("save-" + "+".join(s["modules_to_save"]))
+        if s.get("adapter_dtype") == "base":
+            parts.append("adapters-base-dtype")
         for key, word in (("stack", None), ("loss_impl", "loss"), ("optimizer_in_backward", "opt-in-bwd"),
                           ("activation_offload", "offload"), ("packed", "packed"), ("grad_accum", "ga")):
             value = s.get(key)
@@ -94,6 +98,13 @@ PANEL: tuple[PanelCase, ...] = (
     _case("llama-3.1-8b", 2, precision="bf16-mixed", optimizer="adamw-8bit", micro_batch=1, seq_len=1024),
     # a whole small model, every layer
     _case("smollm2-135m-instruct", 30, precision="bf16-mixed", micro_batch=2, seq_len=1024),
+    # adapters in the base dtype (peft autocast_adapter_dtype=False), issue 10
+    _case("llama-3.2-1b", 2, method="lora", adapter_dtype="base", micro_batch=2, seq_len=1024),
+    _case("qwen2.5-0.5b", 2, method="lora", adapter_dtype="base", lora_targets=("q_proj", "v_proj", "down_proj"),
+          lora_dropout=0.05, micro_batch=2, seq_len=1024),
+    # peft modules_to_save: trained copies of the head and the embedding beside LoRA, issue 10
+    _case("llama-3.1-8b", 2, method="lora", modules_to_save=("lm_head",), micro_batch=2, seq_len=512),
+    _case("qwen2.5-0.5b", 2, method="lora", modules_to_save=("embed_tokens", "lm_head"), micro_batch=2, seq_len=512),
 )
 
 

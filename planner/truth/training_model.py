@@ -20,8 +20,9 @@ How each set-up switch is realised:
   ``qlora``: as ``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit, nf4, double quant =
   setup.qlora_double_quant, compute dtype bf16 (fp32 for precision fp32))``: every ``nn.Linear``
   but the output head becomes ``bitsandbytes.nn.Linear4bit`` with NF4 blocks of
-  ``setup.qlora_block_size``; the other parameters keep the precision's dtype (bf16), i.e. peft's
-  ``prepare_model_for_kbit_training`` fp32 upcast is *not* applied; then peft's LoRA as above
+  ``setup.qlora_block_size``; the other parameters keep the precision's dtype (bf16) unless
+  ``kbit_preparation`` runs peft's own ``prepare_model_for_kbit_training`` (fp32 upcast of every
+  parameter that is not 4-bit); then peft's LoRA as above
   (peft's bitsandbytes layer, which clones the base output). Packed 4-bit weights are
   ``Parameter`` (uint8, half a byte per weight), the quantization constants ``Buffer``. Needs
   bitsandbytes >= 0.49 (fake-tensor kernels); see ``planner.truth.fake_tensors``.
@@ -100,9 +101,13 @@ def build_training_model(config: dict, setup: TrainingSetup, num_layers: int | N
         model.to(torch.bfloat16)
     if setup.method == "qlora":
         _replace_linears_with_4bit(model, setup)
+    if setup.kbit_preparation:
+        _prepare_for_kbit_training(model)
     _enable_checkpointing(model, setup.checkpointing)
     if setup.method in ("lora", "qlora"):
         model = _apply_lora(model, setup)
+        if setup.adapter_dtype == "base":
+            _adapters_to_base_dtype(model)
     model.train()
     return model
 
@@ -238,6 +243,8 @@ def _apply_lora(model, setup: TrainingSetup):
         target_modules=targets,
         lora_dropout=setup.lora_dropout,
         task_type="CAUSAL_LM",
+        modules_to_save=list(setup.modules_to_save) or None,
+        use_dora=setup.dora,
     )
     with warnings.catch_warnings(), peft_ignoring_old_torchao():
         # peft 0.21 asks transformers 5.23 for the deprecated `is_gradient_checkpointing`; on MoE
@@ -246,7 +253,24 @@ def _apply_lora(model, setup: TrainingSetup):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*pattern keys did not match.*", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
-        return peft.get_peft_model(model, lora)
+        # adapter_dtype "base": peft leaves the adapters in the dtype of the layer they adapt
+        return peft.get_peft_model(model, lora, autocast_adapter_dtype=setup.adapter_dtype != "base")
+
+
+def _adapters_to_base_dtype(model) -> None:
+    """What peft's ``_move_adapter_to_device_of_base_layer`` does on a real device and skips on the
+    meta device the oracle builds on: each adapter takes its base layer's floating dtype (a 4-bit
+    base weight is not floating, so QLoRA's adapters stay fp32)."""
+    import torch
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        weight = getattr(base, "weight", None)
+        if weight is None or not weight.dtype.is_floating_point:
+            continue
+        for name in ("lora_A", "lora_B"):
+            for adapter in getattr(module, name, torch.nn.ModuleDict()).values():
+                adapter.to(weight.dtype)
 
 
 def peft_ignoring_old_torchao():
@@ -306,6 +330,17 @@ def _replace_linears_with_4bit(model, setup: TrainingSetup) -> None:
                 new.bias = torch.nn.Parameter(torch.empty_like(child.bias), requires_grad=False)
             setattr(parent, name, new)
     model.is_loaded_in_4bit = True  # what peft reads to dispatch its bitsandbytes LoRA layer
+
+
+def _prepare_for_kbit_training(model) -> None:
+    """peft's own ``prepare_model_for_kbit_training`` as QLoRA recipes call it: every floating
+    parameter that is not 4-bit (embeddings, norms, the head, biases) upcast to fp32. Its gradient
+    checkpointing is left to the set-up's ``checkpointing`` (the recipes' default turns it on)."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 # --------------------------------------------------------------------------- facts of a built model

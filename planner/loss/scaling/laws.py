@@ -59,6 +59,7 @@ class ScalingLaw(BaseModel):
     citation: str = ""
     where: str = ""
     notes: str = ""
+    evidence: dict | None = None  # N, D, epochs, tokens per parameter of the runs it was fitted on
 
     @model_validator(mode="after")
     def _check_form(self):

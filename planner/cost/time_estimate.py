@@ -1,0 +1,106 @@
+"""Time and cost of one set-up with an interval: what ``planner estimate``, ``planner fit`` and
+the plan search show.
+
+Uncalibrated, the step time is the grounded model (``planner.cost.time_model``) and its 80%
+interval comes from the leave-one-source-out errors of the set-up's regime (single GPU, one
+node, several nodes). With a calibration profile the step time is the calibrated one and the
+interval comes from the profile's own held-out points (``Profile.accuracy``): a profile measured
+on the target GPU narrows it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import time_model
+from planner.cost.step_time import price_usd_per_gpu_hour, step_time
+from planner.cost.support import unpriced
+from planner.specs.cluster import resolve_cluster
+
+INTERVAL = 0.8
+"""The central share the ``_low``/``_high`` fields span."""
+
+
+def calibrated_log_interval(profile) -> tuple[float, float] | None:
+    """(low, high) log(measured / calibrated step time) over the profile's held-out points (their
+    10th and 90th percentiles; the extremes with fewer than 5 points), None without any."""
+    ratios = [np.log(row.measured_step_time_s / row.after_step_time_s) for row in getattr(profile, "accuracy", [])
+              if row.split == "holdout" and row.measured_step_time_s and row.after_step_time_s]
+    if not ratios:
+        return None
+    if len(ratios) < 5:
+        return float(min(min(ratios), 0.0)), float(max(max(ratios), 0.0))
+    low, high = np.quantile(ratios, (0.1, 0.9))
+    return float(low), float(high)
+
+
+def _bounds(step: float, regime: str, profile) -> tuple[float, float, str]:
+    if profile is not None:
+        interval = calibrated_log_interval(profile)
+        if interval is not None:
+            return step * np.exp(interval[0]), step * np.exp(interval[1]), "calibration profile's held-out points"
+    low, high = time_model.interval(step, regime)
+    return float(low), float(high), f"leave-one-source-out errors of the {regime} regime (published throughput)"
+
+
+def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
+    """``step_time_s`` with ``step_time_s_low``/``_high`` (the 80% interval), ``tokens_per_s``
+    (the whole job), ``mfu``, ``usd_per_million_tokens`` (where the GPU has a price), each with
+    its interval, the parts of the step, the regime and the cluster. A set-up the time model
+    does not price gets ``time_not_priced`` instead (the memory answer stands)."""
+    missing = unpriced(setup, "time")
+    if missing:
+        return {"time_not_priced": f"{', '.join(missing)}: not priced by the time model"}
+    cluster = resolve_cluster(cluster_name, gpu)
+    parts = {k: float(np.asarray(v)) for k, v in step_time(spec, setup, gpu, profile=profile, cluster=cluster).items()}
+    regime = time_model.regime(setup.num_gpus, cluster.gpus_per_node)
+    step = parts["step_time_s"]
+    low, high, basis = _bounds(step, regime, profile)
+    tokens_per_step = step * parts["tokens_per_s"]
+    out = {
+        "step_time_s": step, "step_time_s_low": low, "step_time_s_high": high,
+        "tokens_per_s": parts["tokens_per_s"], "tokens_per_s_low": tokens_per_step / high,
+        "tokens_per_s_high": tokens_per_step / low,
+        "mfu": parts["mfu"], "mfu_low": parts["mfu"] * step / high, "mfu_high": parts["mfu"] * step / low,
+        "achieved_flops_per_s": parts["achieved_flops_per_s"],
+        "time": {
+            "parts_s": {k: v for k, v in parts.items() if k.endswith("_s") and not k.endswith("_per_s") and k != "step_time_s"},
+            "regime": regime, "interval": INTERVAL, "interval_basis": basis,
+            "calibrated": profile is not None, "cluster": cluster.name, "cluster_description": cluster.description,
+        },
+    }
+    price = price_usd_per_gpu_hour(gpu)
+    if price is not None:
+        per_token = setup.num_gpus * price / 3600.0 / parts["tokens_per_s"]
+        out.update(usd_per_million_tokens=per_token * 1e6, usd_per_million_tokens_low=per_token * 1e6 * low / step,
+                   usd_per_million_tokens_high=per_token * 1e6 * high / step, price_usd_per_gpu_hour=price)
+    return out
+
+
+def time_notes(fields: dict) -> list[str]:
+    """What the time answer assumes, in words."""
+    if "time_not_priced" in fields:
+        return [f"time: {fields['time_not_priced']}"]
+    t = fields["time"]
+    notes = [f"time: {'calibrated' if t['calibrated'] else 'grounded default model'}; "
+             f"{t['interval']:.0%} interval from the {t['interval_basis']}"]
+    if t["cluster"] == "default":
+        notes.append(f"cluster: none named (--cluster): {t['cluster_description']}")
+    return notes
+
+
+FIT_ROW_KEYS = ("step_time_s", "step_time_s_low", "step_time_s_high", "tokens_per_s", "tokens_per_s_low",
+                "tokens_per_s_high", "mfu", "mfu_low", "mfu_high", "usd_per_million_tokens",
+                "usd_per_million_tokens_low", "usd_per_million_tokens_high")
+
+
+def fit_row_times(spec, row: dict, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
+    """``planner fit``'s time columns of one row: at the largest micro-batch that fits (the
+    fastest the row allows), ``time_micro_batch``; nothing for a row that does not fit."""
+    if not row.get("fits") or not row.get("max_micro_batch"):
+        return {}
+    at = setup.model_copy(update={"micro_batch": int(row["max_micro_batch"])})
+    fields = time_fields(spec, at, gpu, cluster_name, profile)
+    if "time_not_priced" in fields:
+        return {"time_not_priced": fields["time_not_priced"]}
+    return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields}}

@@ -1,0 +1,245 @@
+"""The grounded step time: the roofline terms of ``planner.cost.step_time`` corrected by a few
+constants fitted on published measured throughput, with an interval from cross-validated errors.
+
+The roofline (``step_time`` with ``grounded=False``) prices one step from first principles: the
+matmuls at ``DEFAULT_MAX_EFFICIENCY`` of the dense peak, the memory-bound work at the HBM
+roofline, the exposed collectives on the cluster's links. Real runs are slower than that, and by
+how much depends on the GPU generation and the training stack (issue 11: H100 reaches a smaller
+share of its peak than A100; HF Trainer adds framework time; stacks overlap communication
+differently). ``ground`` applies, per set-up:
+
+- **matmul efficiency per GPU generation** (``efficiency.<generation>``): the share of the dense
+  peak large GEMMs reach inside a whole training step; the matmul seconds scale by
+  ``DEFAULT_MAX_EFFICIENCY / efficiency``.
+- **the attention core** (``attention_core``): flash-attention kernels against the GEMM share
+  their shape would get (FlashAttention-2 reaches 50-73% of A100's peak forward and less in
+  backward, Dao 2023 sec. 4.1; Triton and v1 kernels less).
+- **memory-bound work** per kind of stack (``memory.eager``: one kernel per op, HF/torchtune/
+  torchtitan without compile; ``memory.fused``: Megatron's fused kernels, or ``--compile``).
+- **framework time** per stack (``framework.<stack>``): a factor on the device time (Python,
+  launch gaps, hooks, synchronisations that the roofline does not see).
+- **selective recompute** (``selective_recompute``): the share of the forward matmuls a
+  stack's selective checkpointing reruns (torchtitan's op-level SAC reruns some matmuls).
+- **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): seconds per module
+  fetch (two per linear per micro-batch), the Python-side cost that makes HF + ZeRO-3 runs
+  several times slower than their FLOPs at short sequences (issue 11).
+- **QLoRA dequantization** (``qlora_dequant_factor``): the NF4 -> bf16 passes of
+  ``step_time.dequantization_s`` (forward, backward, recompute) times the traffic an
+  implementation moves over the fused kernel's.
+- **communication exposure** (``communication.hf``: DeepSpeed/accelerate under HF Trainer;
+  ``communication.native``: FSDP/Megatron with prefetch and bucketed overlap): a factor on the
+  exposed collectives the roofline computes.
+- **pipeline parallelism**: each stage runs ``1/pp`` of the layers and the last one also the
+  output head (the slowest stage sets the pace); the bubble adds
+  ``(pp - 1) / (m x v)`` of the device time for ``m`` micro-batches and ``v`` virtual stages
+  (1F1B and interleaved 1F1B: Narayanan et al. 2021, "Efficient Large-Scale Language Model
+  Training on GPU Clusters Using Megatron-LM", sec. 2.2; GPipe has the same ``(pp - 1)/m``,
+  Huang et al. 2019).
+- **context parallelism**: each GPU runs ``1/cp`` of every sequence (ring attention with the
+  load-balanced causal split, Liu et al. 2023 "Ring Attention"; the key/value passes overlap
+  the attention compute and are not charged).
+
+The constants and the interval quantiles are data: ``models_catalog/time_model/constants.json``,
+written by ``planner.cost.time_fit`` (leave-one-source-out cross-validation, see
+``benchmarks/bench_time_published.py``). ``PRIOR`` holds the values before any fit (the centre
+of the fit's ridge penalty).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+
+from planner.cost.efficiency import DEFAULT_MAX_EFFICIENCY
+from planner.errors import PlannerError
+
+CONSTANTS_FILE = ("time_model", "constants.json")
+REGIMES = ("single-gpu", "single-node", "multi-node")
+"""Set-ups whose errors differ in kind: one GPU (fine-tuning), several GPUs of one node, several nodes."""
+
+PRIOR: dict[str, float] = {
+    "efficiency.ampere": 0.70,  # Megatron-LM: 163-167 of 312 TFLOP/s whole-step on A100 (Narayanan 2021)
+    "efficiency.hopper": 0.55,  # torchtitan: 33-39% MFU for Llama 3.1 8B bf16 on H100 (llama3_h100_202412 bench)
+    "efficiency.other": 0.60,  # consumer and other NVIDIA parts: no prior knowledge beyond the two above
+    "efficiency.amd": 0.60,  # AMD Instinct: no prior knowledge either (the same guess)
+    "memory.eager": 1.0,
+    "memory.fused": 0.7,
+    "framework.hf": 1.2,
+    "framework.torchtune": 1.1,
+    "framework.torchtitan": 1.05,
+    "framework.megatron": 1.0,
+    "communication.hf": 1.5,
+    "communication.native": 1.0,
+    "attention_core": 1.0,  # flash kernels at the GEMM share of their shape (efficiency.default_efficiency)
+    "selective_recompute": 0.1,  # torchtitan's per-op SAC reruns about every other matmul's input op
+    "zero3_s_per_module_visit.hf": 3e-4,  # guess: a few hundred microseconds of hooks, launches, syncs
+    "qlora_dequant_factor": 1.0,  # bitsandbytes' fused kernel: one read of NF4, one bf16 write per pass
+}
+"""Constant -> value before any fit (guesses with the reason; the fit moves them)."""
+
+_GENERATION_PREFIXES = (("a100", "ampere"), ("h100", "hopper"), ("h200", "hopper"), ("b200", "hopper"), ("mi", "amd"))
+"""GPU name prefix -> generation. Blackwell (b200) has no bf16 measurement in the data: Hopper's
+share is assumed. AMD Instinct (mi300x) has its own; every other GPU (consumer, L4/L40S, V100)
+uses ``efficiency.other``."""
+
+
+def gpu_generation(gpu) -> str:
+    """``ampere`` (A100), ``hopper`` (H100, H200, and B200 for want of data), ``amd`` or ``other``."""
+    name = gpu.name.lower()
+    for prefix, generation in _GENERATION_PREFIXES:
+        if name.startswith(prefix):
+            return generation
+    return "other"
+
+
+def regime(num_gpus: int, gpus_per_node: int) -> str:
+    """The regime of a set-up for its interval (``REGIMES``)."""
+    if num_gpus <= 1:
+        return "single-gpu"
+    return "single-node" if num_gpus <= gpus_per_node else "multi-node"
+
+
+def pipeline_bubble_fraction(pipeline_parallel, micro_batches, virtual_stages=1):
+    """Idle share of a pipeline step over its busy time: ``(p - 1) / (m x v)`` for ``p`` stages,
+    ``m`` micro-batches and ``v`` model chunks per stage (Narayanan et al. 2021 sec. 2.2.1-2.2.2)."""
+    p = np.asarray(pipeline_parallel, dtype=np.float64)
+    return (p - 1.0) / (np.asarray(micro_batches, dtype=np.float64) * np.asarray(virtual_stages, dtype=np.float64))
+
+
+def head_share(spec) -> float:
+    """Share of a layer stack's matmul work in the output head (``V x h`` of the head over the
+    layers' parameters plus it): the last pipeline stage runs it besides its layers."""
+    from planner.cost.spec_facts import param_counts
+
+    counts = param_counts(spec)
+    head = spec.vocab_size * spec.hidden_size
+    layers = counts.attention + counts.mlp + counts.experts
+    return head / max(layers + head, 1)
+
+
+def zero3_module_visits(spec, setup) -> float:
+    """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: every linear of this
+    stage is gathered by a Python hook in forward and again in backward, every micro-batch (its
+    ``PartitionedParameterCoordinator``); 0 for other stacks and stages."""
+    if setup.stack != "hf" or setup.zero != 3:
+        return 0.0
+    linears = sum(len(layer.linears) for layer in spec.layers) / setup.pipeline_parallel
+    return 2.0 * linears * setup.grad_accum
+
+
+def features(spec, setup, gpu) -> dict:
+    """What ``ground`` reads of a set-up and its GPU, as plain values (one row of a fit's table)."""
+    return {
+        "head_share": head_share(spec) if setup.pipeline_parallel > 1 else 0.0,
+        "zero3_module_visits": zero3_module_visits(spec, setup),
+        "generation": gpu_generation(gpu),
+        "stack": setup.stack,
+        "fused": bool(setup.stack == "megatron" or setup.compile),
+        "selective": setup.checkpointing == "selective",
+        "pipeline_parallel": float(setup.pipeline_parallel),
+        "split": float(setup.pipeline_parallel * setup.context_parallel),
+        "bubble": float(pipeline_bubble_fraction(setup.pipeline_parallel, setup.grad_accum, setup.virtual_stages)),
+    }
+
+
+def _lookup(values: dict, prefix: str, keys) -> np.ndarray:
+    if isinstance(keys, str):
+        return np.float64(values[f"{prefix}.{keys}"])
+    return np.array([values[f"{prefix}.{k}"] for k in keys])
+
+
+def ground(parts: dict, feats: dict, values: dict) -> dict:
+    """The grounded parts of one step from the roofline ``parts`` (``compute_s``, ``memory_s``,
+    ``attention_s``, ``recompute_s``, ``overhead_s``, ``optimizer_s``, ``communication_s``,
+    ``dequantization_s``) of a set-up whose
+    ``features`` are ``feats`` (scalars, or arrays over many set-ups for a fit), with the
+    constants ``values``. Returns the same keys plus ``pipeline_bubble_s``; their sum is the step."""
+    scale = DEFAULT_MAX_EFFICIENCY / _lookup(values, "efficiency", feats["generation"])
+    compute = parts["compute_s"] * scale
+    attention = parts["attention_s"] * scale * values["attention_core"]
+    # op-level selective checkpointing (HF, torchtitan) reruns some matmuls; Megatron's selective
+    # mode reruns only the attention core's softmax and dropout (Korthikanti et al. 2022 sec. 4.2)
+    op_level = np.asarray(feats["selective"]) & (np.asarray(feats["stack"]) != "megatron")
+    recompute = parts["recompute_s"] * scale + np.where(op_level, values["selective_recompute"] / 3.0, 0.0) * compute
+    memory = parts["memory_s"] * np.where(feats["fused"], values["memory.fused"], values["memory.eager"])
+    # each stage runs 1/pp of the layers; the last one also the head (Megatron's layout: the
+    # slowest stage sets the pace of the pipeline)
+    share = feats["head_share"]
+    stage = (1.0 - share) / feats["pipeline_parallel"] + share
+    framework = _lookup(values, "framework", feats["stack"]) * stage * feats["pipeline_parallel"] / feats["split"]
+    stack = np.asarray(feats["stack"])
+    exposure = np.where(stack == "hf", values["communication.hf"], values["communication.native"])
+    out = {
+        "compute_s": compute * framework,
+        "attention_s": attention * framework,
+        "memory_s": memory * framework,
+        "recompute_s": recompute * framework,
+        "overhead_s": parts["overhead_s"],
+        "optimizer_s": parts["optimizer_s"],
+        "communication_s": parts["communication_s"] * exposure,
+        "dequantization_s": parts["dequantization_s"] * values["qlora_dequant_factor"] * framework,
+    }
+    out["overhead_s"] = out["overhead_s"] + values["zero3_s_per_module_visit.hf"] * feats["zero3_module_visits"]
+    device = out["compute_s"] + out["attention_s"] + out["memory_s"] + out["recompute_s"]
+    out["pipeline_bubble_s"] = device * feats["bubble"]
+    return out
+
+
+@lru_cache(maxsize=1)
+def load_constants() -> dict:
+    """The committed fit: ``{"values": {...}, "interval_log_ratio": {regime: [low, high]}, ...}``."""
+    from planner.specs.catalog import catalog_root
+
+    file = catalog_root().joinpath(*CONSTANTS_FILE)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PlannerError(f"cannot read the time model's constants {file}: {exc} "
+                           "(python benchmarks/bench_time_published.py --write refits them)") from exc
+    missing = sorted(set(PRIOR) - set(data.get("values", {})))
+    if missing:
+        raise PlannerError(f"time model constants {file} lack {', '.join(missing)}: refit them")
+    return data
+
+
+def interval(step_s, regime_name: str, confidence: float = 0.8, constants: dict | None = None):
+    """(low, high) step seconds at the central ``confidence`` (0.8: the committed interval of the
+    held-out log errors of ``regime_name``, ``time_fit.regime_interval``; other levels scale it by
+    the normal quantile ratio). The measured step is ``predicted x exp(log_ratio)``."""
+    constants = constants or load_constants()
+    low, high = constants["interval_log_ratio"][regime_name]
+    if confidence != 0.8:
+        from statistics import NormalDist
+
+        ratio = NormalDist().inv_cdf(0.5 + confidence / 2) / NormalDist().inv_cdf(0.9)
+        low, high = low * ratio, high * ratio
+    step = np.asarray(step_s, dtype=np.float64)
+    return step * np.exp(low), step * np.exp(high)
+
+
+def quantile_step_s(step_s, regime_name: str, quantile: float, constants: dict | None = None):
+    """Step seconds not exceeded with probability ``quantile`` (one-sided, for deadlines and
+    budgets held at a confidence): the median prediction times ``exp(z_q x spread)``, the spread
+    of the regime's held-out log errors read from the committed 80% interval."""
+    from statistics import NormalDist
+
+    constants = constants or load_constants()
+    low, high = constants["interval_log_ratio"][regime_name]
+    centre = (low + high) / 2.0
+    spread = (high - low) / (2.0 * NormalDist().inv_cdf(0.9))
+    z = NormalDist().inv_cdf(quantile)
+    return np.asarray(step_s, dtype=np.float64) * np.exp(centre + z * spread)
+
+
+def quantile_factor(num_gpus, quantile: float | None, gpus_per_node: int = 8):
+    """Per set-up (arrays of GPU counts): the step time at ``quantile`` over the predicted one
+    (``quantile_step_s`` of 1 s in each set-up's regime); 1 for ``quantile`` None (the median
+    prediction), on the default cluster's ``gpus_per_node``."""
+    g = np.asarray(num_gpus, dtype=np.float64)
+    if quantile is None:
+        return np.ones_like(g)
+    factors = {name: float(quantile_step_s(1.0, name, quantile)) for name in REGIMES}
+    return np.where(g <= 1, factors["single-gpu"], np.where(g <= gpus_per_node, factors["single-node"],
+                                                              factors["multi-node"]))

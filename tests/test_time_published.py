@@ -1,0 +1,95 @@
+"""The time model against published throughput: the mapping of runs, and the committed
+leave-one-source-out fit (models_catalog/time_model/constants.json) reproduced by the code."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from planner.cost import time_fit
+from planner.cost.time_model import PRIOR, load_constants
+from planner.cost.time_published import map_row, published_runs
+from planner.specs.catalog import catalog_root
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return published_runs()
+
+
+@pytest.fixture(scope="module")
+def tab(runs):
+    return time_fit.table(runs[0])
+
+
+def test_enough_runs_from_enough_sources(runs):
+    priced, left_out = runs
+    assert len(priced) >= 60
+    assert len({r.source_id for r in priced}) >= 6
+    assert sum(r.setup.pipeline_parallel > 1 for r in priced) >= 10
+    assert {r.regime for r in priced} == {"single-gpu", "single-node", "multi-node"}
+    assert all(reason for _, _, reason in left_out)  # every run left out says why
+
+
+def test_left_out_by_name(runs):
+    reasons = {key: reason for key, _, reason in runs[1]}
+    assert "float8" in reasons["llmfoundry_bench-076"]
+    assert "not in the catalog" in reasons["torchtitan_bench_2024_12-001"]  # the 500 W Grand Teton H100
+    assert "GPTQ" in reasons["qwen1_readme_profiling-007"]
+    assert "implausible" in reasons["torchtune_readme_2024_09-007"]  # 70B LoRA at 3.3x the A100's peak
+
+
+def test_megatron_tflops_are_inverted_with_the_papers_count(runs):
+    run = next(r for r in runs[0] if r.id == "megatron2021-017")
+    text = catalog_root().joinpath("measurements", "throughput.csv").read_text(encoding="utf-8")
+    value = float(next(r for r in csv.DictReader(text.splitlines()) if r["id"] == "megatron2021-017")["value"])
+    L, h, V, s = run.spec.num_layers, run.spec.hidden_size, run.spec.vocab_size, 2048
+    per_token = 96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))  # Narayanan et al. 2021 eq. 3
+    assert run.tokens_per_s_per_gpu == pytest.approx(value * 1e12 / per_token)
+    assert run.setup.pipeline_parallel == 12 and run.setup.tensor_parallel == 8
+
+
+def test_unknown_stack_is_refused():
+    row = {"id": "x-001", "source_id": "x", "stack": "unsloth", "gpu": "a100-80gb", "notes": ""}
+    assert "no counterpart" in map_row(row)
+
+
+def test_committed_fit_is_reproduced(tab):
+    committed = json.loads(catalog_root().joinpath("time_model", "constants.json").read_text(encoding="utf-8"))
+    assert set(committed["values"]) == set(PRIOR)
+    values = time_fit.fit(tab)
+    for name, value in values.items():
+        assert committed["values"][name] == pytest.approx(value, rel=1e-5), name
+    result = time_fit.loso(tab)
+    summary = time_fit.summary(tab, result)
+    for key in ("runs", "sources", "median_abs_error", "max_abs_error", "interval_coverage"):
+        assert committed["loso"]["overall"][key] == pytest.approx(summary["overall"][key], rel=1e-5), key
+    for source, scores in summary["by_source"].items():
+        assert committed["loso"]["by_source"][source]["median_abs_error"] == pytest.approx(
+            scores["median_abs_error"], rel=1e-5)
+    for regime, (low, high) in committed["interval_log_ratio"].items():
+        assert (low, high) == pytest.approx(time_fit.regime_interval(result["log_errors"], tab["regime"], regime))
+    assert load_constants()["values"] == committed["values"]
+
+
+def test_held_out_errors_are_held_out(tab):
+    """A source's held-out error comes from constants fitted without it: refitting with the
+    source in changes its error (the score is not in-sample)."""
+    result = time_fit.loso(tab)
+    source = "korthikanti2022"
+    mask = tab["source"] == source
+    in_sample = time_fit.log_errors(tab, time_fit.fit(tab), mask)
+    assert not np.allclose(in_sample, result["log_errors"][mask])
+    assert result["log_errors"][mask] == pytest.approx(time_fit.log_errors(tab, result["fits"][source], mask))
+
+
+def test_grounded_model_beats_the_bare_roofline(tab):
+    """The fitted constants earn their place: the held-out error is below the roofline's."""
+    result = time_fit.loso(tab)
+    bare = {**PRIOR, **{k: 1.0 for k in PRIOR if not k.startswith("efficiency")}}
+    bare.update({k: 0.8 for k in PRIOR if k.startswith("efficiency")}, selective_recompute=0.0,
+                **{"zero3_s_per_module_visit.hf": 0.0})
+    roofline = np.median(np.abs(time_fit.throughput_errors(time_fit.log_errors(tab, bare))))
+    held_out = np.median(np.abs(time_fit.throughput_errors(result["log_errors"])))
+    assert held_out < roofline
