@@ -39,7 +39,7 @@ def test_keys_and_step_is_the_sum(llama8b):
     r = step_time(llama8b, TrainingSetup(precision="bf16-mixed", seq_len=4096), H100)
     assert set(KEYS) <= set(r)
     parts = ("compute_s", "attention_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s", "communication_s",
-             "dequantization_s", "pipeline_bubble_s")
+             "dequantization_s", "offload_s", "pipeline_bubble_s")
     assert _f(r["step_time_s"]) == pytest.approx(sum(_f(r[k]) for k in parts))
     assert {k for k in r if k.endswith("_s") and not k.endswith("_per_s")} == {*parts, "step_time_s"}
     assert 0.25 < _f(r["mfu"]) < 0.65  # one H100, 8B full fine-tuning: published runs report 35-55%

@@ -18,7 +18,7 @@ from planner.specs.setup import TrainingSetup
 
 H100, A100 = load_gpu("h100-sxm"), load_gpu("a100-80gb")
 PARTS = ("compute_s", "attention_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s", "communication_s",
-         "dequantization_s", "pipeline_bubble_s")
+         "dequantization_s", "offload_s", "pipeline_bubble_s")
 
 
 def run(capsys, *argv):
@@ -109,8 +109,8 @@ def test_time_fields_interval_and_cost(llama8b):
 
 
 def test_unpriced_time_is_said_not_guessed(llama8b):
-    setup = TrainingSetup(stack="torchtune", activation_offload=True)
-    assert "activation_offload" in time_fields(llama8b, setup, H100)["time_not_priced"]
+    setup = TrainingSetup(method="lora", dora=True)
+    assert "dora" in time_fields(llama8b, setup, H100)["time_not_priced"]
 
 
 def test_calibration_profile_narrows_the_interval():

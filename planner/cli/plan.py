@@ -17,10 +17,12 @@ import argparse
 from planner.cli.plan_text import compare_text, plan_text  # noqa: F401 - re-exported (notebooks, tests)
 from planner.errors import PlannerError
 
+EXPORT_CHOICES = ("hf-trainer", "accelerate", "deepspeed", "torchtune")
+"""``planner.search.plan.EXPORT_FORMATS`` (kept here: the parser is built without importing the search)."""
 _LIST_FIELDS = {
     "methods": str, "lora_ranks": int, "optimizers": str, "checkpointing": str, "zero": int,
     "tensor_parallel": int, "micro_batches": int, "gpu_counts": int, "selection": str, "keep_fractions": float,
-    "strategies": str,
+    "strategies": str, "stacks": str,
 }
 
 
@@ -67,6 +69,7 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", help="ZeRO stages to try, e.g. 0,3")
     p.add_argument("--tensor-parallel", help="tensor-parallel degrees to try, e.g. 1,8")
     p.add_argument("--micro-batches", help="e.g. 1,2,4,8")
+    p.add_argument("--stacks", help="training stacks to search: hf (default), torchtune, torchtitan, comma-separated, or any")
     p.add_argument("--gpu-counts", help="GPU counts to try (default: all --num-gpus)")
     p.add_argument("--selection", help="data selection: all and/or methods of models_catalog/pruning_methods.json")
     p.add_argument("--keep", dest="keep_fractions", help="fractions of the pool to keep, e.g. 0.5")
@@ -93,7 +96,8 @@ def register(subparsers) -> None:
     _add_request_arguments(plan)
     plan.add_argument("--from-plan", metavar="PLAN", help="read a saved plan (JSON/YAML) instead of planning")
     plan.add_argument("--save", metavar="PLAN", help="write the plan as JSON or YAML")
-    plan.add_argument("--export", choices=("hf-trainer", "accelerate", "deepspeed"), help="write a launch configuration")
+    plan.add_argument("--export", choices=EXPORT_CHOICES, help="write a launch configuration (torchtune: the recipe "
+                      "config of a torchtune run, --stacks torchtune)")
     plan.add_argument("--out", metavar="PATH", help="where --export writes")
     plan.add_argument("--exhaustive", action="store_true", help="evaluate every set-up (no dominance pruning)")
     plan.add_argument("--continuous-check", action="store_true",
@@ -200,7 +204,7 @@ def run_plan(args) -> int:
     if args.export and not args.out:
         raise PlannerError("--export needs --out PATH (where to write the configuration)")
     if args.out and not args.export:
-        raise PlannerError("--out is the path of --export; give --export hf-trainer|accelerate|deepspeed")
+        raise PlannerError(f"--out is the path of --export; give --export {'|'.join(EXPORT_CHOICES)}")
     if args.from_plan:
         from planner.io.planfiles import load_plan
 

@@ -24,7 +24,7 @@ def plan_text(p) -> str:
         head,
         "",
         f"recommended: {r.model} ({fmt_count(r.params)} params), {method}, {fmt_count(r.tokens)} tokens, {data}",
-        f"  set-up: {r.precision} {r.optimizer}, checkpointing {r.checkpointing}, {r.num_gpus} GPU(s) ZeRO-{r.zero} "
+        f"  set-up: {r.precision} {r.optimizer}{_stack_text(r)}, checkpointing {r.checkpointing}, {r.num_gpus} GPU(s) ZeRO-{r.zero} "
         f"TP {r.tensor_parallel}{_pipeline_text(r)}, micro-batch {r.micro_batch} x {r.grad_accum} accumulation x {r.seq_len} tokens "
         f"= {fmt_count(r.global_batch_tokens)} tokens/step, {r.steps:,} steps",
         f"  predicted loss {r.loss:.4f} ({_trust(r)}); {fmt_seconds(r.time_s)} wall, {r.gpu_hours:,.0f} GPU-hours, {fmt_usd(r.cost_usd)}, "
@@ -55,7 +55,7 @@ def plan_text(p) -> str:
     elif p.mode == "pretrain":
         lines += ["", "continuous check (geometric program): not run (--continuous-check)"]
     rows = [{"loss": f"{q.loss:.4f}", "cost": fmt_usd(q.cost_usd), "time": fmt_seconds(q.time_s), "model": q.model,
-             "method": q.method, "gpus": q.num_gpus, "tokens": fmt_count(q.tokens),
+             "method": q.method, **({"stack": q.stack} if req.stacks != ("hf",) else {}), "gpus": q.num_gpus, "tokens": fmt_count(q.tokens),
              "data": q.selection if q.selection == "all" else f"{q.selection} {q.keep_fraction:.2g}",
              "": "<-" if q == r else ""} for q in p.pareto]
     step = -(-len(rows) // 20)
@@ -121,6 +121,7 @@ def compare_text(rows: list[dict]) -> str:
 
     table = []
     notes = []
+    stacks = any(r.get("stack", "hf") != "hf" for r in rows if r["feasible"])
     for r in rows:
         if not r["feasible"]:
             table.append({"allocation": r["name"], "loss": "infeasible"})
@@ -129,7 +130,8 @@ def compare_text(rows: list[dict]) -> str:
         data = "all" if r["selection"] == "all" else f"{r['selection']} {r['keep_fraction']:.2g}"
         table.append({
             "allocation": r["name"], "loss": f"{r['loss']:.4f}", "cost": fmt_usd(r["cost_usd"]), "time": fmt_seconds(r["time_s"]),
-            "peak/GPU": fmt_bytes(r["peak_bytes"]), "model": r["model"], "method": r["method"], "gpus": r["num_gpus"],
+            "peak/GPU": fmt_bytes(r["peak_bytes"]), "model": r["model"], "method": r["method"],
+            **({"stack": " + ".join([r["stack"], *r["techniques"]])} if stacks else {}), "gpus": r["num_gpus"],
             "tokens": fmt_count(r["tokens"]), "epochs": "-" if r["epochs"] is None else f"{r['epochs']:.2f}", "data": data,
             "binding": ",".join(r["binding"]) or "-", "loss law (trust)": _law_cell(r),
         })
@@ -137,6 +139,12 @@ def compare_text(rows: list[dict]) -> str:
     if notes:
         out += "\n\n" + "\n".join(notes)
     return out
+
+
+def _stack_text(r) -> str:
+    """" on torchtune + chunked CE" for a run on another stack than Hugging Face's, "" otherwise."""
+    stack = getattr(r, "stack", "hf")
+    return "" if stack == "hf" else " on " + " + ".join([stack, *getattr(r, "techniques", [])])
 
 
 def _pipeline_text(r) -> str:

@@ -60,7 +60,7 @@ def run_serve(args) -> int:
 
     from planner.cost.serving import longest_context, paged_kv
     from planner.cost.serving_time import BATCH_GRID, at_target_latency, serving_estimate
-    from planner.io.report import render_table, to_json
+    from planner.io.report import to_json
     from planner.specs.catalog import load_gpu, load_spec
     from planner.units import fmt_bytes, fmt_count, fmt_seconds, fmt_usd
 
@@ -114,20 +114,7 @@ def run_serve(args) -> int:
     if args.json:
         print(to_json(payload))
         return 0
-    kv = payload["kv_cache"]
-    print(f"{spec.name} on {tp} x {gpu.name}, weights {args.weight_dtype}, KV {args.kv_dtype}, "
-          f"{args.input_tokens} in / {args.output_tokens} out, {args.scheduling} batching")
-    print(f"KV cache: {fmt_bytes(kv['kv_budget_bytes_per_gpu'])} per GPU after {fmt_bytes(kv['weights_bytes_per_gpu'])} of weights = "
-          f"{kv['num_blocks']} blocks of {kv['block_size_tokens']} tokens ({fmt_count(kv['max_cached_tokens'])} tokens); "
-          f"largest batch {int(kv['largest_batch'])}, longest context {fmt_count(kv['longest_context_tokens'])}")
-    print(render_table([r for r in rows if r["batch"] <= max(8, kv["largest_batch"] * 2)]))
-    if target["feasible"]:
-        usd = target["usd_per_million_output_tokens"]
-        print(f"at {args.target_latency_ms:g} ms per token: batch {int(target['batch'])}, "
-              f"{fmt_count(target['output_tokens_per_s_per_gpu'])} tokens/s per GPU, "
-              f"{'price unknown' if math.isnan(usd) else fmt_usd(usd) + ' per million output tokens'} (+-{est.uncertainty:.0%})")
-    else:
-        print(f"no batch meets {args.target_latency_ms:g} ms per token; the fastest is {fmt_seconds(target['fastest_tpot_s'])}")
+    _print_serve(args, spec, gpu, payload, rows, target, est.uncertainty)
     return 0
 
 
@@ -201,3 +188,25 @@ def run_sample(args) -> int:
     print(render_table(rows))
     print(f"best: {best}" if best else "no model affords one sample at this budget")
     return 0
+
+
+def _print_serve(args, spec, gpu, payload: dict, rows: list[dict], target: dict, uncertainty: float) -> None:
+    """`planner serve` for people: the KV cache, the table by batch, the answer at the target latency."""
+    from planner.io.report import render_table
+    from planner.units import fmt_bytes, fmt_count, fmt_seconds, fmt_usd
+
+    tp = payload["tensor_parallel"]
+    kv = payload["kv_cache"]
+    print(f"{spec.name} on {tp} x {gpu.name}, weights {args.weight_dtype}, KV {args.kv_dtype}, "
+          f"{args.input_tokens} in / {args.output_tokens} out, {args.scheduling} batching")
+    print(f"KV cache: {fmt_bytes(kv['kv_budget_bytes_per_gpu'])} per GPU after {fmt_bytes(kv['weights_bytes_per_gpu'])} of weights = "
+          f"{kv['num_blocks']} blocks of {kv['block_size_tokens']} tokens ({fmt_count(kv['max_cached_tokens'])} tokens); "
+          f"largest batch {int(kv['largest_batch'])}, longest context {fmt_count(kv['longest_context_tokens'])}")
+    print(render_table([r for r in rows if r["batch"] <= max(8, kv["largest_batch"] * 2)]))
+    if target["feasible"]:
+        usd = target["usd_per_million_output_tokens"]
+        print(f"at {args.target_latency_ms:g} ms per token: batch {int(target['batch'])}, "
+              f"{fmt_count(target['output_tokens_per_s_per_gpu'])} tokens/s per GPU, "
+              f"{'price unknown' if math.isnan(usd) else fmt_usd(usd) + ' per million output tokens'} (+-{uncertainty:.0%})")
+    else:
+        print(f"no batch meets {args.target_latency_ms:g} ms per token; the fastest is {fmt_seconds(target['fastest_tpot_s'])}")

@@ -122,14 +122,7 @@ def step_flops(
             backward["attention_core"] += 2.0 * core
             backward["mlp"] += mlp
             backward["experts"] += experts
-    for index, lin in lora_linears:
-        lora = lora_forward_flops(lin, lora_rank, tokens)
-        forward["lora"] += lora
-        # weight grads of B and A and the gradient through B always; through A (the input
-        # gradient) unless the input is the frozen normed residual of the first adapted layer
-        reads_frozen_input = index == first_adapted and lin in spec.layers[index].attention[:-1]
-        through_a = rank_in(lin, lora_rank, tokens)
-        backward["lora"] += 2.0 * lora - (through_a if reads_frozen_input else 0.0)
+    forward["lora"], backward["lora"] = _lora_flops(spec, lora_linears, lora_rank, tokens, first_adapted)
     head = 2.0 * spec.hidden_size * spec.vocab_size * tokens
     forward["lm_head"] = head
     backward["lm_head"] = head * (2.0 if trainable_base or "lm_head" in trained_modules else 1.0)
@@ -139,6 +132,19 @@ def step_flops(
     recompute = (total_forward - forward["lm_head"] - skipped) * recompute_fraction
     by_component = {key: forward[key] + backward[key] for key in keys}
     return StepFlops(total_forward, total_backward, recompute, by_component)
+
+
+def _lora_flops(spec: ModelSpec, lora_linears, lora_rank, tokens, first_adapted: int) -> tuple:
+    """(forward, backward) FLOPs of the adapters: weight gradients of B and A and the gradient
+    through B always; through A (the input gradient) unless the input is the frozen normed
+    residual of the first adapted layer."""
+    forward = backward = 0.0
+    for index, lin in lora_linears:
+        lora = lora_forward_flops(lin, lora_rank, tokens)
+        forward += lora
+        reads_frozen_input = index == first_adapted and lin in spec.layers[index].attention[:-1]
+        backward += 2.0 * lora - (rank_in(lin, lora_rank, tokens) if reads_frozen_input else 0.0)
+    return forward, backward
 
 
 def _layer_kinds(spec: ModelSpec) -> tuple[int, ...]:

@@ -60,17 +60,34 @@ def host_ops_per_micro_batch(spec: ModelSpec, setup: TrainingSetup) -> float:
     return forward * (1 + BACKWARD_OPS_PER_FORWARD_OP) + layers * CHECKPOINT_HOST_FACTOR[setup.checkpointing]
 
 
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
+"""bitsandbytes' optimizers: ``Optimizer8bit.step`` updates one tensor at a time and calls
+``torch.cuda.synchronize()`` after each (bitsandbytes/optim/optimizer.py, ``Optimizer8bit.step``),
+so their host ops cannot run ahead of the device."""
+PAGED_PREFETCH_OPS_PER_TENSOR = 2.0
+"""Paged states: ``prefetch_state`` calls ``F.prefetch_tensor`` (``cudaMemPrefetchAsync``) for
+both states of a tensor before its update, every step (the same file); counted on every tensor
+although those under 1e5 elements are not paged."""
+
+
 def optimizer_host_ops(spec: ModelSpec, setup: TrainingSetup, rank) -> float:
     """Host ops of one optimizer step (see ``OPTIMIZER_HOST_OPS``), plus ``zero_grad`` (the
-    tensor count does not depend on the LoRA ``rank``)."""
-    tensors = _trainable_tensor_count(spec, setup)
+    tensor count does not depend on the LoRA ``rank``). Optimizer in backward (torchtune's
+    ``OptimizerInBackward`` / ``register_optim_in_bwd_hooks``: one optimizer instance per
+    parameter, stepped in its post-accumulate-grad hook, the gradient then freed) pays the
+    per-step ops once per tensor and no ``zero_grad``."""
+    tensors = trainable_tensor_count(spec, setup)
     impl = setup.optimizer_impl if setup.optimizer in ("adamw", "sgd") else "for-loop"
     if setup.optimizer in ("adamw-8bit", "adafactor") and setup.optimizer_impl == "foreach":
         impl = "foreach"
-    return OPTIMIZER_HOST_OPS[impl] + (OPTIMIZER_HOST_OPS_PER_TENSOR[impl] + 1.0) * tensors
+    per_tensor = OPTIMIZER_HOST_OPS_PER_TENSOR[impl] + (
+        PAGED_PREFETCH_OPS_PER_TENSOR if setup.optimizer == "paged-adamw-8bit" else 0.0)
+    if setup.optimizer_in_backward:
+        return (OPTIMIZER_HOST_OPS[impl] + per_tensor) * tensors
+    return OPTIMIZER_HOST_OPS[impl] + (per_tensor + 1.0) * tensors
 
 
-def _trainable_tensor_count(spec: ModelSpec, setup: TrainingSetup) -> int:
+def trainable_tensor_count(spec: ModelSpec, setup: TrainingSetup) -> int:
     """How many tensors the optimizer steps: two per adapted linear, or every parameter tensor
     (``planner.cost.memory_states.trainable_tensors``)."""
     if setup.method != "full":

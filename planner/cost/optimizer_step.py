@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost.efficiency import MEMORY_BANDWIDTH_EFFICIENCY
-from planner.cost.host import is_cpu, optimizer_host_ops
+from planner.cost.host import BNB_OPTIMIZERS, is_cpu, optimizer_host_ops, trainable_tensor_count
 from planner.cost.memory_states import dtype_layout
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -51,6 +51,8 @@ def optimizer_bytes_per_element(setup: TrainingSetup) -> float:
     else:
         layout = dtype_layout(setup)
         w, g, s, master = layout.weight, layout.grad, layout.state, layout.master
+    if setup.optimizer == "paged-adamw-8bit":  # the same kernel; its paged buffers stay on the device
+        return optimizer_bytes_per_element(setup.model_copy(update={"optimizer": "adamw-8bit"}))
     if setup.optimizer == "adamw":
         per = 2 * w + g + 4 * s if setup.optimizer_impl == "fused" else 4 * w + 2 * g + 12 * s
     else:
@@ -71,9 +73,23 @@ def grad_plus_weight_bytes(setup: TrainingSetup) -> float:
     return layout.grad + layout.weight
 
 
-def optimizer_step_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, trainable, rank, corr):
+def exposed_host_s(device_s, host_s, setup: TrainingSetup, backward_s=0.0):
+    """Seconds the optimizer step's host work adds to its ``device_s`` on a GPU. The host runs
+    ahead of the device, so only host time above the device time it overlaps shows: the step's
+    own (``device_s``), and with optimizer in backward the backward's too (``backward_s``: the
+    hooks run while the backward's kernels are queued). bitsandbytes synchronizes after every
+    tensor (``BNB_OPTIMIZERS``): outside backward its host time adds in full; in backward it
+    hides like the others (``optimizer_step_s`` adds one launch per tensor for each drain)."""
+    if setup.optimizer in BNB_OPTIMIZERS and not setup.optimizer_in_backward:
+        return host_s
+    return np.maximum(host_s - device_s - (backward_s if setup.optimizer_in_backward else 0.0), 0.0)
+
+
+def optimizer_step_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, trainable, rank, corr, backward_s=0.0):
     """Seconds of one optimizer step on one GPU for ``trainable`` elements per GPU (ZeRO >= 1
-    shards the step over the data-parallel GPUs)."""
+    shards the step over the data-parallel GPUs); ``backward_s``: the device seconds of the
+    backward an optimizer in backward runs inside. Optimizer in backward does the same device
+    work (the same bytes per element, torchtune's hooks call the same ``step``), only moved."""
     bandwidth = gpu.memory_bandwidth_bytes_per_s * MEMORY_BANDWIDTH_EFFICIENCY
     shard = setup.data_parallel if setup.zero >= 1 else 1
     opt_bytes = trainable / shard * optimizer_bytes_per_element(setup)
@@ -84,7 +100,12 @@ def optimizer_step_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, traina
     else:
         optimizer = opt_bytes / bandwidth
     optimizer = optimizer * corr.optimizer_time_factor
-    # the step's host ops: added on a CPU, exposed on a GPU only above the step's device time
+    # the step's host ops: added on a CPU, exposed on a GPU only above the device time they overlap
     host_opt = corr.host_overhead_s_per_op * optimizer_host_ops(spec, setup, rank)
-    return optimizer + host_opt if is_cpu(gpu) else np.maximum(optimizer, host_opt)
+    if is_cpu(gpu):
+        return optimizer + host_opt
+    exposed = exposed_host_s(optimizer, host_opt, setup, backward_s)
+    if setup.optimizer in BNB_OPTIMIZERS and setup.optimizer_in_backward:
+        exposed = exposed + corr.host_overhead_s_per_op * trainable_tensor_count(spec, setup)  # one drain each
+    return optimizer + exposed
 

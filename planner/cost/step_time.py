@@ -29,6 +29,8 @@ calibration corrects), each in its own module:
 - **communication_s** -- exposed data- and tensor-parallel collectives and pipeline sends
   (``planner.cost.communication``) on the cluster's links (``planner.specs.cluster``).
 - **dequantization_s** -- QLoRA's NF4 -> bf16 passes (``dequantization_s``), memory-bound.
+- **offload_s** -- activation offloading's PCIe copies beyond the compute they overlap
+  (``planner.cost.time_offload``).
 - **overhead_s** -- host-side cost per micro-batch (``planner.cost.host``): exposed on a GPU only
   above the device time, added on a CPU. (The optimizer step's own host ops are part of
   ``optimizer_s``, so that ``overhead_s`` stays per micro-batch.)
@@ -94,6 +96,7 @@ from planner.cost.optimizer_step import (
     optimizer_step_s,
 )
 from planner.cost.spec_facts import setup_key, shared
+from planner.cost.time_offload import activation_offload_s, offloaded_bytes
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -167,6 +170,7 @@ class MicroBatchWork(NamedTuple):
     elementwise_head_s: object  # ... of the embedding, final norm, head and loss
     recompute_s: object
     host_ops: float  # eager ops the micro-batch dispatches
+    offload_bytes: object  # activation offloading: bytes copied to the host (and back)
 
 
 def _compute_seconds(flops: StepFlops, fwd_flops: dict, fwd_secs: dict, tp: int):
@@ -232,7 +236,7 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
     elif setup.checkpointing == "selective":
         recompute = forward_share * elementwise_layers
     return MicroBatchWork(flops, compute_fwd, compute_all, attention_all, elementwise_layers, elementwise_head,
-                          recompute, host_ops_per_micro_batch(spec, setup))
+                          recompute, host_ops_per_micro_batch(spec, setup), offloaded_bytes(spec, setup, b, s))
 
 
 # ------------------------------------------------------------------------------- the step
@@ -361,11 +365,11 @@ def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchW
     host_mb = corr.host_overhead_s_per_op * work.host_ops + 0.0 * tokens
     overhead_mb = host_mb if is_cpu(gpu) else np.maximum(host_mb - device_mb, 0.0)
     trainable = _trainable_per_gpu(spec, setup, rank) + 0.0 * tokens
-    optimizer = optimizer_step_s(spec, setup, gpu, trainable, rank, corr)
     split = setup.pipeline_parallel * setup.context_parallel  # the share of a micro-batch's work one GPU runs
     fwd_s = (work.compute_forward_s + 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * memory) / split
-    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, device_mb / split - fwd_s, corr,
-                                    cluster)
+    bwd_s = device_mb / split - fwd_s
+    optimizer = optimizer_step_s(spec, setup, gpu, trainable, rank, corr, bwd_s)
+    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, bwd_s, corr, cluster)
     return {
         "compute_s": ga * (work.compute_s - work.attention_s) + 0.0 * tokens,
         "attention_s": ga * work.attention_s + 0.0 * tokens,
@@ -375,6 +379,7 @@ def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchW
         "optimizer_s": optimizer + 0.0 * tokens,
         "communication_s": communication + 0.0 * tokens,
         "dequantization_s": ga * dequantization_s(spec, setup, bandwidth) * corr.memory_time_factor + 0.0 * tokens,
+        "offload_s": ga * activation_offload_s(work.offload_bytes, fwd_s, bwd_s) + 0.0 * tokens,
     }
 
 

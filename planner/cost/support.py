@@ -93,6 +93,12 @@ TIME_PRICED: dict[str, tuple] = {
     "sequence_parallel": (False, True),
     "context_parallel": _ANY_COUNT,
     "expert_parallel": (1,),  # the all-to-all dispatch is not timed yet (the memory model prices EP)
+    # planner.cost.optimizer_step / host / time_offload: the same optimizer work moved into backward
+    # (per-parameter host ops hidden behind it); bitsandbytes' per-tensor synchronize; paged states
+    # stay on the device without memory pressure; offload copies over PCIe beyond the compute they overlap
+    "optimizer": (*MEMORY_PRICED["optimizer"], "paged-adamw-8bit"),
+    "optimizer_in_backward": (False, True),
+    "activation_offload": (False, True),
 }
 """Field -> the values the step-time model prices today (``planner.cost.time_model``)."""
 

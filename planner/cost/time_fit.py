@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.time_model import PRIOR, REGIMES, features, ground
+from planner.cost.time_model import DERIVED, PRIOR, REGIMES, features, ground
 
-FIT_NAMES: tuple[str, ...] = tuple(PRIOR)
+FIT_NAMES: tuple[str, ...] = tuple(name for name in PRIOR if name not in DERIVED)
+"""The fitted constants (``time_model.DERIVED`` ones stay at their derived values)."""
 RIDGE_LOG_SIGMA = 1.0
 """Prior width of each constant, in log space (a factor e either way at one sigma)."""
 RUNS_PER_SOURCE_CAP = 20
@@ -40,7 +41,7 @@ def table(runs) -> dict:
     for run in runs:
         raw = step_time(run.spec, run.setup, run.gpu, cluster=run.cluster, grounded=False)
         for key in ("compute_s", "attention_s", "memory_s", "recompute_s", "overhead_s", "optimizer_s",
-                    "communication_s", "dequantization_s"):
+                    "communication_s", "dequantization_s", "offload_s"):
             parts.setdefault(key, []).append(float(raw[key]))
         for key, value in features(run.spec, run.setup, run.gpu).items():
             feats.setdefault(key, []).append(value)
@@ -83,14 +84,15 @@ def fit(tab: dict, mask=None) -> dict:
     _, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
     weight = np.sqrt(np.minimum(counts, RUNS_PER_SOURCE_CAP)[inverse] / counts[inverse])
     prior = np.log([PRIOR[n] for n in FIT_NAMES])
+    held = {name: PRIOR[name] for name in DERIVED}
 
     def residuals(theta):
-        values = dict(zip(FIT_NAMES, np.exp(theta), strict=True))
+        values = {**held, **dict(zip(FIT_NAMES, np.exp(theta), strict=True))}
         errors = weight * log_errors(tab, values, mask)
         return np.concatenate([errors, (theta - prior) / RIDGE_LOG_SIGMA])
 
     result = least_squares(residuals, prior, loss="soft_l1", f_scale=LOSS_SCALE, method="trf")
-    return dict(zip(FIT_NAMES, (float(v) for v in np.exp(result.x)), strict=True))
+    return {**held, **dict(zip(FIT_NAMES, (float(v) for v in np.exp(result.x)), strict=True))}
 
 
 def loso(tab: dict) -> dict:

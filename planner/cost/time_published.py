@@ -62,6 +62,21 @@ NOTE_EXCLUSIONS: tuple[tuple[str, str], ...] = (
 )
 """(phrase in a row's notes, reason): runs whose notes say the set-up differs from what the
 columns alone state. A phrase only excludes rows of the source whose notes use it for that."""
+_OFFLOAD, _IN_BWD, _PAGED = (dict(activation_offload=True), dict(optimizer_in_backward=True),
+                              dict(optimizer="paged-adamw-8bit"))
+ROW_TECHNIQUES: dict[str, dict] = {
+    # torchtune README 'Optimization flags' (PR #2003): techniques cumulative top to bottom, the
+    # LoRA/QLoRA rows without optimizer-in-backward and 8-bit AdamW; the 8-bit optimizer is the
+    # 3B_full_single_device config's bitsandbytes.optim.PagedAdamW8bit
+    "torchtune_readme_2024_11-006": _IN_BWD,
+    "torchtune_readme_2024_11-007": {**_IN_BWD, **_OFFLOAD},
+    "torchtune_readme_2024_11-008": {**_IN_BWD, **_OFFLOAD, **_PAGED},
+    "torchtune_readme_2024_11-009": _OFFLOAD,
+    "torchtune_readme_2024_11-010": _OFFLOAD,
+    # README of PR #1664, 8B_full_single_device: PagedAdamW8bit stepped in backward (from its config)
+    "torchtune_readme_2024_09-001": {**_IN_BWD, **_PAGED},
+}
+"""Run -> the techniques its source states in prose (the CSV has no column for them)."""
 _GATED = ("llama", "qwen", "mistral")
 _METRIC_ORDER = ("tokens_per_s_per_gpu", "tokens_per_s_total", "samples_per_s_total", "step_time_s", "tflops_per_gpu")
 
@@ -195,7 +210,7 @@ def _setup_fields(row: dict) -> dict | str:
         return "expert parallelism is not priced by the time model"
     if row.get("sequence_parallel", "").strip().lower() == "true":
         fields["sequence_parallel"] = True
-    return fields
+    return {**fields, **ROW_TECHNIQUES.get(row["id"], {})}
 
 
 def map_row(row: dict) -> Run | str:

@@ -3,7 +3,8 @@
 - ``hf-trainer``: keyword arguments of ``transformers.TrainingArguments`` (and, for LoRA/QLoRA,
   ``peft.LoraConfig`` and ``transformers.BitsAndBytesConfig`` keyword arguments beside them);
 - ``deepspeed``: a DeepSpeed JSON config (ZeRO stage, micro-batch, accumulation, bf16);
-- ``accelerate``: an ``accelerate`` config YAML (``accelerate launch --config_file``).
+- ``accelerate``: an ``accelerate`` config YAML (``accelerate launch --config_file``);
+- ``torchtune``: the recipe config of a torchtune run (``planner.io.exports_torchtune``).
 
 Nothing here imports torch, transformers or deepspeed.
 """
@@ -145,12 +146,30 @@ def accelerate_config(c: Candidate, deepspeed_path: str | None = None) -> dict:
     return cfg
 
 
+def torchtune_config(c: Candidate) -> dict:
+    """The torchtune recipe config of a torchtune run (``planner.io.exports_torchtune``), its
+    epochs and optimizer steps per epoch carrying the planned tokens."""
+    import math
+
+    from planner.io.exports_torchtune import torchtune_recipe_config
+    from planner.search.stacks import candidate_setup
+
+    if c.stack != "torchtune":
+        raise PlannerError(f"the recommended run is on stack {c.stack}, not torchtune: re-plan with --stacks torchtune "
+                           "(or hf,torchtune) to export a torchtune recipe")
+    config = torchtune_recipe_config(c.model, candidate_setup(c))
+    epochs = max(1, math.ceil(c.epochs - 1e-9)) if c.epochs else 1
+    config["epochs"] = epochs
+    config["max_steps_per_epoch"] = math.ceil(c.steps / epochs)
+    return config
+
+
 def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> list[Path]:
     """Write the recommended run as ``fmt`` to ``path``; returns every file written.
 
     hf-trainer: ``path`` (JSON) holds the TrainingArguments kwargs; beside it ``<stem>.deepspeed.json``
     when the run uses ZeRO and ``<stem>.peft.json`` for LoRA/QLoRA. accelerate: ``path`` (YAML).
-    deepspeed: ``path`` (JSON).
+    deepspeed: ``path`` (JSON). torchtune: ``path`` (YAML), for ``tune run <recipe> --config``.
     """
     c = plan_or_candidate.recommended if isinstance(plan_or_candidate, Plan) else plan_or_candidate
     path = Path(path)
@@ -159,7 +178,10 @@ def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> l
     if not path.parent.exists():
         raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
     written = []
-    if fmt == "deepspeed":
+    if fmt == "torchtune":
+        target = path if path.suffix in (".yaml", ".yml") else path.with_suffix(".yaml")
+        written.append(write_data(torchtune_config(c), target))
+    elif fmt == "deepspeed":
         if c.zero == 0 and c.num_gpus == 1:
             pass  # a single-GPU DeepSpeed run is still valid (ZeRO stage 0)
         written.append(write_data(deepspeed_config(c), path.with_suffix(".json") if path.suffix != ".json" else path))

@@ -16,7 +16,7 @@ from planner.loss.evidence import TASKS
 from planner.specs.vocabulary import MAX_NUM_GPUS
 
 Objective = Literal["loss", "cost", "time"]
-ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed"]
+ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune"]
 EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 METHODS_ALL = ("full", "lora", "qlora")
 
@@ -93,6 +93,8 @@ class PlanRequest(_Frozen):
     finetune_law: str | None = Field("zhang2024", description="fine-tuning loss law file; None: the pre-training law")
     finetune_task: str = Field("wmt14-en-de", description="task of the fine-tuning law's constants")
     tokens_per_example: float = Field(512.0, gt=0, description="mean tokens of one fine-tuning example (the law counts examples)")
+    stacks: tuple[Literal["hf", "torchtune", "torchtitan"], ...] = Field(
+        ("hf",), description="training stacks to search (planner.search.stacks); 'any': every priced stack")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -104,6 +106,17 @@ class PlanRequest(_Frozen):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ValueError("models must be a model name, a comma-separated string or a list of names")
         return tuple(value)
+
+    @field_validator("stacks", mode="before")
+    @classmethod
+    def _split_stacks(cls, value):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and "any" in value:
+            value = ("hf", "torchtune", "torchtitan")
+        if not value:
+            raise ValueError("stacks is empty: use hf, torchtune, torchtitan or any")
+        return tuple(dict.fromkeys(value))
 
     @field_validator("lora_ranks", "micro_batches", "tensor_parallel")
     @classmethod
@@ -233,6 +246,8 @@ class Candidate(_Frozen):
     loss_extrapolation: float = Field(1.0, description="how many times beyond the law's fitted ranges (1: inside)")
     inference_flops: float = 0.0
     inference_cost_usd: float = 0.0
+    stack: str = Field("hf", description="training stack (planner.search.stacks)")
+    techniques: list[str] = Field(default_factory=list, description="techniques beyond the stack's defaults, in words")
 
 
 class ConstraintReport(_Frozen):

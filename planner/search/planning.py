@@ -34,6 +34,7 @@ from planner.search.plan import Candidate, Plan, PlanRequest, SearchStats
 from planner.search.plausible import evidence_report
 from planner.search.scoring import score_candidates
 from planner.search.setups import evaluate_setups, reduce_setups
+from planner.search.stacks import candidate_setup, check_stacks, stacks_note
 from planner.search.table import SetupTable
 
 
@@ -88,9 +89,11 @@ def search_setups(ctx: Context, exhaustive: bool = False) -> SearchState:
     counts = cand.gpu_counts_for(ctx)
     if not req.pretrain:
         models = cand.catalog_models(req.models, ctx.law, req)
+        check_stacks(req, models)
         table, stats = evaluate_setups(ctx, models, counts, exhaustive)
         return SearchState(models, table, stats)
     models = cand.ladder_models(cand.ladder_sizes(cand.ladder_center(ctx)), ctx.law)
+    check_stacks(req, models)
     table, stats = evaluate_setups(ctx, models, counts, exhaustive)
     return _refine_ladder(ctx, SearchState(models, table, stats), exhaustive)
 
@@ -205,6 +208,8 @@ def _standing_assumptions(ctx: Context) -> list[str]:
     else:
         out.append(f"GPU count: all {req.num_gpus} (--gpu-counts to try fewer)")
     out.append(f"global batch about {req.global_batch_tokens} tokens (gradient accumulation fills it)")
+    if req.stacks != ("hf",):
+        out.append(stacks_note(req, ctx.gpu))
     return out
 
 
@@ -221,7 +226,7 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
     flops = float(scored["compute_flops"][i])
     inf_flops = 0.0 if not ctx.request.inference_tokens else float(
         inference_flops(entry.params_n, ctx.request.inference_tokens, ctx.request.inference_cost_ratio))
-    return Candidate(
+    return _with_techniques(Candidate(
         loss_law=loss_law, loss_trust=trust, loss_extrapolation=factor, inference_flops=inf_flops,
         inference_cost_usd=float(scored["cost_usd"][i]) * inf_flops / flops if flops > 0 else 0.0,
         model=entry.name,
@@ -258,7 +263,15 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
         unique_tokens=unique,
         epochs=None if unique is None else tokens / (f * pool),
         scoring_flops=float(data.scoring_flops[j]),
-    )
+        stack=str(row.get("stack", "hf")),
+    ))
+
+
+def _with_techniques(c: Candidate) -> Candidate:
+    """The candidate with its techniques in words (``planner.specs.techniques``)."""
+    from planner.specs.techniques import technique_words
+
+    return c.model_copy(update={"techniques": technique_words(candidate_setup(c))})
 
 
 def _provenance(ctx: Context, entry, method: str, tokens: float, data, j: int) -> tuple[str, str, float]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from planner.search.context import RELAX, Context
 from planner.search.pipelines import fits_states_floor, pipeline_combos, pipeline_fields, wants_pipeline
+from planner.search.stacks import layout_allowed, stack_bases, stack_fields, unpriced_reason
 from planner.search.table import SetupTable, fastest_per_group
 
 PRECISION_FOR_METHOD = {"full": "bf16-mixed", "lora": "bf16", "qlora": "bf16"}
@@ -154,6 +155,20 @@ def _work_ratio(spec, base, seq: int, rank_arg):
     return training_flops(spec, base, 1, seq, rank_arg).model / full_flops
 
 
+def _bases(ctx: Context, spec, method: str) -> list[tuple[str, str, str]]:
+    """(stack, precision, optimizer) of every base set-up of a method: the Hugging Face stack's
+    precisions x the request's optimizers, then each other stack asked for that can run the model."""
+    req = ctx.request
+    out = []
+    for stack in req.stacks:
+        if stack == "hf":
+            precisions = (PRECISION_FOR_METHOD[method],) if req.pretrain else FINETUNE_PRECISIONS[method]
+            out += [("hf", p, o) for p in precisions for o in req.optimizers]
+        elif unpriced_reason(stack, spec, req.pretrain) is None:
+            out += [(stack, p, o) for p, o in stack_bases(stack, method, ctx.gpu, req.optimizers)]
+    return out
+
+
 def _groups(ctx: Context, models: list):
     """Every (model, method, optimizer) of the request, with its shared arrays."""
     from planner.cost.step_time import micro_batch_flops
@@ -167,10 +182,9 @@ def _groups(ctx: Context, models: list):
         for method in (req.methods if not req.pretrain else ("full",)):
             ranks = np.asarray(sorted(set(req.lora_ranks)) if method != "full" else [0], dtype=np.int64)
             rank_arg = np.maximum(ranks, 1)[None, :]
-            precisions = (PRECISION_FOR_METHOD[method],) if req.pretrain else FINETUNE_PRECISIONS[method]
-            for precision, optimizer in ((p, o) for p in precisions for o in req.optimizers):
+            for stack, precision, optimizer in _bases(ctx, spec, method):
                 base = TrainingSetup(method=method, precision=precision, optimizer=optimizer, seq_len=seq,
-                                     lora_rank=int(rank_arg.max()))
+                                     lora_rank=int(rank_arg.max()), **stack_fields(stack, method, optimizer))
                 work = np.broadcast_to(np.asarray(_work_ratio(spec, base, seq, rank_arg), dtype=np.float64),
                                        (1, ranks.size))
                 # model FLOPs of one micro-batch (no recompute; the same for every layout)
@@ -180,8 +194,8 @@ def _groups(ctx: Context, models: list):
                 yield _Group(mi, entry, base, ranks, rank_arg, mb, work, flops_mb, ctx.gpu.peak_flops_for(precision))
 
 
-def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None) -> list[tuple]:
-    """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs, lightest first."""
+def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None, stack: str = "hf") -> list[tuple]:
+    """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs that ``stack`` runs, lightest first."""
     from planner.search.candidates import layouts
 
     if layouts_for is not None:
@@ -189,6 +203,8 @@ def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None) -> list[t
     else:
         combos = [(_CKPT_ORDER[c], c, z, tp) for z, tp in layouts(ctx.request, g, method, spec)
                   for c in ctx.request.checkpointing]
+    if stack != "hf":
+        combos = [c for c in combos if layout_allowed(stack, g, c[1], c[2], c[3], *c[4:])]
     combos.sort(key=lambda t: (t[0] + t[2] + int(math.log2(t[3])), t[0], t[2], t[3]))
     return combos
 
@@ -208,7 +224,7 @@ def _rows(ctx: Context, grp: _Group, setup, ga, peak, keep) -> dict:
     return {
         "model": np.full(k, grp.model_row), "method": np.full(k, setup.method, dtype=object),
         "lora_rank": grp.ranks[sel[1]], "precision": np.full(k, setup.precision, dtype=object),
-        "optimizer": np.full(k, setup.optimizer, dtype=object),
+        "optimizer": np.full(k, setup.optimizer, dtype=object), "stack": np.full(k, setup.stack, dtype=object),
         "checkpointing": np.full(k, setup.checkpointing, dtype=object), "num_gpus": np.full(k, g),
         "zero": np.full(k, setup.zero), "tensor_parallel": np.full(k, setup.tensor_parallel),
         "pipeline_parallel": np.full(k, setup.pipeline_parallel),
@@ -274,12 +290,12 @@ def evaluate_setups(ctx: Context, models: list, gpu_counts_for, exhaustive: bool
     tables = []
     for grp in _groups(ctx, models):
         for g in gpu_counts_for(grp.entry, grp.base.method):
-            combos = _combos(ctx, g, grp.base.method, layouts_for, grp.entry.spec)
+            combos = _combos(ctx, g, grp.base.method, layouts_for, grp.entry.spec, grp.base.stack)
             rows = _gpu_count_rows(ctx, grp, g, combos, exhaustive, stats)
             # the model needs a pipeline where only ZeRO-2/3 (or nothing) fits
             fits = any(bool(((t["peak_bytes"] <= ctx.usable_bytes) & (t["zero"] <= 1)).any()) for t in rows)
             # given layouts (a refinement) carry their own pipeline degrees
-            if layouts_for is None and wants_pipeline(g, grp.base.method, fits):  # planner.search.pipelines
+            if layouts_for is None and grp.base.stack == "hf" and wants_pipeline(g, grp.base.method, fits):  # planner.search.pipelines
                 pipelined = [c for c in pipeline_combos(combos, g, grp.entry.spec.num_layers)
                              if fits_states_floor(grp.base, grp.entry.total_params, c, ctx.usable_bytes)]
                 rows += _gpu_count_rows(ctx, grp, g, pipelined, exhaustive, stats)
