@@ -54,7 +54,7 @@ def markdown_table(profile) -> str:
 
 def transfer_check(profile, model: str, device: str, points: int) -> list[dict]:
     """Measure ``points`` set-ups at the model's full depth (never fitted) and predict them."""
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
     from planner.specs.catalog import load_model_config
     from planner.specs.configs import num_layers_of
     from planner.specs.profile import default_corrections

@@ -166,7 +166,7 @@ def _memory_switch() -> dict:
         qlora = _fits_any(model, gpu, "qlora", request)
         expect = "full" if full else ("lora" if lora else ("qlora" if qlora else None))
         agree += rec == expect or (expect == "lora" and rec == "qlora")
-    return {"problem": f"memory limit: method switch, {len(pairs)} (model, GPU) pairs", "known answer": "planner.cost.memory's verdict",
+    return {"problem": f"memory limit: method switch, {len(pairs)} (model, GPU) pairs", "known answer": "planner.cost.memory.phases's verdict",
             "plan": f"{agree}/{len(pairs)} agree", "error": f"{len(pairs) - agree} disagree"}
 
 

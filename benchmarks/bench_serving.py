@@ -1,7 +1,7 @@
 """Serving predictions against published measurements (``models_catalog/measurements/serving.csv``).
 
 For every row: the model, GPU, tensor parallelism, dtypes, batch and lengths it states; what
-``planner.cost.serving_time`` predicts for its metric; the ratio predicted / measured. Rows the
+``planner.cost.serving.throughput`` predicts for its metric; the ratio predicted / measured. Rows the
 model cannot express are listed with the reason (no catalog config; GPTQ/AWQ kernels, whose
 dequantization cost the byte count does not see, are predicted but kept out of the fit).
 
@@ -25,8 +25,13 @@ from importlib.resources import files
 import numpy as np
 from scipy.optimize import least_squares
 
-from planner.cost.serving import paged_kv
-from planner.cost.serving_time import DEFAULT_EFFICIENCY, ServingEfficiency, generation_time_s, prefill_time_s
+from planner.cost.serving.capacity import paged_kv
+from planner.cost.serving.throughput import (
+    DEFAULT_EFFICIENCY,
+    ServingEfficiency,
+    generation_time_s,
+    prefill_time_s,
+)
 from planner.specs.catalog import load_gpu, load_spec
 
 FITTED = ("bandwidth", "prefill_flops", "decode_flops", "layer_overhead_s", "host_floor_s", "allreduce_latency_s")

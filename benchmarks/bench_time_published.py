@@ -1,8 +1,8 @@
 """The default step-time model against published measured throughput, leave one source out.
 
 Every run of ``models_catalog/measurements/throughput.csv`` the planner can state is priced by the
-grounded time model (``planner.cost.time_model``) with constants fitted on every OTHER source
-(``planner.cost.time_fit.loso``); the tables give the held-out error of tokens per second by
+grounded time model (``planner.cost.timing.grounding``) with constants fitted on every OTHER source
+(``planner.cost.timing.fit.loso``); the tables give the held-out error of tokens per second by
 source and by regime, and whether each run falls in the 80% interval built from the other
 sources' held-out errors. ``--write`` refits the committed constants
 (``models_catalog/time_model/constants.json``); without it the committed file is compared with
@@ -20,8 +20,8 @@ from collections import Counter
 
 import numpy as np
 
-from planner.cost import time_fit
-from planner.cost.time_published import published_runs
+from planner.cost.timing import fit as time_fit
+from planner.cost.timing.published import published_runs
 from planner.specs.catalog import catalog_root
 
 

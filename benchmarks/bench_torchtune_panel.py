@@ -5,7 +5,7 @@
 For each case of ``planner.truth.oracle_panel.TORCHTUNE_PANEL`` (the recipes' set-ups and their
 techniques, a few decoder layers of real configs): the peak that MemTracker measures over one
 step of torchtune's model (``planner.truth.torchtune_step``) and the peak of
-``planner.cost.memory.training_memory`` with ``stack="torchtune"``; with ``--flops``, the FLOPs that
+``planner.cost.memory.phases.training_memory`` with ``stack="torchtune"``; with ``--flops``, the FLOPs that
 FlopCounterMode counts against ``planner.cost.estimate.training_flops``. Markdown on stdout.
 """
 
@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from planner.cost.estimate import training_flops
-    from planner.cost.memory import training_memory
+    from planner.cost.memory.phases import training_memory
     from planner.specs.catalog import load_model_config
     from planner.specs.configs import reduce_layers
     from planner.specs.model import model_spec_from_config

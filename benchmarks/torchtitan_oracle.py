@@ -19,7 +19,7 @@ RoPE's complex64 cache as built. Activation checkpointing is torchtitan's own ``
 SDPA kernels only. One step of ``Trainer._forward_backward_body`` with ``CrossEntropyLoss``
 (``components/loss.py: cross_entropy_loss``, sum reduction, ``.float()`` logits) runs under
 ``planner.truth.phase_tracker``; FSDP2's sharding, fp32 master shards and the optimizer are
-priced by formula on top (``planner.cost.stacks_torchtitan``), not traced.
+priced by formula on top (``planner.cost.memory.torchtitan_tensors``), not traced.
 
 Per-layer bytes per token are the difference of two depths (2 and 4 layers); the head's and the
 loss's are what remains. ``--compile``: bytes each block saves under ``torch.compile``

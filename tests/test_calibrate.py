@@ -17,7 +17,7 @@ import pytest
 
 from planner.cli import main
 from planner.cost.calibrated import calibrated_peak_bytes, predict_peak_bytes
-from planner.cost.step_time import step_time
+from planner.cost.timing.step_time import step_time
 from planner.errors import PlannerError
 from planner.specs.catalog import load_gpu, load_model_config
 from planner.specs.hardware import GpuSpec

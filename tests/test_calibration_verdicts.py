@@ -1,5 +1,5 @@
 """A calibration profile moves every verdict it bears on, in `estimate`, `fit`, `plan` and `compare`
-(issue 13, item 3): one memory verdict (``planner.cost.device_memory``) serves all four.
+(issue 13, item 3): one memory verdict (``planner.cost.memory.device``) serves all four.
 
 The profiles are synthetic, built with the profile model: a "heavy" one (peak bytes x1.5, a 20%
 allocator reserve, a 2 GiB context) under which set-ups that fit by default do not, and a "light"
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from planner.cli import main
-from planner.cost.memory import training_memory
+from planner.cost.memory.phases import training_memory
 from planner.specs.catalog import load_gpu, load_spec
 from planner.specs.profile import Corrections, DeviceInfo, MemoryCorrection, Profile, save_profile
 from planner.specs.setup import TrainingSetup
@@ -53,7 +53,7 @@ def _run(capsys, *argv) -> dict:
 
 def _device_bytes(setup: TrainingSetup, c: Corrections | None, micro_batch=None, seq_len=None) -> np.ndarray:
     """Independent oracle: device bytes by the definitions of the corrections (phases of
-    planner.cost.memory with and without tokens, affine reserve, context)."""
+    planner.cost.memory.phases with and without tokens, affine reserve, context)."""
     spec = load_spec(MODEL)
     b = setup.micro_batch if micro_batch is None else micro_batch
     full = training_memory(spec, setup, b, seq_len).phases

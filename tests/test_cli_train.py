@@ -108,7 +108,7 @@ def test_fit_reports_rows_and_fixes(capsys):
 
 def test_fit_max_micro_batch_is_the_boundary(capsys):
     """The reported micro-batch fits and one more does not (the estimate agrees with fit)."""
-    from planner.cost.memory import training_memory
+    from planner.cost.memory.phases import training_memory
     from planner.search.fit import usable_allocated_bytes
     from planner.specs.catalog import load_gpu, load_spec
     from planner.specs.setup import TrainingSetup

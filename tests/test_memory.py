@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from planner.cost.estimate import sweep
-from planner.cost.memory import inference_memory, training_memory
+from planner.cost.memory.phases import inference_memory, training_memory
 from planner.cost.params import count_params
 from planner.specs.catalog import load_model_config
 from planner.specs.model import model_spec_from_config
@@ -111,8 +111,8 @@ def test_inference_kv_cache_grows_with_context(llama):
 def test_fused_linear_cross_entropy_follows_ligers_algorithm():
     """Liger's fused linear CE (priced from its algorithm, not traced): chunks of next_pow2(T / ceil(V/h))
     tokens, no fp32 log-softmax kept, the head input's gradient kept from forward, no backward temporaries."""
-    from planner.cost import activations as act
-    from planner.cost.memory_activations import activation_memory
+    from planner.cost.memory import activations as act
+    from planner.cost.memory.activation_memory import activation_memory
     from planner.specs.catalog import load_spec
     from planner.specs.setup import TrainingSetup
 

@@ -112,7 +112,7 @@ def test_dominance_pruning_finds_the_exhaustive_optimum():
 
 
 def test_step_decomposition_matches_direct_step_time():
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
     from planner.specs.catalog import load_spec
     from planner.specs.setup import TrainingSetup
 
@@ -223,8 +223,8 @@ def test_pool_with_a_selection_method_prunes_as_the_pruning_model_says():
 
 
 def _fits_any(model: str, gpu: str, method: str, request: PlanRequest, checkpointing=None) -> bool:
-    """Independent oracle: does any set-up of the search space fit, by planner.cost.memory directly?"""
-    from planner.cost.memory import training_memory
+    """Independent oracle: does any set-up of the search space fit, by planner.cost.memory.phases directly?"""
+    from planner.cost.memory.phases import training_memory
     from planner.search.fit import usable_allocated_bytes
     from planner.specs.catalog import load_gpu, load_spec
     from planner.specs.setup import TrainingSetup

@@ -9,11 +9,11 @@ are hand derivations from the definitions (stage splits, in-flight micro-batches
 import numpy as np
 import pytest
 
-from planner.cost import memory_parallel as mp
 from planner.cost.estimate import estimate
-from planner.cost.memory import training_memory, training_peak_bytes
-from planner.cost.memory_activations import layer_activations
-from planner.cost.memory_pipeline import pipeline_phases_and_components, stages
+from planner.cost.memory import parallel as mp
+from planner.cost.memory.activation_memory import layer_activations
+from planner.cost.memory.phases import training_memory, training_peak_bytes
+from planner.cost.memory.pipeline import pipeline_phases_and_components, stages
 from planner.cost.params import count_params
 from planner.errors import PlannerError
 from planner.specs.catalog import load_spec

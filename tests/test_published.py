@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from planner.cost.memory import kv_cache_bytes, nf4_bytes, training_memory
+from planner.cost.memory.phases import kv_cache_bytes, nf4_bytes, training_memory
 from planner.cost.params import count_params
 from planner.specs.catalog import load_model_config
 from planner.specs.model import model_spec_from_config
@@ -96,7 +96,7 @@ def test_full_checkpointing_keeps_layer_inputs():
 
 
 def _layers_only(spec, setup):
-    from planner.cost.memory_activations import layer_activations
+    from planner.cost.memory.activation_memory import layer_activations
 
     total, _, _ = layer_activations(spec, setup, np.float64(setup.micro_batch), np.float64(setup.seq_len), 1)
     return float(total)

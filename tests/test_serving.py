@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from planner.cli import main
-from planner.cost.serving import (
+from planner.cost.serving.capacity import (
     VLLM_BLOCK_SIZE_TOKENS,
     kv_bytes_per_token_per_gpu,
     paged_kv,
     serving_weight_bytes,
     vllm_scheduler_defaults,
 )
-from planner.cost.serving_time import (
+from planner.cost.serving.throughput import (
     DEFAULT_EFFICIENCY,
     at_target_latency,
     decode_bound,

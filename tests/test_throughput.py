@@ -1,4 +1,4 @@
-"""Step-time model (planner.cost.step_time): structure, vectorization, closed forms, corrections."""
+"""Step-time model (planner.cost.timing.step_time): structure, vectorization, closed forms, corrections."""
 
 import itertools
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from planner.cost.step_time import (
+from planner.cost.timing.step_time import (
     DEFAULT_MAX_EFFICIENCY,
     DEFAULT_PRICE_USD_PER_GPU_HOUR,
     default_efficiency,
@@ -71,10 +71,10 @@ def test_shared_cache_changes_nothing(llama8b):
 def test_shared_cache_keys_name_real_fields():
     """The lists of fields a shared part does not read name fields of the set-up (every other field,
     one added later included, keeps parts apart)."""
-    from planner.cost import step_time as st
-    from planner.cost.memory_activations import NOT_READ_BY_ACTIVATIONS
-    from planner.cost.memory_states import NOT_READ_BY_STATES
+    from planner.cost.memory.activation_memory import NOT_READ_BY_ACTIVATIONS
+    from planner.cost.memory.states import NOT_READ_BY_STATES
     from planner.cost.spec_facts import setup_key
+    from planner.cost.timing import step_time as st
 
     fields = set(TrainingSetup.model_fields)
     for ignored in (NOT_READ_BY_ACTIVATIONS, NOT_READ_BY_STATES, st.NOT_READ_BY_WORK, st._NOT_READ_BY_FLOPS,
@@ -203,6 +203,6 @@ def test_prices():
 
 
 def test_analytic_path_does_not_import_torch():
-    code = ("import sys, planner.cost.step_time, planner.truth.calibrate; "
+    code = ("import sys, planner.cost.timing.step_time, planner.truth.calibrate; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from planner.cli import main
-from planner.cost.step_time import step_time
+from planner.cost.timing.step_time import step_time
 from planner.specs.catalog import load_gpu, load_model_config
 from planner.specs.configs import reduce_layers
 from planner.specs.hardware import GpuSpec

@@ -1,4 +1,4 @@
-"""The grounded time model (planner.cost.time_model), the cluster spec, the time fields of
+"""The grounded time model (planner.cost.timing.grounding), the cluster spec, the time fields of
 estimate/fit, plan --confidence, and the compare allocation fixes (issue 11)."""
 
 import json
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from planner.cli import main
-from planner.cost import time_model
-from planner.cost.step_time import step_time
-from planner.cost.time_estimate import calibrated_log_interval, time_fields
+from planner.cost.timing import grounding as time_model
+from planner.cost.timing.intervals import calibrated_log_interval, time_fields
+from planner.cost.timing.step_time import step_time
 from planner.errors import PlannerError
 from planner.specs.catalog import load_gpu, load_spec
 from planner.specs.cluster import default_cluster, load_cluster
@@ -182,7 +182,7 @@ def test_catalog_clusters(capsys):
 
 def test_qlora_pays_its_dequantization(llama8b):
     """QLoRA was priced at LoRA's speed (issue 13): each pass reads NF4 and writes bf16 per weight."""
-    from planner.cost.memory_states import nf4_bytes
+    from planner.cost.memory.states import nf4_bytes
     from planner.cost.spec_facts import projection_params
 
     lora = TrainingSetup(method="lora", precision="bf16", micro_batch=1, seq_len=256)

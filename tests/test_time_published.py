@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from planner.cost import time_fit
-from planner.cost.time_model import PRIOR, load_constants
-from planner.cost.time_published import map_row, published_runs
+from planner.cost.timing import fit as time_fit
+from planner.cost.timing.grounding import PRIOR, load_constants
+from planner.cost.timing.published import map_row, published_runs
 from planner.specs.catalog import catalog_root
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from planner.cli import main
-from planner.cost import time_fit
-from planner.cost.host import optimizer_host_ops, trainable_tensor_count
-from planner.cost.optimizer_step import PCIE_BANDWIDTH_BYTES_PER_S, optimizer_bytes_per_element
 from planner.cost.spec_facts import param_counts
-from planner.cost.step_time import step_time
 from planner.cost.support import unpriced
-from planner.cost.time_offload import activation_offload_s, offloaded_bytes
-from planner.cost.time_published import published_runs
+from planner.cost.timing import fit as time_fit
+from planner.cost.timing.host import optimizer_host_ops, trainable_tensor_count
+from planner.cost.timing.offload import activation_offload_s, offloaded_bytes
+from planner.cost.timing.optimizer_step import PCIE_BANDWIDTH_BYTES_PER_S, optimizer_bytes_per_element
+from planner.cost.timing.published import published_runs
+from planner.cost.timing.step_time import step_time
 from planner.specs.catalog import load_gpu
 from planner.specs.setup import TrainingSetup
 

@@ -12,8 +12,8 @@ fp32 temporaries (8 V at T = 4096). The CPU trace runs torch's composite RMSNorm
 
 import pytest
 
-from planner.cost import stacks_torchtitan as tt
-from planner.cost.memory import training_memory
+from planner.cost.memory import torchtitan_tensors as tt
+from planner.cost.memory.phases import training_memory
 from planner.errors import PlannerError
 from planner.specs.catalog import load_spec
 from planner.specs.setup import TrainingSetup

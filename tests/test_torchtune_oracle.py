@@ -1,4 +1,4 @@
-"""The torchtune oracle (planner.truth.torchtune_step) and the torchtune formulas (planner.cost.stacks_torchtune).
+"""The torchtune oracle (planner.truth.torchtune_step) and the torchtune formulas (planner.cost.memory.torchtune_tensors).
 
 The oracle is checked against facts that need no analytic model (LoRA trains exactly torchtune's
 adapter parameters, chunked cross-entropy no longer materialises the fp32 logits, optimizer-in-
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from planner.cost import stacks_torchtune as tt
+from planner.cost.memory import torchtune_tensors as tt
 from planner.specs.catalog import load_model_config
 from planner.specs.model import model_spec_from_config
 from planner.specs.setup import TrainingSetup
@@ -52,7 +52,7 @@ def _host(r) -> int:
 
 def test_modules_import_without_torch():
     mods = "planner.truth.torchtune_step, planner.truth.torchtune_model, planner.truth.torchtune_patches, " \
-           "planner.truth.torchtune_flops, planner.cost.stacks_torchtune"
+           "planner.truth.torchtune_flops, planner.cost.memory.torchtune_tensors"
     code = f"import sys, {mods}; assert 'torch' not in sys.modules and 'torchtune' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,4 +1,4 @@
-"""The torchtune stack's memory model (``planner.cost.memory_torchtune``) against torchtune 0.6.1's own
+"""The torchtune stack's memory model (``planner.cost.memory.torchtune_stack``) against torchtune 0.6.1's own
 model code traced on fake tensors (``planner.truth.torchtune_step``): every phase's peak within 1%
 (the issue's bar for the panel: 1% median, 5% max), on set-ups of its recipes and their techniques."""
 
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from planner.cost.memory import training_memory
+from planner.cost.memory.phases import training_memory
 from planner.specs.catalog import load_model_config
 from planner.specs.configs import reduce_layers
 from planner.specs.model import model_spec_from_config

@@ -58,8 +58,8 @@ def _common(parser) -> None:
 def run_serve(args) -> int:
     import numpy as np
 
-    from planner.cost.serving import longest_context, paged_kv
-    from planner.cost.serving_time import BATCH_GRID, at_target_latency, serving_estimate
+    from planner.cost.serving.capacity import longest_context, paged_kv
+    from planner.cost.serving.throughput import BATCH_GRID, at_target_latency, serving_estimate
     from planner.io.report import to_json
     from planner.specs.catalog import load_gpu, load_spec
     from planner.units import fmt_bytes, fmt_count, fmt_seconds, fmt_usd

@@ -198,7 +198,7 @@ def run_estimate(args) -> int:
     if profile is not None:
         from planner.cost.calibrated import apply_profile
         from planner.cost.estimate import calibrated_fields
-        from planner.cost.time_estimate import time_fields
+        from planner.cost.timing.intervals import time_fields
 
         result = apply_profile(profile, spec, setup, result, gpu)
         result.update(time_fields(spec, setup, gpu or profile.device_spec(), args.cluster, profile))
@@ -224,7 +224,7 @@ def _export_setup(model: str, setup, fmt: str, out: str | None) -> None:
 
 
 def run_fit(args) -> int:
-    from planner.cost.time_estimate import fit_row_times
+    from planner.cost.timing.intervals import fit_row_times
     from planner.io.report import fit_text, inference_fit_text, to_json
     from planner.search.fit import FIT_CALIBRATED_FIELDS, inference_fits, what_fits
     from planner.specs.catalog import load_gpu, load_spec

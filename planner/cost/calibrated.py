@@ -36,8 +36,8 @@ def _spec_for(profile_configs: dict, model: str, num_layers: int | None, cache: 
 
 
 def _memory_parts(spec, setup: TrainingSetup, device_kind: str):
-    """Per phase: (static bytes with no tokens, token-dependent bytes), from planner.cost.memory."""
-    from planner.cost.memory import training_memory
+    """Per phase: (static bytes with no tokens, token-dependent bytes), from planner.cost.memory.phases."""
+    from planner.cost.memory.phases import training_memory
 
     device = "cpu" if device_kind == "cpu" else "cuda"
     full = training_memory(spec, setup, device=device).phases
@@ -52,9 +52,9 @@ def predict_peak_bytes(spec, setup: TrainingSetup, corrections: Corrections, dev
 
 def calibrated_phases(profile: Profile, spec, setup: TrainingSetup, micro_batch=None, seq_len=None,
                       lora_rank=None) -> dict:
-    """Calibrated live bytes of each phase, vectorized like ``planner.cost.memory.training_memory``
+    """Calibrated live bytes of each phase, vectorized like ``planner.cost.memory.phases.training_memory``
     over micro-batch, sequence length and LoRA rank (the profile's device decides CPU or CUDA kernels)."""
-    from planner.cost.memory import training_memory
+    from planner.cost.memory.phases import training_memory
 
     device = "cpu" if profile.device.kind == "cpu" else "cuda"
     b = setup.micro_batch if micro_batch is None else micro_batch
@@ -86,7 +86,7 @@ def predict_reserved_bytes(allocated: float, corrections: Corrections, device_ki
 def predict_step_times(groups: list[tuple], gpu: GpuSpec, corrections: Corrections | None) -> np.ndarray:
     """Predicted step times of grouped points: each group is (spec, setup, micro_batches,
     seq_lens, indices) evaluated in one vectorized ``step_time`` call."""
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
 
     count = sum(len(g[4]) for g in groups)
     out = np.empty(count)
@@ -117,7 +117,7 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
     reserved by the allocator), ``tokens_per_s``, ``mfu``, ``achieved_flops_per_s`` and a
     ``calibrated`` block with the breakdown. ``peak_bytes``, fits and headroom are calibrated by
     ``planner.cost.estimate.estimate(profile=)``."""
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
 
     kind = profile.device.kind
     if gpu is not None and not profile.matches(gpu):
@@ -147,7 +147,7 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
         "time": scalar,
         "corrections": corrections.model_dump(mode="json"),
     }
-    # fits and headroom: ``estimate(profile=)`` (planner.cost.device_memory), as in every verb
+    # fits and headroom: ``estimate(profile=)`` (planner.cost.memory.device), as in every verb
     notes = list(out.get("notes", []))
     measured = {(m.setup.method, m.setup.precision) for m in profile.measurements if m.status == "ok"}
     if (setup.method, setup.precision) not in measured:
@@ -160,7 +160,7 @@ def apply_profile(profile: Profile, spec, setup: TrainingSetup, result: dict, gp
 
 
 def usable_allocated_bytes(profile: Profile, gpu: GpuSpec) -> float:
-    """What PyTorch may allocate on ``gpu`` by the profile (``planner.cost.device_memory``)."""
-    from planner.cost.device_memory import usable_allocated_bytes as usable
+    """What PyTorch may allocate on ``gpu`` by the profile (``planner.cost.memory.device``)."""
+    from planner.cost.memory.device import usable_allocated_bytes as usable
 
     return usable(gpu, profile)

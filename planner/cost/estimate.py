@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.device_memory import memory_verdict
 from planner.cost.flops import step_flops
-from planner.cost.memory import training_memory
+from planner.cost.memory.device import memory_verdict
+from planner.cost.memory.phases import training_memory
 from planner.cost.params import count_params, lora_params, lora_targets
 from planner.cost.support import require_priced
 from planner.specs.hardware import GpuSpec
@@ -48,10 +48,10 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
 
     ``device="cpu"`` reproduces CPU kernels' small differences (for the fake-tensor oracle).
     With a ``gpu``: the step time, tokens per second, MFU and dollars per million tokens with
-    their 80% intervals (``planner.cost.time_estimate``) on the ``cluster`` (a catalog name; None:
+    their 80% intervals (``planner.cost.timing.intervals``) on the ``cluster`` (a catalog name; None:
     the default cluster). ``profile``: a calibration profile (``planner.specs.profile``) corrects
     the peak, the phases, the overheads, fits and headroom (on ``gpu``, else the profile's device)
-    and the step time; ``calibrated_fields`` names them (``planner.cost.device_memory``)."""
+    and the step time; ``calibrated_fields`` names them (``planner.cost.memory.device``)."""
     require_priced(setup)
     if gpu is not None:
         gpu.require_precision(setup.precision)
@@ -90,11 +90,11 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
         "tokens_per_step": setup.micro_batch * setup.seq_len * setup.data_parallel,
         "notes": _notes(spec, setup),
     }
-    # one verdict for every verb: planner.cost.device_memory (the profile's device when no GPU is named)
+    # one verdict for every verb: planner.cost.memory.device (the profile's device when no GPU is named)
     result.update(memory_verdict(peak, gpu or (profile.device_spec() if profile is not None else None), profile,
                                  setup.stack))
     if gpu is not None:
-        from planner.cost.time_estimate import time_fields, time_notes
+        from planner.cost.timing.intervals import time_fields, time_notes
 
         timing = time_fields(spec, setup, gpu, cluster, profile)
         result.update(timing)
@@ -115,7 +115,7 @@ def _phases(spec: ModelSpec, setup: TrainingSetup, memory, profile) -> dict[str,
 
 def calibrated_fields(result: dict) -> list[str]:
     """The keys of an estimate a calibration profile set (the memory verdict and the time fields)."""
-    from planner.cost.device_memory import CALIBRATED_MEMORY_FIELDS
+    from planner.cost.memory.device import CALIBRATED_MEMORY_FIELDS
 
     timed = result.get("time", {}).get("calibrated")
     keys = [k for k in CALIBRATED_MEMORY_FIELDS if k in result]
@@ -134,7 +134,7 @@ def sweep(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank
 
 def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """What this estimate leaves out or assumes, in words."""
-    from planner.cost.device_memory import leaves_out_note
+    from planner.cost.memory.device import leaves_out_note
 
     notes = [leaves_out_note(setup)]
     if spec.is_moe and setup.method != "full" and "all-linear" in setup.lora_targets:

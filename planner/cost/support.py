@@ -28,7 +28,7 @@ MEMORY_PRICED: dict[str, tuple] = {
     "kbit_preparation": (False,),
     "adapter_dtype": ("auto", "fp32", "base"),
     "modules_to_save": ((), ("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")),
-    # planner.cost.memory_parallel / memory_pipeline: stages, SP, ring-attention CP, EP
+    # planner.cost.memory.parallel / memory_pipeline: stages, SP, ring-attention CP, EP
     "pipeline_parallel": _LAYOUT_COUNTS,
     "virtual_stages": _LAYOUT_COUNTS,
     "sequence_parallel": (False, True),
@@ -75,13 +75,13 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
         "tensor_parallel": (1,),
     },
 }
-"""Stack -> field -> priced values (``planner.cost.memory_torchtune`` for torchtune,
-``planner.cost.memory_torchtitan`` for torchtitan)."""
+"""Stack -> field -> priced values (``planner.cost.memory.torchtune_stack`` for torchtune,
+``planner.cost.memory.torchtitan_stack`` for torchtitan)."""
 
 _ANY_COUNT = range(1, 2**18 + 1)  # every count a set-up accepts (MAX_NUM_GPUS)
 TIME_PRICED: dict[str, tuple] = {
     **MEMORY_PRICED,
-    # planner.cost.time_model: per-stack framework, fused/eager memory-bound work, compile, the
+    # planner.cost.timing.grounding: per-stack framework, fused/eager memory-bound work, compile, the
     # pipeline (stage split, head on the last stage, bubble, p2p), ring-attention context parallel
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),  # fp16: bf16's bytes at the fp16 peak
     "stack": ("hf", "torchtune", "torchtitan", "megatron"),
@@ -93,14 +93,14 @@ TIME_PRICED: dict[str, tuple] = {
     "sequence_parallel": (False, True),
     "context_parallel": _ANY_COUNT,
     "expert_parallel": (1,),  # the all-to-all dispatch is not timed yet (the memory model prices EP)
-    # planner.cost.optimizer_step / host / time_offload: the same optimizer work moved into backward
+    # planner.cost.timing.optimizer_step / host / time_offload: the same optimizer work moved into backward
     # (per-parameter host ops hidden behind it); bitsandbytes' per-tensor synchronize; paged states
     # stay on the device without memory pressure; offload copies over PCIe beyond the compute they overlap
     "optimizer": (*MEMORY_PRICED["optimizer"], "paged-adamw-8bit"),
     "optimizer_in_backward": (False, True),
     "activation_offload": (False, True),
 }
-"""Field -> the values the step-time model prices today (``planner.cost.time_model``)."""
+"""Field -> the values the step-time model prices today (``planner.cost.timing.grounding``)."""
 
 PRICED_VALUES = {"memory": MEMORY_PRICED, "time": TIME_PRICED}
 

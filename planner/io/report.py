@@ -118,7 +118,7 @@ def _span(low: float, high: float, fmt) -> str:
 
 
 def _time_lines(result: dict) -> list[str]:
-    """Step time, throughput, MFU and cost with their 80% interval (``planner.cost.time_estimate``)."""
+    """Step time, throughput, MFU and cost with their 80% interval (``planner.cost.timing.intervals``)."""
     r, t = result, result.get("time", {})
     kind = "calibrated" if t.get("calibrated") or "calibrated" in r else "default model"
     lines = [

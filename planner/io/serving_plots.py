@@ -15,7 +15,7 @@ from planner.io.plots import _figure, _save
 
 def plot_serving(estimate, path, target_tpot_s: float | None = None, title: str = "") -> Path:
     """Time per output token and throughput per GPU against the number of concurrent requests
-    (a :class:`planner.cost.serving_time.ServingEstimate` over a batch grid); batches whose KV
+    (a :class:`planner.cost.serving.throughput.ServingEstimate` over a batch grid); batches whose KV
     cache does not fit are drawn hollow, the target latency as a line."""
     b = np.asarray(estimate.batch, dtype=float).ravel()
     tpot = np.asarray(estimate.tpot_s, dtype=float).ravel() * 1e3

@@ -4,7 +4,7 @@ respect (``Limits``).
 
 A request that names no GPU gets ``DEFAULT_GPU`` (or the calibration profile's device) and no
 price gets the catalog's; each such choice is written into the plan's assumptions. Step times and
-peak memory of a calibrated request are the calibrated ones (``planner.cost.step_time.step_time(
+peak memory of a calibrated request are the calibrated ones (``planner.cost.timing.step_time.step_time(
 profile=)``, ``planner.cost.calibrated.calibrated_peak_bytes``) and its usable memory is the
 profile's measured context and allocator reserve.
 """
@@ -80,13 +80,13 @@ def _gpu_and_profile(request: PlanRequest, notes: list[str]):
 
 
 def _price(request: PlanRequest, gpu, notes: list[str]) -> float:
-    from planner.cost.step_time import price_usd_per_gpu_hour
+    from planner.cost.timing.step_time import price_usd_per_gpu_hour
 
     price = request.price_usd_per_hour or price_usd_per_gpu_hour(gpu)
     if price is None:
         raise PlannerError(f"GPU {gpu.name} has no price in the catalog or throughput defaults; pass --price-usd-per-hour")
     if request.price_usd_per_hour is None:
-        source = "catalog" if gpu.price_usd_per_hour is not None else "planner.cost.step_time default"
+        source = "catalog" if gpu.price_usd_per_hour is not None else "planner.cost.timing.step_time default"
         notes.append(f"price: ${price}/GPU-hour for {gpu.name} ({source}, indicative; pass --price-usd-per-hour)")
     return float(price)
 
@@ -103,7 +103,7 @@ def make_context(request: PlanRequest) -> Context:
     if profile is not None:
         notes.append(f"calibration: {request.calibration} ({profile.device.name}, fitted: "
                      f"{', '.join(profile.corrections.fitted) or 'nothing'}) sets every set-up's peak_bytes, "
-                     "usable_bytes, fits and step_time_s (planner.cost.device_memory)")
+                     "usable_bytes, fits and step_time_s (planner.cost.memory.device)")
     usable = usable_allocated_bytes(gpu, profile)
     if request.uses_finetune_law:  # an unknown law or task fails before the search
         from planner.search.finetuning import method_law

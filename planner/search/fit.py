@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import device_memory
-from planner.cost.device_memory import peak_allocated_bytes
-from planner.cost.memory import inference_memory
+from planner.cost.memory import device as device_memory
+from planner.cost.memory.device import peak_allocated_bytes
+from planner.cost.memory.phases import inference_memory
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import InferenceSetup, TrainingSetup
@@ -29,7 +29,7 @@ SEQ_STEP = 128
 
 def usable_allocated_bytes(gpu: GpuSpec, profile=None) -> float:
     """What PyTorch may allocate: device memory less the CUDA context, less the allocator's
-    reserve (``planner.cost.device_memory``, the verdict every verb shares); with a calibration
+    reserve (``planner.cost.memory.device``, the verdict every verb shares); with a calibration
     profile of this GPU, its measured context and fitted reserve instead."""
     return device_memory.usable_allocated_bytes(gpu, profile)
 
@@ -88,7 +88,7 @@ def _largest_fitting(values: np.ndarray, peaks: np.ndarray, budget: float) -> in
 
 def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, gpu: GpuSpec, max_seq_len: int,
             profile=None) -> FitRow:
-    """One set-up's verdict on ``gpu`` by ``planner.cost.device_memory`` (calibrated by ``profile``)."""
+    """One set-up's verdict on ``gpu`` by ``planner.cost.memory.device`` (calibrated by ``profile``)."""
     budget = device_memory.usable_allocated_bytes(gpu, profile, setup.stack)
     peak1 = float(peak_allocated_bytes(spec, setup, 1, seq_len, profile=profile))
     batch_peaks = peak_allocated_bytes(spec, setup, MICRO_BATCHES, seq_len, profile=profile)

@@ -14,8 +14,8 @@ checkpointing modes, eager and compiled. A user who names a stack gets only that
 
 from __future__ import annotations
 
-from planner.cost.stacks_torchtitan import unpriced_reason as titan_unpriced_reason
-from planner.cost.stacks_torchtune import unpriced_reason
+from planner.cost.memory.torchtitan_tensors import unpriced_reason as titan_unpriced_reason
+from planner.cost.memory.torchtune_tensors import unpriced_reason
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup

@@ -52,7 +52,7 @@ def fits_states_floor(base, total_params: float, combo: tuple, usable_bytes: flo
     """Whether a pipeline layout can fit at all: the worst stage holds at least ``1/pp`` of the
     parameters, each with its unsharded weight and gradient (ZeRO-0/1) split over TP. Degrees
     below it are not evaluated (no memory call)."""
-    from planner.cost.memory_states import dtype_layout
+    from planner.cost.memory.states import dtype_layout
 
     _, _, zero, tp, pp = combo
     layout = dtype_layout(base.model_copy(update={"zero": zero}))

@@ -65,7 +65,7 @@ class PlanRequest(_Frozen):
     law: str = "besiroglu2024"
     calibration: str | None = Field(None, description="calibration profile JSON (planner calibrate)")
     confidence: float | None = Field(None, gt=0, lt=1, description="hold deadline/dollar/GPU-hour budgets at this "
-                                     "quantile of the step time (planner.cost.time_model); None: the median")
+                                     "quantile of the step time (planner.cost.timing.grounding); None: the median")
     seq_len: int = Field(2048, gt=0)
     global_batch_tokens: int = Field(2**19, gt=0, description="tokens per optimizer step (grad accumulation fills it)")
     methods: tuple[Literal["full", "lora", "qlora"], ...] = METHODS_ALL

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from planner.cost.time_model import quantile_factor
+from planner.cost.timing.grounding import quantile_factor
 from planner.errors import PlannerError
 from planner.loss import pruning, scaling
 from planner.search.candidates import DataChoices, ModelEntry, token_lattice

@@ -2,8 +2,8 @@
 
 A set-up is a categorical combination (model, method, precision, optimizer, checkpointing, GPU
 count, ZeRO stage, tensor parallelism); each is evaluated over arrays of micro-batches and LoRA
-ranks with one call of ``planner.cost.memory.training_memory`` per accumulation regime and of
-``planner.cost.step_time.step_time`` at two accumulations (a step is affine in it). What does not
+ranks with one call of ``planner.cost.memory.phases.training_memory`` per accumulation regime and of
+``planner.cost.timing.step_time.step_time`` at two accumulations (a step is affine in it). What does not
 depend on the ZeRO stage, the GPU count or the accumulation (a micro-batch's activations and its
 compute, ``memory_activations.activation_memory`` and ``step_time.micro_batch_work``) is computed
 once per model and layout and shared; every result is memoized across the plans of one process
@@ -77,8 +77,8 @@ def _shared(ctx: Context, entry, mb, seq, rank_arg) -> dict:
 
 
 def _memory_peak(ctx: Context, entry, setup, mb, seq, rank_arg):
-    """Peak allocated bytes per GPU, or calibrated by the profile (``planner.cost.device_memory``, as every verb)."""
-    from planner.cost.device_memory import peak_allocated_bytes
+    """Peak allocated bytes per GPU, or calibrated by the profile (``planner.cost.memory.device``, as every verb)."""
+    from planner.cost.memory.device import peak_allocated_bytes
 
     cache = _shared(ctx, entry, mb, seq, rank_arg) if ctx.profile is None else None
     return np.asarray(peak_allocated_bytes(entry.spec, setup, mb, seq, rank_arg, ctx.profile, cache=cache), dtype=np.float64)
@@ -101,12 +101,12 @@ def _peak(ctx: Context, entry, setup, mb, seq, rank_arg, ga):
 
 
 def _affine_step(ctx: Context, spec, setup, mb, seq, rank_arg, cache: dict | None = None):
-    """(seconds per micro-batch, seconds per step) of ``setup`` from ``planner.cost.step_time.step_time``
+    """(seconds per micro-batch, seconds per step) of ``setup`` from ``planner.cost.timing.step_time.step_time``
     at ga = 1 and ga = 2: a step of ga micro-batches takes ga x the first + the second. Exact when
     step_time is affine in ga (its terms are per micro-batch or per step); the tests bound the
     error elsewhere (the exposed part of a cross-node DDP / ZeRO-1 all-reduce). Returns the two
     arrays and the number of calls."""
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
 
     one = np.asarray(step_time(spec, setup.model_copy(update={"grad_accum": 1}), ctx.gpu, mb, seq, rank_arg,
                                ctx.profile, cache)["step_time_s"], dtype=np.float64)
@@ -171,7 +171,7 @@ def _bases(ctx: Context, spec, method: str) -> list[tuple[str, str, str]]:
 
 def _groups(ctx: Context, models: list):
     """Every (model, method, optimizer) of the request, with its shared arrays."""
-    from planner.cost.step_time import micro_batch_flops
+    from planner.cost.timing.step_time import micro_batch_flops
     from planner.specs.setup import TrainingSetup
 
     req = ctx.request

@@ -33,9 +33,9 @@ def unpriced_reason(stack: str, spec, pretrain: bool) -> str | None:
     if stack == "torchtune":
         if pretrain:
             return "torchtune runs fine-tuning recipes: pre-training plans use --stacks hf or torchtitan"
-        from planner.cost.stacks_torchtune import unpriced_reason as reason
+        from planner.cost.memory.torchtune_tensors import unpriced_reason as reason
     else:
-        from planner.cost.stacks_torchtitan import unpriced_reason as reason
+        from planner.cost.memory.torchtitan_tensors import unpriced_reason as reason
     return reason(spec)
 
 

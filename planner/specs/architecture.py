@@ -58,7 +58,7 @@ class LayerSpec:
     qk_norm: str = "none"  # "none" | "head" (per head_dim) | "full" (over all heads)
     parallel_residual: bool = False
     norm_kind: str = "rms"  # "rms" (Llama: weight applied after the cast back) | "rms_fp32" (weight applied in fp32: Gemma, OLMo-2) | "layer"
-    # Traits the activation inventory reads (planner.cost.activations):
+    # Traits the activation inventory reads (planner.cost.memory.activations):
     pre_norms: int = 2  # norms whose output feeds projections (saved by the projections)
     post_norms: int = 0  # norms applied to a block's output before the residual add (Gemma-2/3, OLMo-2)
     hidden_act: str = "silu"

@@ -5,7 +5,7 @@ applying a profile to estimates in ``planner.cost.calibrated``.
 What is corrected (``Corrections``), and from which measurements:
 
 - memory: ``calibrated_peak = max over phases p (static_factor x S_p + activation_factor x D_p
-  + offset_p)``, where for each phase p of ``planner.cost.memory`` S_p is its bytes with no tokens
+  + offset_p)``, where for each phase p of ``planner.cost.memory.phases`` S_p is its bytes with no tokens
   (weights, gradients, states, optimizer temporaries) and D_p the rest (activations, logits,
   loss temporaries). Fitted on measured peak allocated bytes, per method (full, LoRA, QLoRA:
   their analytic residuals differ in kind, so a method that was not measured gets none).
@@ -14,7 +14,7 @@ What is corrected (``Corrections``), and from which measurements:
   (allocated, reserved) pairs; ``context_bytes`` (memory held outside the allocator: CUDA
   context, cuBLAS workspaces) as measured before the first step. A CPU has no caching
   allocator: reserved equals allocated and the context is 0.
-- time (``planner.cost.step_time``): ``efficiency_scale`` (achieved share of the roofline's matmul
+- time (``planner.cost.timing.step_time``): ``efficiency_scale`` (achieved share of the roofline's matmul
   efficiency), ``efficiency_size_exponent`` (how that share grows with the geometric-mean
   matmul side, relative to 1024), ``memory_time_factor`` and ``optimizer_time_factor``
   (residual factors of the memory-bound and optimizer terms), ``host_overhead_s_per_op``.

@@ -23,7 +23,7 @@ from planner.cost.calibrated import (
     predict_reserved_bytes,
     predict_step_times,
 )
-from planner.cost.step_time import HOST_OVERHEAD_S_PER_OP
+from planner.cost.timing.step_time import HOST_OVERHEAD_S_PER_OP
 from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, GpuSpec
 from planner.specs.profile import (
     HOLDOUT_EVERY,

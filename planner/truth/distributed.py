@@ -136,11 +136,11 @@ def launch(config: dict, nproc: int, out: Path, *, mode: str = "ddp", device: st
 
 def communication_factor(measured_s: float, spec, setup: TrainingSetup, profile) -> dict:
     """What a measured multi-process step says about the collectives, given a single-device
-    ``profile`` of the same device for everything else (the step of ``planner.cost.step_time``
+    ``profile`` of the same device for everything else (the step of ``planner.cost.timing.step_time``
     with the profile's corrections and a communication factor of 1)."""
     import numpy as np
 
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
 
     neutral = profile.corrections.model_copy(update={"communication_factor": 1.0})
     parts = step_time(spec, setup, profile.device_spec(), profile=neutral)

@@ -109,7 +109,7 @@ PANEL: tuple[PanelCase, ...] = (
 
 
 TORCHTUNE_PANEL: list[PanelCase] = [
-    # torchtune 0.6.1's own model code (planner.truth.torchtune_step) against planner.cost.memory_torchtune;
+    # torchtune 0.6.1's own model code (planner.truth.torchtune_step) against planner.cost.memory.torchtune_stack;
     # the set-ups of its single-device recipes, each technique on and off
     PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024)),
     PanelCase("llama-3.2-1b", 2, dict(stack="torchtune", micro_batch=2, seq_len=1024, loss_impl="chunked")),

@@ -247,7 +247,7 @@ def _measurement(run: _GridRun, point: GridPoint, r: dict[str, Any]) -> Measurem
 
 def _estimated_bytes(spec, setup: TrainingSetup, device: str) -> float:
     """The analytic device bytes of a point (peak, allocator reserve, CUDA context), for the memory guard."""
-    from planner.cost.memory import training_memory
+    from planner.cost.memory.phases import training_memory
     from planner.specs.hardware import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES
 
     peak = float(training_memory(spec, setup, device=device).peak_bytes)

@@ -3,7 +3,7 @@
 Owns building the model a torchtune recipe trains (``torchtune_fake_model``; torchtune 0.6.1 with
 torchao 0.11.0): the component builder of the config's family with its keyword arguments
 (``torchtune_builder``; the LoRA switches of its ``lora_*`` builders are
-``planner.cost.stacks_torchtune.lora_switches``), dtype, LoRA/QLoRA, trainable parameters and
+``planner.cost.memory.torchtune_tensors.lora_switches``), dtype, LoRA/QLoRA, trainable parameters and
 activation checkpointing as the single-device recipes set them, and the move into
 ``FakeTensorMode`` (parameters, torchao NF4 weights, RoPE caches). torch, torchtune and torchao are imported inside functions only.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from planner.cost.stacks_torchtune import lora_switches
+from planner.cost.memory.torchtune_tensors import lora_switches
 from planner.specs.configs import reduce_layers
 
 if TYPE_CHECKING:  # pragma: no cover

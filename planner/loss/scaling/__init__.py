@@ -8,6 +8,9 @@ files of ``models_catalog/scaling_laws`` and the loss formulas, data-constrained
 included), ``allocation`` (closed form, geometric program and grid for N*, D*) and ``fit``
 (fitting a law to the user's runs). This package re-exports their public names, so
 ``from planner.loss import scaling; scaling.compute_optimal(...)`` reaches each where it lives.
+
+This package owns the scaling laws and their fits; it may import ``planner.specs``, ``planner.errors``, numpy,
+and scipy or cvxpy inside the functions that solve.
 """
 
 from planner.loss.scaling.allocation import (

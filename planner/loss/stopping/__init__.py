@@ -9,6 +9,9 @@ log-linear families, fitted and chosen by AICc, BIC or a held-out tail), ``rule`
 recommendation and its moving-block bootstrap interval), ``logs`` (a CSV or a Hugging Face
 trainer_state.json) and ``backtesting`` (the rule replayed on complete curves, regret against the
 oracle that knows the whole curve). This package re-exports their public names.
+
+This package owns the stopping rule and its backtests; it may import ``planner.loss.scaling``,
+``planner.errors`` and numpy (scipy inside the fits).
 """
 
 from planner.loss.stopping.backtesting import BacktestRow, backtest, law_curve, oracle_stop

@@ -3,10 +3,10 @@
 Pure functions of the layout, one per formula (numpy, vectorized over the token arrays):
 - pipeline parallelism: how the layers split into stages (``stage_layers``) and how many
   micro-batches of activations a stage holds at its peak under 1F1B, interleaved 1F1B and GPipe
-  (``in_flight_micro_batches``); ``planner.cost.memory_pipeline`` assembles the stages;
+  (``in_flight_micro_batches``); ``planner.cost.memory.pipeline`` assembles the stages;
 - sequence parallelism: the activations Megatron replicates under tensor parallelism (norms,
   dropouts, the layer input) split over the tensor-parallel group too (applied in
-  ``planner.cost.memory_activations``);
+  ``planner.cost.memory.activation_memory``);
 - context parallelism: each GPU holds ``1/cp`` of every sequence; ring attention's key/value
   buffers in flight (``ring_attention_buffer_bytes``); ZeRO shards over data x context ranks
   (``zero_shard_degree``);

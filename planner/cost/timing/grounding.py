@@ -1,4 +1,4 @@
-"""The grounded step time: the roofline terms of ``planner.cost.step_time`` corrected by a few
+"""The grounded step time: the roofline terms of ``planner.cost.timing.step_time`` corrected by a few
 constants fitted on published measured throughput, with an interval from cross-validated errors.
 
 The roofline (``step_time`` with ``grounded=False``) prices one step from first principles: the
@@ -40,7 +40,7 @@ differently). ``ground`` applies, per set-up:
   the attention compute and are not charged).
 
 The constants and the interval quantiles are data: ``models_catalog/time_model/constants.json``,
-written by ``planner.cost.time_fit`` (leave-one-source-out cross-validation, see
+written by ``planner.cost.timing.fit`` (leave-one-source-out cross-validation, see
 ``benchmarks/bench_time_published.py``). ``PRIOR`` holds the values before any fit (the centre
 of the fit's ridge penalty).
 """
@@ -52,7 +52,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost.efficiency import DEFAULT_MAX_EFFICIENCY
+from planner.cost.timing.efficiency import DEFAULT_MAX_EFFICIENCY
 from planner.errors import PlannerError
 
 CONSTANTS_FILE = ("time_model", "constants.json")

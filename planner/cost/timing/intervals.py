@@ -1,7 +1,7 @@
 """Time and cost of one set-up with an interval: what ``planner estimate``, ``planner fit`` and
 the plan search show.
 
-Uncalibrated, the step time is the grounded model (``planner.cost.time_model``) and its 80%
+Uncalibrated, the step time is the grounded model (``planner.cost.timing.grounding``) and its 80%
 interval comes from the leave-one-source-out errors of the set-up's regime (single GPU, one
 node, several nodes). With a calibration profile the step time is the calibrated one and the
 interval comes from the profile's own held-out points (``Profile.accuracy``): a profile measured
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost import time_model
-from planner.cost.step_time import price_usd_per_gpu_hour, step_time
 from planner.cost.support import unpriced
+from planner.cost.timing import grounding as time_model
+from planner.cost.timing.step_time import price_usd_per_gpu_hour, step_time
 from planner.specs.cluster import resolve_cluster
 
 INTERVAL = 0.8

@@ -1,13 +1,13 @@
 """Training memory of the torchtune stack by phase: its single-device and FSDP recipes put together.
 
 Owns the composition of one torchtune step (``torchtune_memory``) from the per-tensor byte counts
-of ``planner.cost.stacks_torchtune`` (each checked against torchtune's own model code on fake
+of ``planner.cost.memory.torchtune_tensors`` (each checked against torchtune's own model code on fake
 tensors): weights, gradients and optimizer states at the model's one dtype (torchtune has no
 autocast and no fp32 master copy), LoRA adapters at that dtype, torchao NF4 for QLoRA, the RoPE
 cache buffers, every layer's saved tensors, the head and the loss with or without chunked
 cross-entropy, optimizer-in-backward (gradients freed as they are made), paged 8-bit states
 (outside PyTorch's allocator), activation offloading (checkpointed inputs on the host) and
-packed batches (the dense block-causal mask). Phases as ``planner.cost.memory``: forward (at the
+packed batches (the dense block-causal mask). Phases as ``planner.cost.memory.phases``: forward (at the
 loss), backward (at the loss's backward, or where a checkpointed layer is recomputed, or at its
 end), optimizer. Sharding with ``zero=3`` is FSDP2's: parameters, gradients and states divided
 by the data-parallel GPUs, one layer's parameters gathered at a time.
@@ -20,8 +20,8 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost import stacks_torchtune as tt
-from planner.cost.memory_states import ADAM8BIT_MIN_SIZE, adam8bit_state_bytes
+from planner.cost.memory import torchtune_tensors as tt
+from planner.cost.memory.states import ADAM8BIT_MIN_SIZE, adam8bit_state_bytes
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -189,7 +189,7 @@ def _dequant_peaks(spec: ModelSpec, setup: TrainingSetup, kept, largest, tokens)
 def _embedding_transient(spec: ModelSpec, setup: TrainingSetup) -> float:
     """When the backward ends with a tied, trained embedding, autograd holds the head's gradient,
     the embedding's and their sum: two table-sized gradients beyond the one kept (as in the HF
-    stack, ``planner.cost.memory.embedding_backward_bytes``); none with optimizer-in-backward
+    stack, ``planner.cost.memory.phases.embedding_backward_bytes``); none with optimizer-in-backward
     (each gradient is consumed by its step) or a frozen embedding."""
     if setup.method != "full" or not spec.tied_embeddings or setup.optimizer_in_backward:
         return 0.0

@@ -89,7 +89,7 @@ def optimizer_host_ops(spec: ModelSpec, setup: TrainingSetup, rank) -> float:
 
 def trainable_tensor_count(spec: ModelSpec, setup: TrainingSetup) -> int:
     """How many tensors the optimizer steps: two per adapted linear, or every parameter tensor
-    (``planner.cost.memory_states.trainable_tensors``)."""
+    (``planner.cost.memory.states.trainable_tensors``)."""
     if setup.method != "full":
         return 2 * len(spec_facts.lora_linears(spec, setup.lora_targets))
     return len(spec_facts.full_tensor_shapes(spec))

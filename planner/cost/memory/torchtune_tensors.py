@@ -1,7 +1,7 @@
 """The torchtune stack (torchtune 0.6.1, torchao 0.11): what its training step holds, as pure formulas.
 
 Owns the byte counts of torchtune's single-device recipes that differ from the HF inventory of
-``planner.cost.activations``: the tensors each decoder layer saves for backward
+``planner.cost.memory.activations``: the tensors each decoder layer saves for backward
 (``layer_saved_bytes_per_token``), what the final norm and head save (``head_saved_bytes_per_token``),
 the loss's transient tensors with and without chunked cross-entropy (``loss_extra_bytes``),
 the per-parameter bytes of weights, gradients and optimizer state, with optimizer-in-backward and

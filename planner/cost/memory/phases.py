@@ -12,10 +12,10 @@ forward unless gradients are accumulated over micro-batches):
 - optimizer: weights, gradients, states and the step's temporaries (foreach AdamW makes one
   full-size temporary: ``torch._foreach_sqrt(exp_avg_sqs)``; the fused step makes none).
 
-What each phase holds comes from two halves: ``planner.cost.memory_states`` (weights, gradients,
-optimizer states and temporaries: no tokens) and ``planner.cost.memory_activations`` (what the
+What each phase holds comes from two halves: ``planner.cost.memory.states`` (weights, gradients,
+optimizer states and temporaries: no tokens) and ``planner.cost.memory.activation_memory`` (what the
 micro-batch saves: no ZeRO stage, GPU count, accumulation or optimizer). Serving memory is in
-``planner.cost.inference_memory``; its names are re-exported here.
+``planner.cost.memory.inference``; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import activations as act
-from planner.cost.inference_memory import (
+from planner.cost.memory import activations as act
+from planner.cost.memory.activation_memory import NOT_READ_BY_ACTIVATIONS, ActivationMemory, activation_memory
+from planner.cost.memory.inference import (
     inference_memory,
     kv_cache_bytes,
     prefill_activation_bytes,
     weight_bytes_inference,
 )
-from planner.cost.memory_activations import NOT_READ_BY_ACTIVATIONS, ActivationMemory, activation_memory
-from planner.cost.memory_parallel import parallel_transient_bytes, zero_shard_degree
-from planner.cost.memory_saved_modules import saved_modules_extra_bytes
-from planner.cost.memory_states import (
+from planner.cost.memory.parallel import parallel_transient_bytes, zero_shard_degree
+from planner.cost.memory.saved_modules import saved_modules_extra_bytes
+from planner.cost.memory.states import (
     ADAM8BIT_BLOCK,
     ADAM8BIT_MIN_SIZE,
     NF4_BITS,
@@ -131,8 +131,8 @@ def training_peak_bytes(spec: ModelSpec, setup: TrainingSetup, micro_batch=None,
 
 def _pipeline(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank, device: str,
               cache: dict | None, components: bool = True) -> tuple[dict, dict | None]:
-    """The worst pipeline stage's phases and components (``planner.cost.memory_pipeline``)."""
-    from planner.cost.memory_pipeline import pipeline_phases_and_components
+    """The worst pipeline stage's phases and components (``planner.cost.memory.pipeline``)."""
+    from planner.cost.memory.pipeline import pipeline_phases_and_components
 
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
@@ -141,9 +141,9 @@ def _pipeline(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_
 
 
 def _torchtune(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank) -> tuple[dict, dict]:
-    """The torchtune stack's phases and components (``planner.cost.memory_torchtune``)."""
-    from planner.cost.memory_torchtune import torchtune_phases_and_components
-    from planner.cost.stacks_torchtune import unpriced_reason
+    """The torchtune stack's phases and components (``planner.cost.memory.torchtune_stack``)."""
+    from planner.cost.memory.torchtune_stack import torchtune_phases_and_components
+    from planner.cost.memory.torchtune_tensors import unpriced_reason
     from planner.errors import PlannerError
 
     reason = unpriced_reason(spec)
@@ -157,9 +157,9 @@ def _torchtune(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora
 
 
 def _torchtitan(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, device: str) -> tuple[dict, dict]:
-    """The torchtitan stack's phases and components (``planner.cost.memory_torchtitan``)."""
-    from planner.cost.memory_torchtitan import torchtitan_phases_and_components
-    from planner.cost.stacks_torchtitan import unpriced_reason
+    """The torchtitan stack's phases and components (``planner.cost.memory.torchtitan_stack``)."""
+    from planner.cost.memory.torchtitan_stack import torchtitan_phases_and_components
+    from planner.cost.memory.torchtitan_tensors import unpriced_reason
     from planner.errors import PlannerError
 
     reason = unpriced_reason(spec)

@@ -28,7 +28,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.flops import linear_forward_flops
-from planner.cost.serving import (
+from planner.cost.serving.capacity import (
     PagedKv,
     _check_tp,
     decode_weight_bytes,
@@ -36,7 +36,7 @@ from planner.cost.serving import (
     paged_kv,
     serving_weight_bytes,
 )
-from planner.cost.step_time import price_usd_per_gpu_hour
+from planner.cost.timing.step_time import price_usd_per_gpu_hour
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec

@@ -17,7 +17,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.flops import attention_core_forward_flops, linear_forward_flops, lora_forward_flops
-from planner.cost.host import HOST_OVERHEAD_S_PER_OP
+from planner.cost.timing.host import HOST_OVERHEAD_S_PER_OP
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import LayerSpec, ModelSpec
 from planner.specs.setup import TrainingSetup

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost.memory_states import dtype_layout
+from planner.cost.memory.states import dtype_layout
 from planner.specs.cluster import ClusterSpec, default_cluster
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec

@@ -215,7 +215,7 @@ def _setup_fields(row: dict) -> dict | str:
 
 def map_row(row: dict) -> Run | str:
     """A ``Run`` for one CSV row, or the reason it cannot be stated."""
-    from planner.cost.time_model import regime
+    from planner.cost.timing.grounding import regime
     from planner.specs.catalog import load_gpu
     from planner.specs.cluster import load_cluster, resolve_cluster
     from planner.specs.setup import TrainingSetup

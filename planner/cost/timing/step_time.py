@@ -2,7 +2,7 @@
 step and communication, optionally corrected by a calibration profile (``planner calibrate``).
 
 Everything is numpy (no torch) and vectorized over ``micro_batch``, ``seq_len`` and
-``lora_rank`` like :func:`planner.cost.memory.training_memory`. Times are per GPU; the GPUs of a
+``lora_rank`` like :func:`planner.cost.memory.phases.training_memory`. Times are per GPU; the GPUs of a
 data-parallel group run in lock step.
 
 What one step is (the same step ``planner.truth.trace`` and ``planner.truth.profile`` run): ``grad_accum``
@@ -13,31 +13,31 @@ The model, term by term (every constant names its source or says it is a guess t
 calibration corrects), each in its own module:
 
 - **compute_s** -- the matmuls, FLOPs counted as ``planner.cost.flops`` counts them (PyTorch's
-  ``FlopCounterMode`` convention), each product at its roofline (``planner.cost.efficiency``);
+  ``FlopCounterMode`` convention), each product at its roofline (``planner.cost.timing.efficiency``);
   **attention_s** the attention core's products apart (the kernel differs from a GEMM).
   Causal SDPA runs only the unmasked half of the score square (FlashAttention-2 skips fully
   masked tiles, Dao 2023 sec. 3.1); eager attention runs all of it.
 - **memory_s** -- norms, activations, rotary, residual adds, casts, softmax and the loss:
   memory-bound. Traffic = ``ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE`` x the bytes a full
-  fine-tuning forward saves (``planner.cost.memory_activations``'s inventory, a proxy for what
+  fine-tuning forward saves (``planner.cost.memory.activation_memory``'s inventory, a proxy for what
   those ops write), at ``MEMORY_BANDWIDTH_EFFICIENCY`` x the memory bandwidth; plus the
   embedding gradient and the accumulation of gradients.
 - **recompute_s** -- activation checkpointing: full reruns each layer's forward matmuls
   (``flops.recompute``) and its elementwise forward; selective reruns only the elementwise part.
-- **optimizer_s** -- the optimizer step (``planner.cost.optimizer_step``): its bytes at the
+- **optimizer_s** -- the optimizer step (``planner.cost.timing.optimizer_step``): its bytes at the
   memory bandwidth, or over PCIe and at host bandwidth with ``offload_optimizer``.
 - **communication_s** -- exposed data- and tensor-parallel collectives and pipeline sends
-  (``planner.cost.communication``) on the cluster's links (``planner.specs.cluster``).
+  (``planner.cost.timing.communication``) on the cluster's links (``planner.specs.cluster``).
 - **dequantization_s** -- QLoRA's NF4 -> bf16 passes (``dequantization_s``), memory-bound.
 - **offload_s** -- activation offloading's PCIe copies beyond the compute they overlap
-  (``planner.cost.time_offload``).
-- **overhead_s** -- host-side cost per micro-batch (``planner.cost.host``): exposed on a GPU only
+  (``planner.cost.timing.offload``).
+- **overhead_s** -- host-side cost per micro-batch (``planner.cost.timing.host``): exposed on a GPU only
   above the device time, added on a CPU. (The optimizer step's own host ops are part of
   ``optimizer_s``, so that ``overhead_s`` stays per micro-batch.)
 
 ``step_time_s`` is the sum of those terms (compute, memory, recompute and overhead already
 summed over the ``grad_accum`` micro-batches). Without a calibration profile the terms are then
-grounded on published throughput (``planner.cost.time_model``: per-GPU-generation matmul
+grounded on published throughput (``planner.cost.timing.grounding``: per-GPU-generation matmul
 efficiency, per-stack framework and overlap, the pipeline split and bubble, context parallel).
 
 The step is built in two halves: ``micro_batch_work`` (compute, elementwise traffic, recompute
@@ -54,9 +54,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost import activations as act
 from planner.cost import spec_facts
-from planner.cost.communication import (
+from planner.cost.estimate import recompute_fraction, training_flops
+from planner.cost.flops import StepFlops
+from planner.cost.memory import activations as act
+from planner.cost.memory.activation_memory import layer_activations
+from planner.cost.memory.states import dtype_layout, nf4_bytes
+from planner.cost.spec_facts import setup_key, shared
+from planner.cost.timing.communication import (
     DDP_BUCKET_BYTES,
     GPUS_PER_NODE,
     INTER_NODE_BANDWIDTH_BYTES_PER_S,
@@ -64,7 +69,7 @@ from planner.cost.communication import (
     ring_all_reduce_s,
     ring_gather_s,
 )
-from planner.cost.efficiency import (
+from planner.cost.timing.efficiency import (
     CAUSAL_FLASH_FRACTION,
     DEFAULT_MAX_EFFICIENCY,
     EFFICIENCY_HALF_SIZE,
@@ -75,9 +80,7 @@ from planner.cost.efficiency import (
     forward_seconds,
     matmul_time_s,
 )
-from planner.cost.estimate import recompute_fraction, training_flops
-from planner.cost.flops import StepFlops
-from planner.cost.host import (
+from planner.cost.timing.host import (
     BACKWARD_OPS_PER_FORWARD_OP,
     CHECKPOINT_HOST_FACTOR,
     HOST_OVERHEAD_S_PER_OP,
@@ -87,16 +90,13 @@ from planner.cost.host import (
     is_cpu,
     optimizer_host_ops,
 )
-from planner.cost.memory_activations import layer_activations
-from planner.cost.memory_states import dtype_layout, nf4_bytes
-from planner.cost.optimizer_step import (
+from planner.cost.timing.offload import activation_offload_s, offloaded_bytes
+from planner.cost.timing.optimizer_step import (
     HOST_MEMORY_BANDWIDTH_BYTES_PER_S,
     PCIE_BANDWIDTH_BYTES_PER_S,
     optimizer_bytes_per_element,
     optimizer_step_s,
 )
-from planner.cost.spec_facts import setup_key, shared
-from planner.cost.time_offload import activation_offload_s, offloaded_bytes
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -285,7 +285,7 @@ def dequantization_s(spec: ModelSpec, setup: TrainingSetup, bandwidth: float):
 
 
 FP16_TWINS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
-"""fp16 moves the bytes of bf16 (``planner.cost.memory.SAME_BYTES_AS``) at the fp16 tensor peak;
+"""fp16 moves the bytes of bf16 (``planner.cost.memory.phases.SAME_BYTES_AS``) at the fp16 tensor peak;
 the GradScaler's unscale is one in-place pass over the gradients, left out."""
 
 
@@ -333,7 +333,7 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
     not depend on the ZeRO stage, the GPU count, the accumulation or the optimizer) are computed
     once into it.
     ``cluster``: a ``planner.specs.cluster.ClusterSpec`` (None: ``default_cluster(gpu)``).
-    ``grounded``: apply the constants fitted on published throughput (``planner.cost.time_model``;
+    ``grounded``: apply the constants fitted on published throughput (``planner.cost.timing.grounding``;
     adds ``pipeline_bubble_s``). Default: when no profile is given (a profile's corrections
     replace them); ``False`` gives the bare roofline a fit starts from.
     """
@@ -348,7 +348,7 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   lambda: micro_batch_work(spec, setup, gpu, b, s, rank, corr, cache))
     parts = _step(spec, setup, gpu, work, b * s, rank, corr, cluster)
     if profile is None if grounded is None else grounded:
-        from planner.cost import time_model
+        from planner.cost.timing import grounding as time_model
 
         parts = time_model.ground(parts, time_model.features(spec, setup, gpu), time_model.load_constants()["values"])
     return _totals(parts, setup, gpu, work, b * s)

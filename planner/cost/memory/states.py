@@ -6,8 +6,8 @@ each optimizer (``optimizer_state_elems``, ``adam8bit_state_bytes``) and the tra
 allocates (``optimizer_temp_bytes``), put together by ``model_states`` for one set-up. ZeRO
 shards states (stage >= 1), gradients (>= 2) and weights (3) over the data-parallel GPUs (times
 the context-parallel ones); tensor parallelism splits the full model's tensors, expert parallelism
-the routed experts' (``planner.cost.memory_parallel``); a pipeline stage is priced as the model of
-its own layers (``planner.cost.memory_pipeline``). A training stack that stores tensors differently
+the routed experts' (``planner.cost.memory.parallel``); a pipeline stage is priced as the model of
+its own layers (``planner.cost.memory.pipeline``). A training stack that stores tensors differently
 (Megatron's distributed optimizer, torchao's low-precision states) changes this module.
 """
 
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost.memory_parallel import routed_expert_params, sharded_fraction, zero_shard_degree
+from planner.cost.memory.parallel import routed_expert_params, sharded_fraction, zero_shard_degree
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 

@@ -5,7 +5,7 @@ estimate`, `fit`, `plan` and `compare`, with or without a calibration profile.
     reserved     = (1 + reserve_fraction) x allocated + reserve_offset   (CUDA caching allocator)
                  = allocated                                             (a CPU: no allocator cache)
 
-The peak allocated bytes are ``planner.cost.memory``'s, or with a profile the corrected ones
+The peak allocated bytes are ``planner.cost.memory.phases``'s, or with a profile the corrected ones
 (``planner.cost.calibrated.calibrated_phases``); the reserve and the context are the defaults of
 ``planner.specs.hardware``, or the profile's fitted reserve and measured context. A set-up fits
 when its device bytes are at most the device's memory, which (the reserve being affine and
@@ -78,9 +78,9 @@ def fits_mask(allocated, gpu: GpuSpec, over: Overheads):
 def peak_allocated_bytes(spec, setup, micro_batch=None, seq_len=None, lora_rank=None, profile=None,
                          device: str = "cuda", cache: dict | None = None):
     """Peak allocated bytes per GPU over arrays of micro-batch, sequence length and LoRA rank:
-    ``planner.cost.memory``, or calibrated by ``profile`` (whose device decides the kernels)."""
+    ``planner.cost.memory.phases``, or calibrated by ``profile`` (whose device decides the kernels)."""
     if profile is None:
-        from planner.cost.memory import training_peak_bytes
+        from planner.cost.memory.phases import training_peak_bytes
 
         return training_peak_bytes(spec, setup, micro_batch, seq_len, lora_rank, device=device, cache=cache)
     from planner.cost.calibrated import calibrated_peak_bytes

@@ -13,7 +13,7 @@ documented with the same parameters in TRL's ``get_act_offloading_ctx_manager``)
   computation";
 - the recipes pair it with activation checkpointing, so what is saved, and offloaded, is each
   checkpointed layer's input, ``b x s x h`` in the compute dtype per layer
-  (``planner.cost.memory_torchtune`` prices the same tensors as host memory); without
+  (``planner.cost.memory.torchtune_stack`` prices the same tensors as host memory); without
   checkpointing every saved activation of the layers goes.
 
 So the step pays only the copy time that the compute it overlaps cannot hide: the copies of a
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.memory_activations import layer_activations
-from planner.cost.optimizer_step import PCIE_BANDWIDTH_BYTES_PER_S
+from planner.cost.memory.activation_memory import layer_activations
+from planner.cost.timing.optimizer_step import PCIE_BANDWIDTH_BYTES_PER_S
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 

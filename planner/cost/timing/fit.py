@@ -1,7 +1,7 @@
 """Fitting the time model's constants on published throughput, scored leave-one-source-out.
 
 ``table(runs)`` prices every published run once with the bare roofline (``step_time`` with
-``grounded=False``); ``predict(table, values)`` applies ``planner.cost.time_model.ground`` to all
+``grounded=False``); ``predict(table, values)`` applies ``planner.cost.timing.grounding.ground`` to all
 of them at once (numpy), so a fit evaluates thousands of constant vectors in seconds.
 
 The fit (``fit``) minimises, over the log of the constants, the squared log error of the step
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.time_model import DERIVED, PRIOR, REGIMES, features, ground
+from planner.cost.timing.grounding import DERIVED, PRIOR, REGIMES, features, ground
 
 FIT_NAMES: tuple[str, ...] = tuple(name for name in PRIOR if name not in DERIVED)
 """The fitted constants (``time_model.DERIVED`` ones stay at their derived values)."""
@@ -33,7 +33,7 @@ INTERVAL = 0.8
 
 def table(runs) -> dict:
     """Roofline parts, features and the measured step time of each run (arrays over runs)."""
-    from planner.cost.step_time import step_time
+    from planner.cost.timing.step_time import step_time
 
     parts: dict[str, list] = {}
     feats: dict[str, list] = {}
@@ -167,7 +167,7 @@ def committed(tab: dict) -> dict:
                    "runs, ridge toward time_model.PRIOR (RIDGE_LOG_SIGMA); interval_log_ratio = +- the 80th percentile of "
                    "the absolute held-out log errors of each regime (leave one source out)",
             "data": "models_catalog/measurements/throughput.csv (see THROUGHPUT_SOURCES.md), runs mapped by "
-                    "planner.cost.time_published",
+                    "planner.cost.timing.published",
             "ridge_log_sigma": RIDGE_LOG_SIGMA, "runs_per_source_cap": RUNS_PER_SOURCE_CAP, "loss_scale": LOSS_SCALE,
             "command": "python benchmarks/bench_time_published.py --write",
         },

@@ -1,6 +1,6 @@
 """Activations of one training micro-batch per GPU: what forward saves, what checkpointing keeps.
 
-The part of training memory that grows with the tokens. Per layer, ``planner.cost.activations``
+The part of training memory that grows with the tokens. Per layer, ``planner.cost.memory.activations``
 gives the bytes saved for backward (its inventory, per token and per token and key); here they are
 summed over the layers under activation checkpointing (none, op-level selective, full), split by
 tensor parallelism, with LoRA's adapter tensors and the head, the autocast weight copies and the
@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost import activations as act
 from planner.cost import spec_facts
-from planner.cost.memory_states import adapter_bytes, dtype_layout
+from planner.cost.memory import activations as act
+from planner.cost.memory.states import adapter_bytes, dtype_layout
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 

@@ -1,7 +1,7 @@
 """The torchtitan stack (torchtitan 0.3.0 on torch 2.13): what its training step holds, as pure formulas.
 
 Owns the byte counts of torchtitan's Llama 3 decoder (``torchtitan/models/llama3``, built from
-``models/common``) that differ from the HF inventory of ``planner.cost.activations``: what each
+``models/common``) that differ from the HF inventory of ``planner.cost.memory.activations``: what each
 ``Llama3TransformerBlock`` saves for backward under each activation-checkpointing policy of
 ``distributed/activation_checkpoint.py`` (``layer_saved_bytes_per_token``), what the final norm and
 ``lm_head`` save (``head_saved_bytes_per_token``), the loss's transients

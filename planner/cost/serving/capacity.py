@@ -3,7 +3,7 @@
 Everything is per GPU of a tensor-parallel group of ``tensor_parallel`` GPUs (weights and KV
 heads split evenly, as Megatron-style TP does). Functions take scalars or numpy arrays for the
 batch and the context length; the categorical choices (model, GPU, dtypes) are fixed per call.
-Time and cost (prefill, decode, $ per token) are in :mod:`planner.cost.serving_time`.
+Time and cost (prefill, decode, $ per token) are in :mod:`planner.cost.serving.throughput`.
 
 vLLM's KV-cache sizing, read from its worker (``Worker.determine_num_available_blocks`` in
 vllm/worker/worker.py; the v1 worker computes the same budget): after loading the weights it runs
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost.inference_memory import kv_cache_bytes, prefill_activation_bytes, weight_bytes_inference
+from planner.cost.memory.inference import kv_cache_bytes, prefill_activation_bytes, weight_bytes_inference
 from planner.errors import PlannerError
 from planner.specs.hardware import CUDA_CONTEXT_BYTES, GpuSpec
 from planner.specs.model import ModelSpec
@@ -50,7 +50,7 @@ def _projection_params(spec: ModelSpec) -> int:
 def serving_weight_bytes(spec: ModelSpec, weight_dtype: str) -> float:
     """Bytes of all weights (every GPU of a TP group together) in a serving format.
 
-    bf16/fp16/fp32/int8/nf4 as ``planner.cost.inference_memory.weight_bytes_inference`` lays them out; fp8
+    bf16/fp16/fp32/int8/nf4 as ``planner.cost.memory.inference.weight_bytes_inference`` lays them out; fp8
     (TensorRT-LLM / vLLM FP8 checkpoints: the projections in 1 byte with per-tensor scales, the
     embeddings, norms and head in 16 bit) and int4 (GPTQ/AWQ, see ``INT4_GROUP_SIZE``) here.
     """

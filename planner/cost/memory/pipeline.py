@@ -22,16 +22,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost import activations as act
 from planner.cost import spec_facts
-from planner.cost.memory_activations import (
+from planner.cost.memory import activations as act
+from planner.cost.memory.activation_memory import (
     NOT_READ_BY_ACTIVATIONS,
     ActivationMemory,
     layer_activations,
     qlora_dequant_bytes,
 )
-from planner.cost.memory_parallel import head_in_flight_micro_batches, in_flight_micro_batches, stage_layers
-from planner.cost.memory_states import NOT_READ_BY_STATES, model_states
+from planner.cost.memory.parallel import head_in_flight_micro_batches, in_flight_micro_batches, stage_layers
+from planner.cost.memory.states import NOT_READ_BY_STATES, model_states
 from planner.cost.spec_facts import setup_key, shared
 from planner.errors import PlannerError
 from planner.specs.model import ModelSpec
@@ -161,7 +161,7 @@ def pipeline_phases_and_components(spec: ModelSpec, setup: TrainingSetup, b, s, 
     stage whose peak is highest (None unless ``components``: a search reads the peak alone).
     ``cache``: as ``memory.training_memory``'s (each stage's states and activations are filed
     under the stage's model and the set-up fields they read)."""
-    from planner.cost.memory import _components, _phases
+    from planner.cost.memory.phases import _components, _phases
 
     _require_stage_priced(setup)
     tokens = b * s / setup.context_parallel

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost import activations as act
-from planner.cost.memory_states import dtype_layout, optimizer_state_elems, optimizer_temp_bytes
+from planner.cost.memory import activations as act
+from planner.cost.memory.states import dtype_layout, optimizer_state_elems, optimizer_temp_bytes
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 

@@ -3,7 +3,7 @@
 
 Bytes per trainable element by optimizer and implementation follow the passes PyTorch runs
 (``optimizer_bytes_per_element``); weights, gradients and states take the widths of
-``planner.cost.memory_states.dtype_layout``. The step's host ops (``planner.cost.host``) add on a
+``planner.cost.memory.states.dtype_layout``. The step's host ops (``planner.cost.timing.host``) add on a
 CPU; on a GPU the step takes the longer of its device and host times.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.efficiency import MEMORY_BANDWIDTH_EFFICIENCY
-from planner.cost.host import BNB_OPTIMIZERS, is_cpu, optimizer_host_ops, trainable_tensor_count
-from planner.cost.memory_states import dtype_layout
+from planner.cost.memory.states import dtype_layout
+from planner.cost.timing.efficiency import MEMORY_BANDWIDTH_EFFICIENCY
+from planner.cost.timing.host import BNB_OPTIMIZERS, is_cpu, optimizer_host_ops, trainable_tensor_count
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -28,7 +28,7 @@ memory-bound: 8-channel DDR4-3200 gives 205 GB/s peak per socket; half of it ach
 
 def optimizer_bytes_per_element(setup: TrainingSetup) -> float:
     """Bytes one optimizer step moves per trainable element (reads + writes), pass by pass as
-    PyTorch runs it, from the dtype layout of ``planner.cost.memory_states`` (weight w, gradient
+    PyTorch runs it, from the dtype layout of ``planner.cost.memory.states`` (weight w, gradient
     g, state s, fp32 master copy):
 
     - AdamW foreach / for-loop (``torch/optim/adam.py`` ``_multi_tensor_adam``, decoupled weight

@@ -1,7 +1,7 @@
 """Serving memory per GPU of the simple model: weights, the KV cache, the prefill transient.
 
 Two phases, prefill (a chunk of the prompt through one layer at a time) and decode (one token per
-sequence); the peak is the larger. ``planner.cost.serving`` builds vLLM's paged-cache view on these
+sequence); the peak is the larger. ``planner.cost.serving.capacity`` builds vLLM's paged-cache view on these
 functions. Vectorized over the batch and the context length like the training formulas.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost.memory_states import nf4_bytes
+from planner.cost.memory.states import nf4_bytes
 from planner.specs.model import ModelSpec
 
 
@@ -56,10 +56,10 @@ def prefill_activation_bytes(spec: ModelSpec, batch, chunk_tokens, dtype_bytes: 
 
 
 def inference_memory(spec: ModelSpec, setup, batch=None, context_len=None):
-    """Serving memory per GPU (a ``planner.cost.memory.MemoryEstimate``): weights, KV cache for
+    """Serving memory per GPU (a ``planner.cost.memory.phases.MemoryEstimate``): weights, KV cache for
     ``batch x context_len``, prefill transient (arrays for ``batch`` / ``context_len`` override
     the set-up's numbers)."""
-    from planner.cost.memory import MemoryEstimate  # memory re-exports this module's functions
+    from planner.cost.memory.phases import MemoryEstimate  # memory re-exports this module's functions
     from planner.units import DTYPE_BYTES
 
     batch = _arr(setup.batch if batch is None else batch)

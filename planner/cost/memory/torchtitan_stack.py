@@ -1,7 +1,7 @@
 """Training memory of the torchtitan stack by phase: one step of torchtitan 0.3.0's ``Trainer`` on one GPU.
 
 Owns the composition of one step (``torchtitan_phases_and_components``) from the per-tensor formulas
-of ``planner.cost.stacks_torchtitan``. torchtitan always applies FSDP2 (``parallelize_llama`` calls
+of ``planner.cost.memory.torchtitan_tensors``. torchtitan always applies FSDP2 (``parallelize_llama`` calls
 ``apply_fsdp_to_decoder`` even at shard degree 1, for its ``MixedPrecisionPolicy``), so every GPU
 holds fp32 parameter shards, fp32 gradient shards and fp32 AdamW moments (``fused`` AdamW, the
 default ``implementation``: no step temporaries), each divided by the shard degree (``zero=3``:
@@ -9,7 +9,7 @@ the data-parallel GPUs; ``zero=0``: replicated), plus the blocks' unsharded comp
 parameters as FSDP2 gathers them. ``Trainer.train_step`` zeroes gradients with
 ``set_to_none=config.training.disable_cuda_graphs`` (False by default in 0.3.0: the forward and
 backward are captured in a CUDA graph), so the gradient shards stay allocated through the forward.
-Phases as ``planner.cost.memory``: forward (at the loss, or inside the last block), backward (at
+Phases as ``planner.cost.memory.phases``: forward (at the loss, or inside the last block), backward (at
 the loss's backward, the head's, a recomputed block's or the embedding's), optimizer.
 """
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
-from planner.cost import stacks_torchtitan as tt
+from planner.cost.memory import torchtitan_tensors as tt
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
