@@ -21,11 +21,11 @@ PLANNER = str(Path(sys.executable).with_name("planner")) if Path(sys.executable)
     else shutil.which("planner")
 COMMANDS = [
     ("--help", ["--help"], None),
-    ("estimate, table", ["estimate", "--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "4096",
+    ("estimate --model llama-3.1-8b --method lora --seq-len 4096 --checkpointing full --gpu h100-sxm", ["estimate", "--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "4096",
                          "--checkpointing", "full", "--gpu", "h100-sxm"], 0.2),
-    ("estimate, JSON", ["estimate", "--model", "llama-3.1-8b", "--precision", "bf16-mixed", "--num-gpus", "8",
+    ("estimate --model llama-3.1-8b --precision bf16-mixed --num-gpus 8 --zero 3 --json", ["estimate", "--model", "llama-3.1-8b", "--precision", "bf16-mixed", "--num-gpus", "8",
                         "--zero", "3", "--json"], 0.2),
-    ("fit (README)", ["fit", "qwen2.5-7b", "--gpu", "rtx-4090", "--seq-len", "4096"], 0.3),
+    ("fit qwen2.5-7b --gpu rtx-4090 --seq-len 4096", ["fit", "qwen2.5-7b", "--gpu", "rtx-4090", "--seq-len", "4096"], 0.3),
     ("plan --compute 1e21 --json", ["plan", "--compute", "1e21", "--json"], 1.0),
     ("plan 8B/3B, 8 x H100, $5000, 20B pool", ["plan", "--model", "llama-3.1-8b,llama-3.2-3b-instruct", "--gpu",
                                                "h100-sxm", "--num-gpus", "8", "--budget-usd", "5000",
