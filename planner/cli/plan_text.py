@@ -62,7 +62,7 @@ def plan_text(p) -> str:
     shown = rows[::step]
     if step > 1 and shown[-1] is not rows[-1]:
         shown.append(rows[-1])
-    every = f", every {step}th shown" if step > 1 else ""
+    every = f", one in {step} shown" if step > 1 else ""
     lines += ["", f"Pareto front over loss, cost and time: {len(rows)} plans (by cost{every})", render_table(shown)]
     lines += ["", "assumptions:"] + [f"  - {a}" for a in p.assumptions]
     lines.append(f"\nsearched {p.search.setups_evaluated} set-ups ({p.search.rows_feasible} set-up x micro-batch rows fit), "
