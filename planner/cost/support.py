@@ -24,7 +24,7 @@ MEMORY_PRICED: dict[str, tuple] = {
     "packed": (False,),
     "compile": (False,),
     "float8": (False,),
-    "dora": (False,),
+    "dora": (False, True),
     "kbit_preparation": (False,),
     "adapter_dtype": ("auto", "fp32", "base"),
     "modules_to_save": ((), ("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")),
@@ -86,6 +86,7 @@ TIME_PRICED: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),  # fp16: bf16's bytes at the fp16 peak
     "stack": ("hf", "torchtune", "torchtitan", "megatron"),
     "loss_impl": ("standard", "chunked"),  # torchtune's chunked CE: the same logits FLOPs and bytes, in chunks
+    "dora": (False,),  # DoRA's weight norm per step and its extra elementwise work are not timed
     "compile": (False, True),
     "packed": (False, True),
     "pipeline_parallel": _ANY_COUNT,

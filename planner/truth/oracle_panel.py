@@ -41,6 +41,8 @@ class PanelCase:
             parts.append("save-" + "+".join(s["modules_to_save"]))
         if s.get("adapter_dtype") == "base":
             parts.append("adapters-base-dtype")
+        if s.get("dora"):
+            parts.append("dora")
         for key, word in (("stack", None), ("loss_impl", "loss"), ("optimizer_in_backward", "opt-in-bwd"),
                           ("activation_offload", "offload"), ("packed", "packed"), ("grad_accum", "ga")):
             value = s.get(key)
@@ -105,6 +107,9 @@ PANEL: tuple[PanelCase, ...] = (
     # peft modules_to_save: trained copies of the head and the embedding beside LoRA, issue 10
     _case("llama-3.1-8b", 2, method="lora", modules_to_save=("lm_head",), micro_batch=2, seq_len=512),
     _case("qwen2.5-0.5b", 2, method="lora", modules_to_save=("embed_tokens", "lm_head"), micro_batch=2, seq_len=512),
+    # peft DoRA (use_dora): magnitude vectors, saved base and LoRA outputs (planner.cost.memory.dora), issue 10
+    _case("llama-3.2-1b", 2, method="lora", dora=True, lora_targets=("q_proj", "v_proj"), micro_batch=2, seq_len=512),
+    _case("qwen2.5-0.5b", 2, method="lora", dora=True, lora_targets=("all-linear",), micro_batch=2, seq_len=512),
 )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.memory import activations as act
+from planner.cost.memory import dora
 from planner.cost.memory.states import adapter_bytes, dtype_layout
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -82,10 +83,13 @@ def layer_activations(spec: ModelSpec, setup: TrainingSetup, b, s, tp: int, devi
     mask_bytes = act.DROPOUT_MASK_BYTES if device == "cuda" else act.PRECISION[setup.precision].matmul
     rank = _arr(setup.lora_rank if rank is None else rank)
     lora_per_token = lora_per_token_by_layer(spec, setup, rank, mask_bytes) if not trainable else {}
+    dora_saved = dora.saved_bytes_by_layer(spec, setup, tokens, act.PRECISION[setup.precision].matmul,
+                                           adapter_bytes(setup))
     for index, (norms, inner, per_key, selective) in enumerate(_per_layer_bytes(spec, setup, trainable, mask_bytes)):
         bytes_layer = tokens * (norms / sp + inner / tp) + tokens * s * per_key / tp
         if index in lora_per_token:
             bytes_layer = bytes_layer + tokens * lora_per_token[index]
+        bytes_layer = bytes_layer + dora_saved.get(index, 0.0)
         total = total + bytes_layer
         largest = np.maximum(largest, bytes_layer)
         if setup.checkpointing == "selective":

@@ -26,6 +26,7 @@ import numpy as np
 
 from planner.cost.memory import activations as act
 from planner.cost.memory.activation_memory import NOT_READ_BY_ACTIVATIONS, ActivationMemory, activation_memory
+from planner.cost.memory.dora import forward_transient_bytes as dora_forward_transient_bytes
 from planner.cost.memory.inference import (
     inference_memory,
     kv_cache_bytes,
@@ -193,6 +194,7 @@ def _phases(spec: ModelSpec, setup: TrainingSetup, st: ModelStates, acts: Activa
     static = weights + st.states + st.master + grads_in_forward
     # one layer's ring-attention / expert-dispatch buffers, live while the loss's are not
     transient = parallel_transient_bytes(spec, setup, tokens, act.PRECISION[setup.precision].matmul)
+    transient = np.maximum(transient, dora_forward_transient_bytes(spec, setup, adapter_bytes(setup)))
     forward = static + acts.saved + np.maximum(acts.forward_logits, transient)
     backward_start = static + acts.saved + np.maximum(acts.loss_temporaries, transient)
     hidden_grad = tokens * spec.hidden_size * act.PRECISION[setup.precision].residual

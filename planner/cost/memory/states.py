@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
+from planner.cost.memory import dora
 from planner.cost.memory.parallel import routed_expert_params, sharded_fraction, zero_shard_degree
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -113,7 +114,7 @@ def trainable_tensors(spec: ModelSpec, setup: TrainingSetup, rank: int) -> list[
         shapes = []
         for _, lin in spec_facts.lora_linears(spec, setup.lora_targets):
             shapes += [(rank, lin.in_features), (lin.out_features, rank)]
-        return shapes
+        return shapes + dora.magnitude_shapes(spec, setup)
     return list(spec_facts.full_tensor_shapes(spec))
 
 
@@ -121,7 +122,7 @@ def _tensors(spec: ModelSpec, setup: TrainingSetup, rank: int) -> tuple[tuple[in
     """``trainable_tensors``, kept per spec (the search asks for the same ones per set-up)."""
     if setup.method == "full":
         return spec_facts.full_tensor_shapes(spec)
-    return spec_facts.cached(spec, ("lora_tensors", tuple(setup.lora_targets), rank),
+    return spec_facts.cached(spec, ("lora_tensors", tuple(setup.lora_targets), rank, setup.dora),
                              lambda: tuple(trainable_tensors(spec, setup, rank)))
 
 
@@ -198,6 +199,7 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     # LoRA adapts no stacked expert weight: its adapters shard over the ZeRO group alone
     lora_share = {z: 1.0 / (dp if setup.zero >= z else 1) for z in (1, 2)}
     adapters = spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank if not full else _arr(0.0)
+    adapters = adapters + dora.magnitude_elems(spec, setup)  # DoRA's magnitude vectors
     if full:
         weights = counts.total * layout.weight / tp * share[3]
         trainable = _arr(counts.total)
