@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 from planner.cli import main
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same examples every run (a gate must not flip on a lucky draw); explore more with
+# `pytest tests/test_fuzz_cli.py -p no:cacheprovider --hypothesis-seed=random` (and pin what it finds with @example)
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FEW = settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 SMALL = "smollm2-135m-instruct"  # 9 heads, 3 KV heads, k_proj 576 -> 192, context 8192
 LLAMA = "llama-3.1-8b"  # 32 heads, 8 KV heads, context 131072
@@ -413,6 +415,8 @@ ANY_FLAG = [
 
 @FUZZ
 @given(pair=st.sampled_from(ANY_FLAG), value=_ANY_VALUE)
+@example(pair=(_PLAN, "--lora-ranks"), value="9223372036854775808")  # was an OverflowError traceback
+@example(pair=(_PLAN, "--micro-batches"), value="99999999999999999999")
 def test_any_value_of_any_flag(tmp_path, pair, value):
     argv, flag = pair
     if argv[0] == "stop":

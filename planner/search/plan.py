@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from planner.loss.evidence import TASKS
-from planner.specs.vocabulary import MAX_NUM_GPUS
+from planner.specs.vocabulary import MAX_COUNT, MAX_NUM_GPUS
 
 Objective = Literal["loss", "cost", "time"]
 ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune"]
@@ -121,8 +121,8 @@ class PlanRequest(_Frozen):
     @field_validator("lora_ranks", "micro_batches", "tensor_parallel")
     @classmethod
     def _positive(cls, value):
-        if not value or any(int(v) <= 0 for v in value):
-            raise ValueError("must be a non-empty list of positive integers")
+        if not value or any(not 0 < int(v) <= MAX_COUNT for v in value):
+            raise ValueError(f"must be a non-empty list of positive integers of at most {MAX_COUNT:,}")
         return tuple(int(v) for v in value)
 
     @field_validator("keep_fractions")
