@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from planner.cli import main
 
 # derandomize: CI sees the same examples every run (a gate must not flip on a lucky draw); explore more with
-# `pytest tests/test_fuzz_cli.py -p no:cacheprovider --hypothesis-seed=random` (and pin what it finds with @example)
+# new examples by setting derandomize=False locally (and pin what they find with @example)
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FEW = settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
