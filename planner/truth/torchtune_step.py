@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from planner.specs.configs import num_layers_of
 from planner.truth.fake_tensors import bitsandbytes_on_fake_tensors
 from planner.truth.optimizers import make_optimizer
-from planner.truth.phase_tracker import CATEGORIES, phase_tracker_class
+from planner.truth.phase_tracker import phase_tracker_class
 from planner.truth.torchtune_flops import count_torchtune_flops
 from planner.truth.torchtune_model import adapter_param_count, check_torchtune_setup, torchtune_fake_model
 from planner.truth.torchtune_patches import (
@@ -44,7 +44,7 @@ from planner.truth.torchtune_patches import (
     paged_states_on_host,
     redirect_offloading,
 )
-from planner.truth.trace import PHASES, TraceResult
+from planner.truth.trace import TraceResult, peak_fields
 from planner.truth.training_model import param_counts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,20 +170,8 @@ def _trace_memory(model, fake_mode, setup: TrainingSetup, recipe: TorchtuneRecip
                     tracker.phase_peak_at.clear()
                 _training_step(tracker, model, optimizers, in_bwd, loss_fn, batch, ignore, ctx, setup)
     _host_notes(tracker, recipe, notes)
-    peak = tracker.peak()
-    phase = {p: tracker.phase_peaks[p][1] for p in PHASES}
-    if peak["Total"] > max(v["Total"] for v in phase.values()):
-        notes.append("the peak of the two steps is in step 1, above every phase of step 2")
-    return {
-        "peak_bytes": peak["Total"],
-        "peak_by_category": {c: peak[c] for c in CATEGORIES},
-        "phase_peak_bytes": {p: phase[p]["Total"] for p in PHASES},
-        "phase_peak_by_category": {p: {c: phase[p][c] for c in CATEGORIES} for p in PHASES},
-        "phase_peak_at": dict(tracker.phase_peak_at),
-        "trainable_params": trainable,
-        "total_params": total,
-        "optimizer_state_bytes": _state_bytes(optimizers),
-    }
+    return {**peak_fields(tracker, notes), "trainable_params": trainable, "total_params": total,
+            "optimizer_state_bytes": _state_bytes(optimizers)}
 
 
 def _bnb(fake_mode, setup: TrainingSetup):

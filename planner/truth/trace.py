@@ -166,6 +166,12 @@ def _trace_memory(model, fake_mode, setup: TrainingSetup, notes: list[str], bar)
     if setup.dora:
         _collect_dora_garbage(model, notes)
     _run_two_steps(tracker, model, optimizer, ids, labels, setup, fake_mode, bar)
+    return {**peak_fields(tracker, notes), "trainable_params": trainable, "total_params": total,
+            "optimizer_state_bytes": _optimizer_state_bytes(optimizer)}
+
+
+def peak_fields(tracker, notes: list[str]) -> dict[str, Any]:
+    """The ``TraceResult`` peak fields of a phase tracker after two steps (the HF and torchtune oracles)."""
     peak = tracker.peak()
     phase = {p: tracker.phase_peaks[p][1] for p in PHASES}
     if peak["Total"] > max(v["Total"] for v in phase.values()):
@@ -176,9 +182,6 @@ def _trace_memory(model, fake_mode, setup: TrainingSetup, notes: list[str], bar)
         "phase_peak_bytes": {p: phase[p]["Total"] for p in PHASES},
         "phase_peak_by_category": {p: {c: phase[p][c] for c in CATEGORIES} for p in PHASES},
         "phase_peak_at": dict(tracker.phase_peak_at),
-        "trainable_params": trainable,
-        "total_params": total,
-        "optimizer_state_bytes": _optimizer_state_bytes(optimizer),
     }
 
 
