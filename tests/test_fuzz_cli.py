@@ -9,18 +9,15 @@ properties over the numbers: the answer is 0 exactly when the set-up makes sense
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import subprocess
 import sys
 
 import pytest
+from cli_run import assert_answer_or_error, assert_one_line_error, run
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from planner.cli import main
 
 # derandomize: CI sees the same examples every run (a gate must not flip on a lucky draw); explore more with
 # new examples by setting derandomize=False locally (and pin what they find with @example)
@@ -31,40 +28,6 @@ SMALL = "smollm2-135m-instruct"  # 9 heads, 3 KV heads, k_proj 576 -> 192, conte
 LLAMA = "llama-3.1-8b"  # 32 heads, 8 KV heads, context 131072
 LARGEST_COUNT = 2**24  # planner.specs.vocabulary.MAX_COUNT
 LARGEST_GPU_COUNT = 2**18  # planner.specs.vocabulary.MAX_NUM_GPUS
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``planner ARGV`` in-process; argparse's exits included.
-    Any other exception propagates: a traceback fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit 2, nothing on stdout, one line on stderr naming the problem; returns that line."""
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, (code, out[:300], err)
-    assert out == "", out[:300]
-    assert len(lines) == 1 and lines[0].startswith("planner: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
-    return lines[0]
-
-
-def assert_answer_or_error(result) -> None:
-    """Either an answer (exit 0, something on stdout) or a one-line error."""
-    code, out, err = result
-    if code == 0:
-        assert out.strip(), err
-    else:
-        assert_one_line_error(result)
 
 
 # ------------------------------------------------------------------------------------ strategies

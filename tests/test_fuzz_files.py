@@ -8,54 +8,21 @@ for a file, one measurement fitting five corrections).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import assert_answer_or_error, assert_one_line_error, run
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from planner.cli import main
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FEW = settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 SMALL = "smollm2-135m-instruct"
 CATALOG_PROFILE = Path(__file__).resolve().parents[1] / "models_catalog/calibrations/cpu-smollm2-135m-instruct.json"
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``planner ARGV`` in-process; any other exception fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, (code, out[:300], err)
-    assert out == "", out[:300]
-    assert len(lines) == 1 and lines[0].startswith("planner: error: "), err
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
-    return lines[0]
-
-
-def assert_answer_or_error(result) -> None:
-    code, out, err = result
-    if code == 0:
-        assert out.strip(), err
-    else:
-        assert_one_line_error(result)
 
 
 # JSON values of every kind, the wrong ones included

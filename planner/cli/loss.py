@@ -29,6 +29,8 @@ def parse_quantity(text: str, what: str, allow_zero: bool = False) -> float:
 
 
 def register(subparsers) -> None:
+    from planner.cli.train import add_output_flags
+
     scaling = subparsers.add_parser("scaling", help="loss as a function of model size and data")
     verbs = scaling.add_subparsers(dest="scaling_verb", required=True, parser_class=type(scaling))
 
@@ -41,7 +43,7 @@ def register(subparsers) -> None:
     fit.add_argument("--exclude-highest", type=int, default=0, help="drop the K highest-loss runs (Besiroglu et al. drop 5)")
     fit.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals")
     fit.add_argument("--seed", type=int, default=0)
-    _common(fit)
+    add_output_flags(fit)
     fit.set_defaults(handler=_scaling_fit)
 
     opt = verbs.add_parser("optimal", help="compute-optimal N*, D* for a FLOP budget, optionally with a data pool")
@@ -50,7 +52,7 @@ def register(subparsers) -> None:
     opt.add_argument("--data-pool", help="unique tokens available, e.g. 500B")
     opt.add_argument("--no-repeat", action="store_true", help="with --data-pool: never repeat data (D <= pool)")
     opt.add_argument("--method", choices=("auto", "closed_form", "gp", "grid"), default="auto")
-    _common(opt)
+    add_output_flags(opt)
     opt.set_defaults(handler=_scaling_optimal)
 
     prune = subparsers.add_parser("prune", help="best fraction of a data pool to keep, and what selection costs")
@@ -64,7 +66,7 @@ def register(subparsers) -> None:
     prune.add_argument("--min-keep", help="smallest fraction to consider (overrides the method's)")
     prune.add_argument("--proxy-params", help="parameters of the scoring model (overrides the method's)")
     prune.add_argument("--proxy-train-tokens", help="tokens spent training the scoring model")
-    _common(prune)
+    add_output_flags(prune)
     prune.set_defaults(handler=_prune)
 
     stop = subparsers.add_parser("stop", help="when to stop a run: marginal loss gain per unit of cost below lambda")
@@ -81,13 +83,8 @@ def register(subparsers) -> None:
     stop.add_argument("--bootstrap", type=int, default=200)
     stop.add_argument("--confidence", type=float, default=0.9)
     stop.add_argument("--seed", type=int, default=0)
-    _common(stop)
+    add_output_flags(stop)
     stop.set_defaults(handler=_stop)
-
-
-def _common(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print a JSON object (SI units)")
-    parser.add_argument("--plot", metavar="FILE.png", help="write a figure")
 
 
 def _show_progress(args) -> bool:

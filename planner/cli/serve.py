@@ -17,7 +17,7 @@ KV_DTYPES = ("bf16", "fp16", "fp32", "fp8", "int8")
 
 
 def register(subparsers) -> None:
-    from planner.cli.train import positive_int
+    from planner.cli.train import add_output_flags, positive_int
 
     serve = subparsers.add_parser("serve", help="serving latency, throughput, KV capacity and $ per million tokens")
     serve.add_argument("model", help="catalog name, HF repo id of a catalog entry, or a config.json path")
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     serve.add_argument("--block-size", type=positive_int, default=16, help="vLLM KV block size in tokens")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve.add_argument("--usd-per-gpu-hour", type=float, help="replace the catalog's indicative price")
-    _common(serve)
+    add_output_flags(serve)
     serve.set_defaults(handler=run_serve)
 
     sample = subparsers.add_parser("sample", help="a bigger model or more samples: coverage under a per-query budget")
@@ -46,13 +46,8 @@ def register(subparsers) -> None:
     sample.add_argument("--tokens-per-sample", type=positive_int, default=512, help="prompt + generated tokens of one sample")
     sample.add_argument("--pass-at-k", metavar="CSV", help="your measurements: model, params, k, coverage (or per-problem num_samples, num_correct)")
     sample.add_argument("--usd-per-million-tokens", help="comma-separated serving price of each model (e.g. from `planner serve`)")
-    _common(sample)
+    add_output_flags(sample)
     sample.set_defaults(handler=run_sample)
-
-
-def _common(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print a JSON object (SI units)")
-    parser.add_argument("--plot", metavar="FILE.png", help="write a figure")
 
 
 def run_serve(args) -> int:

@@ -35,6 +35,12 @@ def positive_int(text: str, maximum: int = MAX_COUNT) -> int:
     return value
 
 
+def add_output_flags(parser) -> None:
+    """``--json`` and ``--plot``, worded the same for every verb that has both."""
+    parser.add_argument("--json", action="store_true", help="print a JSON object (SI units)")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a figure")
+
+
 DEFAULT_SEQ_LEN = 2048
 SEQ_LEN_HELP = f"tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context when shorter)"
 

@@ -25,6 +25,17 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.5):
     return fig, (axes if ncols > 1 else [axes])
 
 
+def _log_x_axes(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best", grid: bool = True) -> None:
+    """A log-x panel's labels, title, legend and light grid, worded the same in every figure."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=8)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":

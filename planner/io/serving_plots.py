@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.io.plots import _figure, _save
+from planner.io.plots import _figure, _log_x_axes, _save
 
 
 def plot_serving(estimate, path, target_tpot_s: float | None = None, title: str = "") -> Path:
@@ -53,22 +53,12 @@ def plot_coverage(laws, path, measured: dict | None = None, choice=None, k_max: 
         if measured and law.name in measured:
             mk, mc = measured[law.name]
             ax.scatter(mk, mc, color=f"C{i}", s=12)
-    ax.set_xscale("log")
-    ax.set_xlabel("samples per problem k")
-    ax.set_ylabel("coverage (pass@k)")
-    ax.set_title("coverage c(k) = exp(a k^b) (Brown et al. 2024)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    _log_x_axes(ax, "samples per problem k", "coverage (pass@k)", "coverage c(k) = exp(a k^b) (Brown et al. 2024)", legend_loc="upper left")
     if choice is not None:
         ax2 = axes[1]
         for i, name in enumerate(choice.models):
             ax2.plot(choice.budget, choice.coverage[i], color=f"C{i}", label=name)
-        ax2.set_xscale("log")
-        ax2.set_xlabel("budget per query")
-        ax2.set_ylabel("coverage at the affordable samples")
-        ax2.set_title("bigger model or more samples")
-        ax2.grid(alpha=0.3)
-        ax2.legend(loc="upper left", fontsize=8)
+        _log_x_axes(ax2, "budget per query", "coverage at the affordable samples", "bigger model or more samples", legend_loc="upper left")
     return _save(fig, path)
 
 
@@ -90,11 +80,7 @@ def plot_inference_split(allocation, path) -> Path:
     ax1.set_title(f"Sardana et al. 2024 ({allocation.law})")
     ax1.legend()
     ax2.stackplot(t, train, infer, labels=["training 6ND", "inference 2NT"], alpha=0.8)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("lifetime inference tokens")
-    ax2.set_ylabel("FLOPs")
-    ax2.set_title("lifetime compute split")
-    ax2.legend(loc="upper left")
+    _log_x_axes(ax2, "lifetime inference tokens", "FLOPs", "lifetime compute split", legend_loc="upper left", grid=False)
     return _save(fig, path)
 
 
@@ -107,12 +93,7 @@ def plot_finetune_losses(curves: dict, path, title: str = "fine-tuning loss (Zha
         ok = trust != "extrapolated"
         ax.plot(d[ok], loss[ok], color=f"C{i}", label=label)
         ax.plot(d[~ok], loss[~ok], color=f"C{i}", ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("fine-tuning examples")
-    ax.set_ylabel("test loss (log-perplexity)")
-    ax.set_title(title + "; dashed: extrapolated")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _log_x_axes(ax, "fine-tuning examples", "test loss (log-perplexity)", title + "; dashed: extrapolated")
     return _save(fig, path)
 
 

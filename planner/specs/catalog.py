@@ -162,24 +162,27 @@ def load_model_config(name_or_path: str) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------ GPUs
 
 
-@lru_cache(maxsize=1)
-def _gpus() -> tuple[GpuSpec, ...]:
-    file = catalog_root() / GPUS_FILE
-    raw = _read_json(file, "GPU catalog")
+def validated_list(raw: Any, model: type, what: str, file) -> tuple:
+    """A catalog file's JSON list, each entry validated as ``model``; the first bad entry is one line
+    naming the file, the entry and the field."""
     if not isinstance(raw, list):
-        raise PlannerError(
-            f"GPU catalog {file} must hold a JSON list of GPU objects, not a {type(raw).__name__}"
-        )
-    specs = []
+        raise PlannerError(f"{what} {file} must hold a JSON list of objects, not a {type(raw).__name__}")
+    out = []
     for i, item in enumerate(raw):
         try:
-            specs.append(GpuSpec.model_validate(item))
+            out.append(model.model_validate(item))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(object)"
             label = item.get("name", f"entry {i}") if isinstance(item, dict) else f"entry {i}"
-            raise PlannerError(f"GPU catalog {file}: {label}: {where}: {first['msg']}") from exc
-    return tuple(specs)
+            raise PlannerError(f"{what} {file}: {label}: {where}: {first['msg']}") from exc
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def _gpus() -> tuple[GpuSpec, ...]:
+    file = catalog_root() / GPUS_FILE
+    return validated_list(_read_json(file, "GPU catalog"), GpuSpec, "GPU catalog", file)
 
 
 def list_gpus() -> list[GpuSpec]:

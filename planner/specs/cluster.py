@@ -17,7 +17,7 @@ import difflib
 import json
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
@@ -99,25 +99,14 @@ def _key(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _clusters() -> tuple[ClusterSpec, ...]:
-    from planner.specs.catalog import catalog_root
+    from planner.specs.catalog import catalog_root, validated_list
 
     file = catalog_root() / CLUSTERS_FILE
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PlannerError(f"cannot read the cluster catalog {file}: {exc}") from exc
-    if not isinstance(raw, list):
-        raise PlannerError(f"cluster catalog {file} must hold a JSON list of cluster objects")
-    out = []
-    for i, item in enumerate(raw):
-        try:
-            out.append(ClusterSpec.model_validate(item))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(object)"
-            label = item.get("name", f"entry {i}") if isinstance(item, dict) else f"entry {i}"
-            raise PlannerError(f"cluster catalog {file}: {label}: {where}: {first['msg']}") from exc
-    return tuple(out)
+    return validated_list(raw, ClusterSpec, "cluster catalog", file)
 
 
 def list_clusters() -> list[ClusterSpec]:
