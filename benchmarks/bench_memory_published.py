@@ -45,7 +45,42 @@ TECHNIQUES = {
     "activation-offload": ("activation_offload", True),
     "packing": ("packed", True),
     "paged-optimizer": None,  # the optimizer column already names the paged optimizer
+    # torchao float8 (planner.cost.memory.float8): every recipe saves a bf16 linear's set under
+    # op-SAC and full AC (traced), so the recipe names map to the same set-up; FSDP2's fp8 weight
+    # all-gather halves the gathered linears (float8.gathered_block_bytes)
+    "fp8": ("float8", True),
+    "fp8-tensorwise": None,
+    "fp8-rowwise": None,
+    "fp8-rowwise-gw-hp": None,
+    "fp8-all-gather": ("float8_all_gather", True),
+    # torchao's precomputed fp8 weight scales (one fp32 scalar per weight) and the checkpointed fp8 weight
+    # cast change nothing under op-SAC or compile, where the cast is recomputed anyway (traced)
+    "precompute-fp8-scale": None,
+    "force-recompute-fp8-weight-in-bwd": None,
 }
+FLOAT8_RECIPES_NEED_AC = {"fp8-tensorwise"}
+"""tensorwise keeps an fp8 copy of every weight from forward to backward in eager mode without AC
+(``float8.saved_weight_bytes``), which torchtitan's rowwise converter (what is priced) does not:
+expressible only where AC or compile recompute it."""
+
+LOSS_COMPILED_SOURCES = {
+    # torchtitan compiles the cross-entropy under --training.compile since PR #1033 (2025-04-02,
+    # components/loss.py build_cross_entropy_loss); the runs below used later torchtitan commits
+    "torchao_float8_training_doc-004": "torchtitan 2c8b594 (2025-08-08)",
+    "torchao_float8_training_doc-005": "torchtitan 2c8b594 (2025-08-08)",
+    "torchao_float8_training_doc-006": "torchtitan 2c8b594 (2025-08-08)",
+    "torchao_float8_training_doc-007": "torchtitan 2c8b594 (2025-08-08)",
+    "torchao_float8_training_doc-008": "torchtitan 6fc499f (2025-08-14)",
+    "torchao_float8_training_doc-009": "torchtitan 6fc499f (2025-08-14)",
+    "torchao_float8_training_doc-010": "torchtitan 6fc499f (2025-08-14)",
+    "torchao_float8_training_doc-011": "torchtitan 6fc499f (2025-08-14)",
+    "torchao_float8_training_doc-012": "torchtitan 6fc499f (2025-08-14)",
+    "torchtitan_bench_trainy_h200-001": "torchtitan e7c0cae (2025-06-11)",
+    "torchtitan_bench_trainy_h200-002": "torchtitan e7c0cae (2025-06-11)",
+}
+"""Published torchtitan rows run with a compiled loss (``loss_impl="compiled"``); every other torchtitan
+row predates PR #1033 (the H100 rows of the torchao doc were added on 2025-03-12, pytorch/ao #1793;
+the torchtitan_bench_2024_12 rows ran torchtitan 9dec370, 2024-12)."""
 TORCHTUNE_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
                      "mlp": "gate_proj,up_proj,down_proj", "lm_head": "lm_head"}
 COMPARED = {"allocated-peak": "peak_bytes", "active-peak": "peak_bytes", "reserved-peak": "reserved",
@@ -117,10 +152,18 @@ def setup_for(row) -> tuple[object, TrainingSetup]:
     packed = (isinstance(row["techniques"], str) and "packing" in row["techniques"]) or str(row["packed"]) == "True"
     if stack == "torchtune" and not packed:
         raise Unexpressible("unpacked: padded to each batch's longest sample, tokens per batch vary")
+    precision = str(_stated(row, "precision"))
+    if precision == "fp8":  # torchao float8: FSDP2's bf16 mixed precision with fp8 linears
+        _techniques(row)  # a technique the planner does not price (mxfp8, ...) is the reason first
+        if not (isinstance(row["techniques"], str) and "fp8" in row["techniques"].split(";")):
+            raise Unexpressible("fp8 precision without the torchao float8 technique")
+        if stack != "torchtitan":
+            raise Unexpressible(f"fp8 (torchao float8) priced for torchtitan only, not {stack}")
+        precision = "bf16-mixed"
     fields = dict(
         stack=stack,
         method=row["method"],
-        precision=str(_stated(row, "precision")),
+        precision=precision,
         optimizer=str(_stated(row, "optimizer")),
         seq_len=int(_stated(row, "seq_len")),
         micro_batch=int(_stated(row, "micro_batch")),
@@ -133,8 +176,13 @@ def setup_for(row) -> tuple[object, TrainingSetup]:
     )
     if stack == "torchtitan":  # FSDP2 full shard over every GPU, fused AdamW (its defaults)
         fields.update(zero=3 if fields["num_gpus"] > 1 else 0, optimizer_impl="fused")
+        if row["id"] in LOSS_COMPILED_SOURCES and fields.get("compile"):
+            fields["loss_impl"] = "compiled"
     elif fields["num_gpus"] > 1:
         raise Unexpressible("multi-GPU row (sharding strategy and per-GPU accounting not stated exactly)")
+    names = set(row["techniques"].split(";")) if isinstance(row["techniques"], str) else set()
+    if names & FLOAT8_RECIPES_NEED_AC and fields["checkpointing"] == "none" and not fields.get("compile"):
+        raise Unexpressible("fp8 tensorwise in eager mode without AC (saves fp8 weights) not priced")
     if stack == "torchtune" and fields["optimizer"] == "adamw" and fields["method"] == "full":
         fields["optimizer_impl"] = "fused"  # full_finetune_single_device's torch AdamW (fused: True)
     try:
@@ -166,7 +214,8 @@ def compare_all(table: pd.DataFrame) -> tuple[list[Compared], list[tuple[str, st
             skipped.append((row["id"], f"not priced: {str(exc).split(':')[0]}"))
             continue
         label = (f"{row['model']} {setup.method} {setup.precision} {setup.optimizer} b{setup.micro_batch}x{setup.seq_len} "
-                 f"ckpt {setup.checkpointing}" + (f" [{row['techniques']}]" if isinstance(row["techniques"], str) else ""))
+                 f"ckpt {setup.checkpointing}" + (f" [{row['techniques']}]" if isinstance(row["techniques"], str) else "")
+                 + (f" loss {setup.loss_impl}" if setup.loss_impl == "compiled" else ""))
         compared.append(Compared(row["id"], row["source_id"], row["metric"], label, float(row["value_gib"]), predicted))
     return compared, skipped
 

@@ -1,6 +1,7 @@
 """What torchtitan 0.3.0's own Llama 3 model keeps per token and layer, traced on fake CPU tensors.
 
-    PYTHONPATH=/tmp/ttdeps:/tmp/tt_dl/x python benchmarks/torchtitan_oracle.py [--compile]
+    PYTHONPATH=/tmp/ttdeps:/tmp/tt_dl/x python benchmarks/torchtitan_oracle.py [--compile [--sac]] [--float8 RECIPE]
+    PYTHONPATH=/tmp/ttdeps:/tmp/tt_dl/x python benchmarks/torchtitan_oracle.py --loss
 
 torchtitan is not a dependency of the planner (CI cannot install it): unzip the 0.3.0 wheel at
 ``/tmp/tt_dl/x`` and install its light imports into a scratch folder, never the project venv::
@@ -25,6 +26,15 @@ Per-layer bytes per token are the difference of two depths (2 and 4 layers); the
 loss's are what remains. ``--compile``: bytes each block saves under ``torch.compile``
 (``aot_eager_decomp_partition``, counted with ``saved_tensors_hooks`` as
 ``benchmarks/torchtune_compile_saved.py`` does), torchtitan's ``apply_compile`` compiling each block.
+
+``--float8 RECIPE`` (tensorwise, rowwise, rowwise_with_gw_hp): every block linear becomes torchtitan's
+``Float8Linear`` with torchao 0.11's ``Float8LinearConfig.from_recipe_name(RECIPE)``, as
+``Float8LinearConverter.convert`` does with ``filter_fqns=["lm_head"]`` (torchtitan's configs keep the
+head in bf16; the converter itself only checks the GPU, which is bypassed here: on fake CPU tensors
+``torch._scaled_mm`` runs its meta kernel). Per AC mode it prints the per-token bytes and the bytes
+that do not grow with the tokens (the slope and intercept of 512 and 1024 tokens); with
+``--compile`` the compiled block's saved set. ``--loss``: bytes per token the cross-entropy saves,
+eager and compiled (``torch.compile``, as torchtitan's ``BaseLoss._maybe_compile``).
 """
 
 from __future__ import annotations
@@ -39,7 +49,32 @@ FLAVORS = {"8B": {}, "13B-like": {"dim": 5120, "n_heads": 40, "n_kv_heads": None
 built with torchtitan's own ``_build_llama3_layers``."""
 
 
-def model_config(flavor: str, num_layers: int, seq_len: int):
+def model_config(flavor: str, num_layers: int, seq_len: int, recipe: str | None = None):
+    """torchtitan's Llama 3 config, cut to ``num_layers``; ``recipe``: its block linears in float8."""
+    cfg = _model_config(flavor, num_layers, seq_len)
+    return cfg if recipe is None else convert_float8(cfg, recipe)
+
+
+def convert_float8(cfg, recipe: str, filter_fqns: tuple[str, ...] = ("lm_head",)):
+    """``Float8LinearConverter.convert`` (torchtitan 0.3.0) with any torchao recipe."""
+    from torchao.float8 import Float8LinearConfig
+    from torchtitan.components.quantization.float8 import Float8Linear
+    from torchtitan.components.quantization.utils import module_filter_fn
+    from torchtitan.models.common.linear import Linear
+
+    torchao_config = Float8LinearConfig.from_recipe_name(recipe)
+    for fqn, linear, parent, attr in cfg.traverse(Linear.Config):
+        if module_filter_fn(linear, fqn, list(filter_fqns)):
+            new = Float8Linear.Config(in_features=linear.in_features, out_features=linear.out_features,
+                                      bias=linear.bias, param_init=linear.param_init, _torchao_config=torchao_config)
+            if isinstance(parent, list):
+                parent[attr] = new
+            else:
+                setattr(parent, attr, new)
+    return cfg
+
+
+def _model_config(flavor: str, num_layers: int, seq_len: int):
     import torchtitan.models.llama3 as llama3
     from torchtitan.models.common import Embedding, Linear, RMSNorm
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -69,12 +104,14 @@ def model_config(flavor: str, num_layers: int, seq_len: int):
                                     rope=ComplexRoPE.Config(dim=dim // d["n_heads"], max_seq_len=seq_len)))
 
 
-def fake_model(fake_mode, flavor: str, num_layers: int, seq_len: int, ac: str):
+def fake_model(fake_mode, flavor: str, num_layers: int, seq_len: int, ac: str, recipe: str | None = None):
     """torchtitan's model on fake tensors, bf16 parameters, ``ac`` in none/full/selective."""
     import torch
 
+    if recipe is not None:
+        import torchao.float8  # noqa: F401  (torchao builds tensors at import: never under the meta device)
     with torch.device("meta"):
-        model = model_config(flavor, num_layers, seq_len).build()
+        model = model_config(flavor, num_layers, seq_len, recipe).build()
     replaced: dict[int, torch.Tensor] = {}
     with fake_mode:
         for module in model.modules():
@@ -104,7 +141,7 @@ def _apply_ac(model, ac: str) -> None:
         CpuSelectiveAC(SelectiveAC.Config()).apply(model)
 
 
-def trace(flavor: str, num_layers: int, b: int, s: int, ac: str) -> dict:
+def trace(flavor: str, num_layers: int, b: int, s: int, ac: str, recipe: str | None = None) -> dict:
     """Phase peaks (bytes, by category) of one forward + backward of ``Trainer._forward_backward_body``."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -113,7 +150,7 @@ def trace(flavor: str, num_layers: int, b: int, s: int, ac: str) -> dict:
     from planner.truth.phase_tracker import phase_tracker_class
 
     fake_mode = FakeTensorMode()
-    model = fake_model(fake_mode, flavor, num_layers, s, ac)
+    model = fake_model(fake_mode, flavor, num_layers, s, ac, recipe)
     tracker = phase_tracker_class()(devices=("cpu",))
     with fake_mode:
         vocab = model.config.vocab_size
@@ -147,17 +184,59 @@ def per_token(flavor: str, b: int = 1, s: int = 512) -> dict:
     return out
 
 
-def compiled_saved(flavor: str, backend: str = "aot_eager_decomp_partition", s: int = 256) -> dict:
-    """Bytes per token each block saves for backward, eager vs compiled (``saved_tensors_hooks``)."""
-    return {mode: _saved_per_block(flavor, mode, s) for mode in ("none", backend)}
+def float8_saved(flavor: str, recipe: str) -> dict:
+    """Per AC mode: one block's saved bytes per token and its token-independent bytes (fp8 weights)."""
+    out = {}
+    for ac in ("none", "full", "selective"):
+        layer = {}
+        for s in (512, 1024):
+            two, four = trace(flavor, 2, 1, s, ac, recipe), trace(flavor, 4, 1, s, ac, recipe)
+            layer[s] = (four["forward"]["Activation"] - two["forward"]["Activation"]) / 2
+        slope = (layer[1024] - layer[512]) / 512
+        out[ac] = {"per_token": slope, "fixed": layer[512] - 512 * slope}
+    return out
 
 
-def _saved_per_block(flavor: str, mode: str, s: int) -> dict:
+def compiled_saved(flavor: str, backend: str = "aot_eager_decomp_partition", s: int = 256,
+                   recipe: str | None = None, ac: str = "none") -> dict:
+    """Bytes per token each block saves for backward, eager vs compiled (``saved_tensors_hooks``; a
+    float8 subclass is counted at its wrapper's size in eager mode, so read float8 from the compiled
+    column, where the partitioner has desugared it into plain tensors; with ``ac`` the eager column
+    shows only the checkpoint's input, SAC's own cache is not seen by the hooks)."""
+    return {mode: _saved_per_block(flavor, mode, s, recipe, ac) for mode in ("none", backend)}
+
+
+def loss_saved(vocab: int = 128256, s: int = 256) -> dict:
+    """Bytes per token ``cross_entropy_loss`` saves for backward on bf16 logits, eager and compiled."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torchtitan.components.loss import cross_entropy_loss
+
+    out = {}
+    for mode in ("eager", "aot_eager_decomp_partition"):
+        fn = cross_entropy_loss if mode == "eager" else torch.compile(cross_entropy_loss, backend=mode, fullgraph=True)
+        seen, saved = set(), [0]
+
+        def pack(t, seen=seen, saved=saved):
+            if t.untyped_storage()._cdata not in seen:
+                seen.add(t.untyped_storage()._cdata)
+                saved[0] += t.untyped_storage().nbytes()
+            return t
+
+        with FakeTensorMode():
+            pred = torch.empty(1, s, vocab, dtype=torch.bfloat16, requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(pred, torch.randint(0, vocab, (1, s)))
+        out[mode] = saved[0] / s
+    return out
+
+
+def _saved_per_block(flavor: str, mode: str, s: int, recipe: str | None = None, ac: str = "none") -> dict:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode()
-    model = fake_model(fake_mode, flavor, 2, s, "none")
+    model = fake_model(fake_mode, flavor, 2, s, ac, recipe)
     current: list = [None]
     for i, block in enumerate(model.layers.values()):
         if mode != "none":
@@ -187,8 +266,15 @@ if __name__ == "__main__":
     import torch
 
     print("torch", torch.__version__)
+    recipe = sys.argv[sys.argv.index("--float8") + 1] if "--float8" in sys.argv else None
+    if "--loss" in sys.argv:
+        print("loss", json.dumps(loss_saved(), indent=1))
+        sys.exit(0)
     for name in FLAVORS:
         if "--compile" in sys.argv:
-            print(name, json.dumps(compiled_saved(name), indent=1))
+            ac = "selective" if "--sac" in sys.argv else "none"
+            print(name, json.dumps(compiled_saved(name, recipe=recipe, ac=ac), indent=1))
+        elif recipe:
+            print(name, json.dumps(float8_saved(name, recipe), indent=1))
         else:
             print(name, json.dumps(per_token(name), indent=1))

@@ -85,7 +85,11 @@ def test_estimate_verdict_moves_with_the_profile(profiles, capsys):
     assert heavy["peak_bytes"] > 1.4 * plain["peak_bytes"] and heavy["overheads"]["cuda_context_bytes"] == 2 * GiB
     # the JSON names what the profile set: the memory verdict and the step time
     assert {"peak_bytes", "phases", "overheads", "gpu", "step_time_s", "tokens_per_s", "mfu"} <= set(heavy["calibrated_fields"])
-    assert "calibrated_fields" not in plain and heavy["step_time_s"] > 1.2 * plain["step_time_s"]  # efficiency x0.5
+    assert "calibrated_fields" not in plain
+    # the heavy profile halves the achieved efficiency: slower than a profile that leaves efficiency alone (the
+    # uncalibrated answer is the grounded model, another level, so it is not the reference here)
+    neutral = _run(capsys, *base, "--precision", "bf16", "--calibration", profiles["light"])
+    assert heavy["step_time_s"] > 1.5 * neutral["step_time_s"]
     # bf16-mixed does not fit by default and fits under the light profile
     plain = _run(capsys, *base, "--precision", "bf16-mixed")
     light = _run(capsys, *base, "--precision", "bf16-mixed", "--calibration", profiles["light"])

@@ -183,5 +183,5 @@ def test_recipe_details_of_peft_change_the_estimate(capsys):
     assert code == 2 and "one GPU" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, *common, "--modules-to-save", "score")
     assert code == 2 and "modules_to_save" in err
-    code, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--method", "qlora", "--kbit-preparation")
-    assert code == 2 and "kbit_preparation" in err and "not priced" in err
+    code, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--method", "lora", "--kbit-preparation")
+    assert code == 2 and "kbit_preparation" in err and "not priced" in err  # priced for qlora only

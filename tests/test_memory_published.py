@@ -32,15 +32,18 @@ def compared(bench):
     return bench.compare_all(pd.read_csv(bench.CSV))
 
 
-KNOWN_MISSES = {"torchao_float8_training_doc-004", "torchao_float8_training_doc-008"}
+KNOWN_MISSES = {"torchao_float8_training_doc-008", "torchao_float8_training_doc-009", "torchao_float8_training_doc-012"}
 """The same torchtitan set-up (Llama-3-8B, 8 GPUs, 1 x 8192, compiled) measured 47.65 GiB reserved on
-H100, 39.09 on MI300X and 33.71 on B200 in one document; the planner answers 47.03 for all three
-(+20% and +40% on the last two), and nothing in the set-up explains the difference. Listed, not fitted."""
+H100, 39.09 on MI300X and 33.71 on B200 in one document. H100 ran a torchtitan older than PR #1033
+(eager loss; 47.03 predicted), MI300X and B200 torchtitan commits of August 2025 that compile the
+loss (``loss_impl="compiled"``; 40.03 predicted: MI300X +2.4%; Trainy's H200 runs with a June 2025
+torchtitan agree within 2.2%). B200 (bf16, fp8 tensorwise and rowwise, 33.4-33.7 GiB) stays +19% with
+nothing sourced to explain it (the two August commits differ in nothing memory-related). Listed, not fitted."""
 
 
 def test_rows_with_a_stated_counter_meet_the_targets(compared):
     """Median |error| <= 5% over every row whose source says which counter it reports; max <= 15%
-    everywhere but the two unexplained rows above, which stay within 50% (a new miss fails here)."""
+    everywhere but the unexplained rows above, which stay within 50% (a new miss fails here)."""
     rows, _ = compared
     stated = [c for c in rows if c.metric != "unknown"]
     assert len(stated) >= 16 and {c.source_id for c in stated} >= {"torchtune_readme_2024_11", "torchtitan_bench_2024_12"}
@@ -58,7 +61,16 @@ def test_every_published_row_is_compared_or_has_a_reason(compared, bench):
     assert all(reason for _, reason in skipped)
     # stacks and techniques the memory model does not price are listed, never forced onto other numbers
     assert any(reason == "stack unsloth not priced" for _, reason in skipped)
-    assert any("fp8" in reason for _, reason in skipped)
+    assert any("fp8" in reason for _, reason in skipped)  # fp8 weight all-gather is not priced
+
+
+def test_float8_rows_are_compared(compared):
+    """torchao float8 rows that torchtitan's rowwise converter and op-SAC express are compared."""
+    rows, _ = compared
+    fp8 = {c.row_id: c for c in rows if "fp8" in c.label}
+    assert {"torchtitan_bench_2024_12-003", "torchao_float8_training_doc-003", "torchao_float8_training_doc-007",
+            "torchao_float8_training_doc-005", "torchtitan_bench_trainy_h200-001"} <= set(fp8)
+    assert all(abs(c.error) <= 0.05 for row, c in fp8.items() if row not in KNOWN_MISSES)
 
 
 def test_a_technique_the_planner_does_not_price_is_not_expressible(bench):

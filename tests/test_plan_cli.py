@@ -204,6 +204,10 @@ def test_compare_file(capsys, tmp_path):
         (["compare", "--budget-usd", "10"], "nothing to compare"),
         (["compare", "--budget-usd", "10", "--alloc", "noColon"], "NAME:key=value"),
         (["compare", "--budget-usd", "10", "--alloc", "x:model=qwen2.5-0.5b,colour=red"], "colour"),
+        (["plan", "--compute", "1e21", "--cluster", "dgx-h900"], "unknown cluster"),
+        (["compare", "--budget-usd", "10", "--cluster", "nope", "--alloc", "x:model=qwen2.5-0.5b"], "unknown cluster"),
+        (["compare", "--budget-usd", "10", "--alloc", "x:model=qwen2.5-0.5b,stack=megatron"], "stack"),
+        (["plan", "--model", "qwen2.5-0.5b", "--budget-usd", "10", "--compile"], "priced eager only"),
     ],
 )
 def test_bad_requests_fail_on_one_line(argv, needle, capsys):
@@ -227,3 +231,53 @@ def test_malformed_request_file_is_one_line(capsys, tmp_path):
     bad.write_text("[1, 2]\n")
     code, _, err = _run(capsys, ["plan", "--request", str(bad)])
     assert code == 2 and "one object" in err
+
+
+# ----------------------------------------------------------------------------- cluster, stacks per allocation
+
+CLUSTER_RUN = ["--model", "llama-3.1-8b", "--methods", "full", "--gpu", "a100-80gb", "--gpu-counts", "16", "--zero", "3",
+               "--tokens", "1B", "--budget-usd", "100000", "--json"]
+
+
+def test_cluster_prices_plan_and_compare_on_its_network(capsys):
+    """--cluster reaches the step-time model: the same 16-GPU run is slower on AWS p4d's 100 Gb/s EFA
+    links than on a DGX A100's 200 Gb/s InfiniBand per GPU, and the plan says which network it used."""
+    runs = {}
+    for cluster in ("dgx-a100", "aws-p4d"):
+        code, out, err = _run(capsys, ["plan", *CLUSTER_RUN, "--cluster", cluster])
+        assert code == 0, err
+        runs[cluster] = json.loads(out)
+        assert any(a.startswith(f"cluster: {cluster}") for a in runs[cluster]["assumptions"])
+    fast, slow = runs["dgx-a100"]["recommended"], runs["aws-p4d"]["recommended"]
+    assert (fast["num_gpus"], fast["micro_batch"]) == (slow["num_gpus"], slow["micro_batch"])
+    assert slow["step_time_s"] > fast["step_time_s"] * 1.001 and slow["cost_usd"] > fast["cost_usd"]
+    code, out, err = _run(capsys, ["compare", *CLUSTER_RUN[:-1], "--cluster", "aws-p4d", "--json",
+                                   "--alloc", "p4d:model=llama-3.1-8b"])
+    assert code == 0, err
+    row = json.loads(out)["rows"][0]
+    assert row["step_time_s"] == pytest.approx(slow["step_time_s"], rel=1e-9)
+
+
+def test_compare_allocations_pin_their_own_stack(capsys):
+    argv = ["compare", "--gpu", "rtx-4090", "--num-gpus", "2", "--budget-usd", "20", "--data-pool", "200M", "--json",
+            "--alloc", "hf:model=qwen2.5-0.5b,method=lora,stack=hf",
+            "--alloc", "tune:model=qwen2.5-0.5b,method=lora,stack=torchtune",
+            "--alloc", "tune eager:model=qwen2.5-0.5b,method=lora,stack=torchtune,compile=false"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    assert all(r["feasible"] for r in rows.values()), rows
+    assert rows["hf"]["stack"] == "hf" and rows["hf"]["setup_fields"] == {}
+    assert rows["tune"]["stack"] == "torchtune" and "chunked CE" in rows["tune"]["techniques"]
+    assert rows["tune eager"]["setup_fields"]["compile"] is False and "compiled" not in rows["tune eager"]["techniques"]
+
+
+def test_compare_allocation_zero_as_text_and_its_pinned_micro_batch_in_the_shortfall(capsys):
+    """Issue 11: zero=3 arrives as text (it was refused by Literal[0, 1, 2, 3]), and an allocation that
+    does not fit names the micro-batch it pinned, not micro-batch 1."""
+    code, out, err = _run(capsys, ["compare", "--gpu", "rtx-4090", "--budget-usd", "50", "--json",
+                                   "--alloc", "x:model=llama-3.1-70b,method=full,zero=3,micro_batch=4,num_gpus=2"])
+    assert code == 0, err
+    row = json.loads(out)["rows"][0]
+    assert not row["feasible"] and "micro-batch 4" in row["reason"] and "micro-batch 1)" not in row["reason"]
+    assert "ZeRO-3" in row["reason"]

@@ -10,7 +10,7 @@ import yaml
 
 from planner.cli import main
 from planner.errors import PlannerError
-from planner.search.plan import PlanRequest
+from planner.search.plan import Candidate, PlanRequest
 from planner.search.planning import make_plan
 from planner.search.stacks import candidate_setup, layout_allowed
 
@@ -134,3 +134,93 @@ def test_pruning_keeps_the_best_run_across_stacks(plans):
     assert full.recommended.stack == both.recommended.stack
     assert full.recommended.loss == pytest.approx(both.recommended.loss, rel=1e-9)
     assert full.recommended.cost_usd == pytest.approx(both.recommended.cost_usd, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- techniques the search covers
+
+
+TITAN = dict(models=("llama-3.1-8b",), gpu="h100-sxm", num_gpus=8, budget_usd=2000.0, data_pool_tokens=20e9,
+             stacks=("torchtitan",), methods=("full",))
+
+
+@pytest.fixture(scope="module")
+def titan_plans():
+    return {c: make_plan(PlanRequest(**TITAN, compile=c), continuous_check=False) for c in (None, False, True)}
+
+
+def test_compile_is_searched_on_the_stacks_that_price_it(titan_plans):
+    free, eager, compiled = titan_plans[None], titan_plans[False], titan_plans[True]
+    for plan, want in ((eager, {False}), (compiled, {True})):
+        assert {c.setup_fields["compile"] for c in [plan.recommended, *plan.pareto]} == want
+    # compiled runs are never slower in the time model, so the free search takes them where they fit
+    assert free.recommended.setup_fields["compile"] is True and "compiled" in free.recommended.techniques
+    assert free.recommended.loss <= eager.recommended.loss + 1e-12
+    assert candidate_setup(free.recommended).compile is True
+
+
+def test_compiled_twin_pruning_matches_the_exhaustive_search(titan_plans):
+    """Eager set-ups are evaluated only where their compiled twin does not fit (planner.search.stacks)."""
+    pruned = titan_plans[None]
+    full = make_plan(pruned.request, exhaustive=True, continuous_check=False)
+    assert full.recommended.setup_fields == pruned.recommended.setup_fields
+    assert full.recommended.cost_usd == pytest.approx(pruned.recommended.cost_usd, rel=1e-9)
+    assert pruned.search.rows_feasible < full.search.rows_feasible  # eager rows where the compiled twin fits: dropped
+
+
+def test_paged_8bit_adamw_in_backward_only_where_one_micro_batch_fills_the_step():
+    base = dict(models=("llama-3.1-8b",), gpu="rtx-4090", budget_usd=50.0, data_pool_tokens=200e6, stacks=("torchtune",),
+                methods=("full",), optimizers=("adamw", "adamw-8bit"))
+    small = make_plan(PlanRequest(**base, global_batch_tokens=8192), continuous_check=False).recommended
+    assert small.optimizer == "paged-adamw-8bit" and small.setup_fields["optimizer_in_backward"] is True
+    assert small.grad_accum == 1 and "optimizer in backward" in small.techniques
+    setup = candidate_setup(small)  # a valid TrainingSetup: no accumulation with the step in backward
+    assert setup.optimizer_in_backward and setup.grad_accum == 1
+    # the default 512K-token step needs accumulation on 24 GB cards: no in-backward candidate at all
+    big = make_plan(PlanRequest(**base), continuous_check=False)
+    assert not any(c.setup_fields.get("optimizer_in_backward") for c in [big.recommended, *big.pareto])
+
+
+def test_paged_8bit_alone_on_the_hf_stack_is_one_line(capsys):
+    code = main(["plan", "--model", "llama-3.2-1b", "--budget-usd", "10", "--optimizers", "paged-adamw-8bit"])
+    err = capsys.readouterr().err
+    assert code == 2 and "torchtune" in err and len(err.strip().splitlines()) == 1
+
+
+def test_packed_data_runs_torchtune_packed_and_exports_it(capsys, tmp_path):
+    out = tmp_path / "recipe.yaml"
+    code = main(["plan", *MEMORY_BOUND, "--stacks", "torchtune", "--packed", "--export", "torchtune", "--out", str(out),
+                 "--save", str(tmp_path / "plan.json")])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "plan.json").read_text())["recommended"]
+    assert rec["setup_fields"]["packed"] is True and "packed" in rec["techniques"]
+    assert yaml.safe_load(out.read_text())["dataset"]["packed"] is True
+    # the block-causal mask costs memory: the unpacked twin of the same set-up is lighter
+    from planner.cost.memory.device import peak_allocated_bytes
+    from planner.specs.catalog import load_spec
+
+    setup = candidate_setup(Candidate.model_validate(rec))
+    spec = load_spec("llama-3.1-8b")
+    assert peak_allocated_bytes(spec, setup) > peak_allocated_bytes(spec, setup.model_copy(update={"packed": False}))
+
+
+def test_saved_plans_without_setup_fields_read_back_with_the_stacks_defaults(plans):
+    _, both = plans
+    old = both.recommended.model_copy(update={"setup_fields": {}})
+    setup = candidate_setup(old)
+    assert setup.stack == old.stack and (setup.loss_impl == "chunked") == (old.stack == "torchtune")
+
+
+def test_activation_offload_only_where_its_twin_on_the_gpu_does_not_fit():
+    """torchtune's activation offloading enters where keeping the checkpoints on the GPU does not fit,
+    and the pruned search agrees with the exhaustive one."""
+    request = PlanRequest(models=("llama-3.1-8b",), gpu="rtx-4090", num_gpus=1, budget_usd=50.0, data_pool_tokens=200e6,
+                          stacks=("torchtune",), methods=("qlora",), seq_len=32768, micro_batches=(1,))
+    plan = make_plan(request, continuous_check=False)
+    rec = plan.recommended
+    assert rec.setup_fields["activation_offload"] is True and rec.checkpointing == "full"
+    assert "activation offload" in rec.techniques
+    full = make_plan(request, exhaustive=True, continuous_check=False)
+    assert full.recommended.setup_fields == rec.setup_fields
+    assert full.recommended.cost_usd == pytest.approx(rec.cost_usd, rel=1e-9)
+    short = make_plan(request.model_copy(update={"seq_len": 2048}), continuous_check=False)
+    assert not any(c.setup_fields.get("activation_offload") for c in [short.recommended, *short.pareto])

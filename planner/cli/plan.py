@@ -4,8 +4,12 @@
 hardware (--gpu, --num-gpus), an optional data pool and model, and answers the recommended run,
 the Pareto front over loss, cost and time, the binding constraints and the stopping threshold.
 Plans are files: --request reads a JSON/YAML PlanRequest (flags override it), --save writes the
-Plan, --from-plan reads one back, --export writes what an engine launches with.
-`planner compare` plans named allocations side by side under the same limits.
+Plan, --from-plan reads one back, --export writes what an engine launches with (hf-trainer,
+accelerate, deepspeed, a torchtune recipe, torchtitan 0.3.0's overrides and launch line). --cluster
+prices days and dollars on a catalog cluster's network; --stacks, --compile/--no-compile and
+--packed choose the training stacks and their techniques (``planner.search.stacks``).
+`planner compare` plans named allocations side by side under the same limits; an allocation may
+pin its own stack and techniques (stack=torchtune, compile=false, packed=true).
 
 Numbers accept plain floats (1e22) and the suffixes K, M, B, T (20B tokens).
 """
@@ -17,7 +21,7 @@ import argparse
 from planner.cli.plan_text import compare_text, plan_text  # noqa: F401 - re-exported (notebooks, tests)
 from planner.errors import PlannerError
 
-EXPORT_CHOICES = ("hf-trainer", "accelerate", "deepspeed", "torchtune")
+EXPORT_CHOICES = ("hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan")
 """``planner.search.plan.EXPORT_FORMATS`` (kept here: the parser is built without importing the search)."""
 _LIST_FIELDS = {
     "methods": str, "lora_ranks": int, "optimizers": str, "checkpointing": str, "zero": int,
@@ -70,6 +74,13 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", help="tensor-parallel degrees to try, e.g. 1,8")
     p.add_argument("--micro-batches", help="e.g. 1,2,4,8")
     p.add_argument("--stacks", help="training stacks to search: hf (default), torchtune, torchtitan, comma-separated, or any")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile on the stacks that price it (torchtune, torchtitan); default: searched, "
+                        "--no-compile: eager only")
+    p.add_argument("--packed", action="store_true", default=None,
+                   help="the data is packed (torchtune dataset.packed, its block-causal mask priced)")
+    p.add_argument("--cluster", help="catalog cluster for the network (models_catalog/clusters.json, e.g. dgx-h100; "
+                   "planner catalog clusters lists them): days and dollars on its links")
     p.add_argument("--gpu-counts", help="GPU counts to try (default: all --num-gpus)")
     p.add_argument("--selection", help="data selection: all and/or methods of models_catalog/pruning_methods.json")
     p.add_argument("--keep", dest="keep_fractions", help="fractions of the pool to keep, e.g. 0.5")
@@ -97,7 +108,8 @@ def register(subparsers) -> None:
     plan.add_argument("--from-plan", metavar="PLAN", help="read a saved plan (JSON/YAML) instead of planning")
     plan.add_argument("--save", metavar="PLAN", help="write the plan as JSON or YAML")
     plan.add_argument("--export", choices=EXPORT_CHOICES, help="write a launch configuration (torchtune: the recipe "
-                      "config of a torchtune run, --stacks torchtune)")
+                      "config of a torchtune run, --stacks torchtune; torchtitan: torchtitan 0.3.0's overrides as TOML "
+                      "and the torchrun line, --stacks torchtitan)")
     plan.add_argument("--out", metavar="PATH", help="where --export writes")
     plan.add_argument("--exhaustive", action="store_true", help="evaluate every set-up (no dominance pruning)")
     plan.add_argument("--continuous-check", action="store_true",
@@ -108,7 +120,9 @@ def register(subparsers) -> None:
     cmp = subparsers.add_parser("compare", help="named allocations side by side: loss, cost, time, memory")
     cmp.add_argument("file", nargs="?", help="a compare file (JSON/YAML: base + allocations)")
     cmp.add_argument("--alloc", action="append", default=[], metavar="NAME:key=value,...",
-                     help="an allocation, e.g. '8B LoRA:model=llama-3.1-8b,method=lora' (repeatable)")
+                     help="an allocation, e.g. '8B LoRA:model=llama-3.1-8b,method=lora' (repeatable); keys: model, "
+                          "method, lora_rank, num_gpus, checkpointing, zero, tensor_parallel, micro_batch, optimizer, "
+                          "stack, compile, packed, selection, keep_fraction, strategy, tokens, epochs")
     _add_request_arguments(cmp)
     cmp.set_defaults(handler=run_compare)
 
@@ -137,7 +151,8 @@ def request_overrides(args) -> dict:
               "target_loss": "target_loss", "law": "law", "calibration": "calibration", "seq_len": "seq_len", "confidence": "confidence",
               "tokens": "tokens", "epochs": "epochs", "task": "task", "beyond_evidence": "beyond_evidence",
               "inference_tokens": "inference_tokens", "inference_cost_ratio": "inference_cost_ratio",
-              "finetune_task": "finetune_task", "tokens_per_example": "tokens_per_example"}
+              "finetune_task": "finetune_task", "tokens_per_example": "tokens_per_example", "cluster": "cluster",
+              "compile": "compile", "packed": "packed"}
     for flag, field in simple.items():
         value = getattr(args, flag)
         if value is not None:

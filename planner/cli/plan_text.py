@@ -135,7 +135,8 @@ def compare_text(rows: list[dict]) -> str:
             "tokens": fmt_count(r["tokens"]), "epochs": "-" if r["epochs"] is None else f"{r['epochs']:.2f}", "data": data,
             "binding": ",".join(r["binding"]) or "-", "loss law (trust)": _law_cell(r),
         })
-    out = render_table(table)
+    columns = list(dict.fromkeys(k for row in table for k in row))  # infeasible rows: "-", not NaN (GPUs stay whole)
+    out = render_table([{k: row.get(k, "-") for k in columns} for row in table])
     if notes:
         out += "\n\n" + "\n".join(notes)
     return out

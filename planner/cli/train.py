@@ -91,7 +91,10 @@ def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     stack.add_argument("--compile", action="store_true", help="torch.compile")
     stack.add_argument("--float8", action="store_true", help="torchao float8 linears")
     stack.add_argument("--dora", action="store_true", help="DoRA (with --method lora/qlora)")
-    stack.add_argument("--galore-rank", type=positive_int, default=128, help="with --optimizer galore-adamw")
+    stack.add_argument("--galore-rank", type=positive_int, default=128,
+                       help="with --optimizer galore-adamw: galore_torch 1.0 GaLoreAdamW projecting the attn/mlp "
+                            "nn.Linear weights at this rank (update_proj_gap 200, scale 0.25, proj_type std; "
+                            "other parameters plain AdamW; full training, one GPU or data parallel)")
     stack.add_argument("--kbit-preparation", action="store_true", help="peft prepare_model_for_kbit_training")
     stack.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="auto", help="LoRA weights' dtype")
     stack.add_argument("--modules-to-save", default="", help="fully trained modules with LoRA: embed_tokens,lm_head")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.specs.architecture import lora_targets
+from planner.specs.architecture import lora_expert_targets, lora_targets
 from planner.specs.model import Linear, ModelSpec
 
-__all__ = ["ParamCounts", "count_params", "lora_params", "lora_targets"]
+__all__ = ["ParamCounts", "count_params", "expert_lora_params_per_rank", "expert_lora_shapes", "lora_params",
+           "lora_targets"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,23 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     )
 
 
+def expert_lora_params_per_rank(spec: ModelSpec, targets: tuple[str, ...]) -> int:
+    """Adapter parameters per unit of rank on the stacked experts peft wraps (``lora_expert_targets``):
+    per expert A (m r x in) and B (out x m r), m = 2 for the fused gate_up (peft 0.21.2 doubles its rank)."""
+    return sum(mult * lin.count * (lin.in_features + lin.out_features)
+               for _, lin, mult in lora_expert_targets(spec, targets))
+
+
+def expert_lora_shapes(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> list[tuple[int, int]]:
+    """Shapes of those expert adapters as peft stores them: A (experts x m r, in), B (out, experts x m r)."""
+    shapes = []
+    for _, lin, mult in lora_expert_targets(spec, targets):
+        shapes += [(lin.count * mult * rank, lin.in_features), (lin.out_features, lin.count * mult * rank)]
+    return shapes
+
+
 def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank):
-    """Adapter parameters: A (rank x in) and B (out x rank) per adapted linear (Hu et al. 2021)."""
+    """Adapter parameters: A (rank x in) and B (out x rank) per adapted linear (Hu et al. 2021), and
+    those peft puts on stacked expert weights (``expert_lora_params_per_rank``)."""
     per_rank = sum(lin.in_features + lin.out_features for _, lin in lora_targets(spec, targets))
-    return per_rank * rank
+    return (per_rank + expert_lora_params_per_rank(spec, targets)) * rank

@@ -16,7 +16,8 @@ _BASELINE_LAYOUT = {"pipeline_parallel": (1,), "virtual_stages": (1,), "sequence
 
 MEMORY_PRICED: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),
-    "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion"),
+    "optimizer": ("adamw", "adamw-8bit", "adafactor", "sgd", "lion",
+                  "galore-adamw"),  # planner.cost.memory.galore (full training, no sharding; time: timing.galore_step)
     "stack": ("hf",),
     "loss_impl": ("standard", "fused-linear"),
     "optimizer_in_backward": (False,),
@@ -24,8 +25,9 @@ MEMORY_PRICED: dict[str, tuple] = {
     "packed": (False,),
     "compile": (False,),
     "float8": (False,),
+    "float8_all_gather": (False,),
     "dora": (False, True),
-    "kbit_preparation": (False,),
+    "kbit_preparation": (False, True),  # QLoRA only (planner.cost.memory.phases.kbit_precision)
     "adapter_dtype": ("auto", "fp32", "base"),
     "modules_to_save": ((), ("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")),
     # planner.cost.memory.parallel / memory_pipeline: stages, SP, ring-attention CP, EP
@@ -39,7 +41,7 @@ MEMORY_PRICED: dict[str, tuple] = {
 is refused by name)."""
 
 MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
-    "hf": MEMORY_PRICED,
+    "hf": {**MEMORY_PRICED, "float8": (False, True)},  # planner.cost.memory.float8: bf16 full training
     "torchtune": {
         **MEMORY_PRICED,
         **_BASELINE_LAYOUT,  # torchtune runs FSDP (and TP); its memory model prices no other layout
@@ -56,6 +58,7 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
         "packed": (False, True),
         "compile": (False, True),
         "adapter_dtype": ("auto", "base"),
+        "kbit_preparation": (False,),  # peft's k-bit preparation is the HF stack's
         "zero": (0, 3),
     },
     "torchtitan": {
@@ -69,10 +72,14 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
         "optimizer_impl": ("fused", "foreach"),  # 0.3.0's default is "fused"; foreach adds one fp32 temporary
         "attention": ("sdpa",),
         "checkpointing": ("none", "full", "selective"),
-        "loss_impl": ("standard",),
+        # the eager or the compiled cross-entropy (torchtitan_tensors.loss_extra_bytes_per_token)
+        "loss_impl": ("standard", "compiled"),
         "compile": (False, True),
         "zero": (0, 3),
         "tensor_parallel": (1,),
+        "kbit_preparation": (False,),
+        "float8": (False, True),  # planner.cost.memory.float8: torchao float8, torchtitan's rowwise converter
+        "float8_all_gather": (False, True),  # FSDP2 gathers the converted weights in fp8 (older torchtitan)
     },
 }
 """Stack -> field -> priced values (``planner.cost.memory.torchtune_stack`` for torchtune,
@@ -86,14 +93,17 @@ TIME_PRICED: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),  # fp16: bf16's bytes at the fp16 peak
     "stack": ("hf", "torchtune", "torchtitan", "megatron"),
     "loss_impl": ("standard", "chunked"),  # torchtune's chunked CE: the same logits FLOPs and bytes, in chunks
-    "dora": (False,),  # DoRA's weight norm per step and its extra elementwise work are not timed
+    "dora": (False, True),  # planner.cost.timing.dora: peft's weight norm and output passes, memory-bound
+    "kbit_preparation": (False,),  # fp32 head matmul and fp32 elementwise work after k-bit preparation: not timed
+    "float8": (False, True),  # planner.cost.timing.float8: fp8 GEMMs at the fp8 ceiling, scaled casts
+    "float8_all_gather": (False, True),  # timing.communication: the float8 linears' shards gathered in 1 byte
     "compile": (False, True),
     "packed": (False, True),
     "pipeline_parallel": _ANY_COUNT,
     "virtual_stages": _ANY_COUNT,
     "sequence_parallel": (False, True),
     "context_parallel": _ANY_COUNT,
-    "expert_parallel": (1,),  # the all-to-all dispatch is not timed yet (the memory model prices EP)
+    "expert_parallel": _ANY_COUNT,  # planner.cost.timing.communication.expert_parallel_s: token all-to-alls
     # planner.cost.timing.optimizer_step / host / time_offload: the same optimizer work moved into backward
     # (per-parameter host ops hidden behind it); bitsandbytes' per-tensor synchronize; paged states
     # stay on the device without memory pressure; offload copies over PCIe beyond the compute they overlap

@@ -4,7 +4,9 @@
   ``peft.LoraConfig`` and ``transformers.BitsAndBytesConfig`` keyword arguments beside them);
 - ``deepspeed``: a DeepSpeed JSON config (ZeRO stage, micro-batch, accumulation, bf16);
 - ``accelerate``: an ``accelerate`` config YAML (``accelerate launch --config_file``);
-- ``torchtune``: the recipe config of a torchtune run (``planner.io.exports_torchtune``).
+- ``torchtune``: the recipe config of a torchtune run (``planner.io.exports_torchtune``);
+- ``torchtitan``: torchtitan 0.3.0's configuration overrides as TOML and the launch script that
+  applies them (``planner.io.exports_torchtitan``).
 
 Nothing here imports torch, transformers or deepspeed.
 """
@@ -164,12 +166,32 @@ def torchtune_config(c: Candidate) -> dict:
     return config
 
 
+def torchtitan_files(c: Candidate, path: Path) -> list[Path]:
+    """``<stem>.toml`` (the overrides) and ``<stem>.sh`` (the torchrun launch line) of a torchtitan run."""
+    from planner.errors import writable_file
+    from planner.io.exports_torchtitan import launch_line, toml_text, torchtitan_config
+    from planner.search.stacks import candidate_setup
+
+    if c.stack != "torchtitan":
+        raise PlannerError(f"the recommended run is on stack {c.stack}, not torchtitan: re-plan with --stacks torchtitan "
+                           "(or hf,torchtitan) to export a torchtitan configuration")
+    exported = torchtitan_config(c.model, candidate_setup(c), c.steps)
+    launch = launch_line(exported, c.num_gpus)
+    toml_path = writable_file(path if path.suffix == ".toml" else path.with_suffix(".toml"), "export")
+    script = writable_file(toml_path.with_suffix(".sh"), "export")
+    toml_path.write_text(toml_text(exported, launch))
+    script.write_text(f"#!/bin/sh\n# torchtitan 0.3.0 run planned by `planner plan` (overrides as in {toml_path.name})\n"
+                      f"{launch}\n")
+    return [toml_path, script]
+
+
 def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> list[Path]:
     """Write the recommended run as ``fmt`` to ``path``; returns every file written.
 
     hf-trainer: ``path`` (JSON) holds the TrainingArguments kwargs; beside it ``<stem>.deepspeed.json``
     when the run uses ZeRO and ``<stem>.peft.json`` for LoRA/QLoRA. accelerate: ``path`` (YAML).
     deepspeed: ``path`` (JSON). torchtune: ``path`` (YAML), for ``tune run <recipe> --config``.
+    torchtitan: ``path`` (TOML) and beside it ``<stem>.sh``, the torchrun line torchtitan 0.3.0 launches.
     """
     c = plan_or_candidate.recommended if isinstance(plan_or_candidate, Plan) else plan_or_candidate
     path = Path(path)
@@ -178,7 +200,9 @@ def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> l
     if not path.parent.exists():
         raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
     written = []
-    if fmt == "torchtune":
+    if fmt == "torchtitan":
+        written += torchtitan_files(c, path)
+    elif fmt == "torchtune":
         target = path if path.suffix in (".yaml", ".yml") else path.with_suffix(".yaml")
         written.append(write_data(torchtune_config(c), target))
     elif fmt == "deepspeed":

@@ -1,6 +1,7 @@
 """`planner compare`: named allocations planned side by side under the same limits.
 
-Each allocation narrows the base request (a model, a method, a GPU count, a layout, the data) and
+Each allocation narrows the base request (a model, a method, a GPU count, a layout, a training stack
+and its techniques, the data) and
 is planned on its own (``planner.search.planning.make_plan``, without the continuous check its
 rows do not report); the set-up side's memo makes the allocations that share set-ups cheap.
 """
@@ -12,8 +13,11 @@ from planner.search.plan import PlanRequest
 from planner.search.planning import make_plan
 
 _PINNED = (("checkpointing", "checkpointing"), ("zero", "zero"), ("tensor_parallel", "tensor_parallel"),
-           ("micro_batch", "micro_batches"), ("optimizer", "optimizers"), ("strategy", "strategies"))
+           ("micro_batch", "micro_batches"), ("optimizer", "optimizers"), ("strategy", "strategies"),
+           ("stack", "stacks"))
 """Allocation field -> the request's search axis it pins to one value."""
+_SCALARS = ("compile", "packed")
+"""Allocation fields that set the request's field of the same name (stack techniques)."""
 
 
 def _model_update(base: PlanRequest, alloc) -> dict:
@@ -41,6 +45,9 @@ def allocation_request(base: PlanRequest, alloc) -> PlanRequest:
         value = getattr(alloc, field)
         if value is not None:
             update[target] = (value,)
+    for field in _SCALARS:
+        if getattr(alloc, field) is not None:
+            update[field] = getattr(alloc, field)
     selection = alloc.selection
     if alloc.keep_fraction is not None:
         if selection in (None, "all"):
@@ -67,6 +74,10 @@ def compare(request) -> list[dict]:
     # an unknown model is bad input (exit 2), not an infeasible allocation
     for name in dict.fromkeys([*request.base.models, *(a.model for a in request.allocations if a.model)]):
         load_spec(name)
+    if request.base.cluster:  # so is an unknown cluster
+        from planner.specs.cluster import load_cluster
+
+        load_cluster(request.base.cluster)
     rows = []
     for alloc in request.allocations:
         try:

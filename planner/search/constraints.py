@@ -160,7 +160,10 @@ def memory_shortfall(ctx: Context, state) -> str:
     fixes = cheapest_fixes(entry.spec, ctx.gpu, setup, ctx.request.seq_len, ctx.usable_bytes,
                            max(ctx.request.seq_len, 4096), ctx.profile)
     fix_text = "; ".join(f["fix"] for f in fixes) if fixes else "a GPU with more memory"
-    return (f"nothing fits in memory: the lightest set-up ({name}, {setup.method}, checkpointing {setup.checkpointing}, "
+    from planner.specs.techniques import stack_label
+
+    stack = "" if setup.stack == "hf" else f" on {stack_label(setup)}"
+    return (f"nothing fits in memory: the lightest set-up ({name}, {setup.method}{stack}, checkpointing {setup.checkpointing}, "
             f"{setup.num_gpus} GPU(s) ZeRO-{setup.zero} TP {setup.tensor_parallel}, micro-batch {setup.micro_batch}) needs "
             f"{fmt_bytes(peak)} per GPU, {fmt_bytes(short)} more than the {fmt_bytes(ctx.usable_bytes)} usable on "
             f"{ctx.gpu.name}; relax: {fix_text}")

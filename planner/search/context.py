@@ -1,5 +1,5 @@
 """What a plan request resolves to before any search: the GPU, its price, the scaling law, the
-calibration profile, the memory a GPU may use (``Context``), and the limits the candidates must
+calibration profile, the cluster's network, the memory a GPU may use (``Context``), and the limits the candidates must
 respect (``Limits``).
 
 A request that names no GPU gets ``DEFAULT_GPU`` (or the calibration profile's device) and no
@@ -33,6 +33,7 @@ class Context:
     profile: object
     assumptions: tuple[str, ...]
     plausibility: object = None  # planner.loss.evidence.Plausibility: the task's methods, epochs, tokens per parameter
+    cluster: object = None  # planner.specs.cluster.ClusterSpec: the network every step time is priced on
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def make_context(request: PlanRequest) -> Context:
                      f"{', '.join(profile.corrections.fitted) or 'nothing'}) sets every set-up's peak_bytes, "
                      "usable_bytes, fits and step_time_s (planner.cost.memory.device)")
     usable = usable_allocated_bytes(gpu, profile)
+    cluster = _cluster(request, gpu, notes)
     if request.uses_finetune_law:  # an unknown law or task fails before the search
         from planner.search.finetuning import method_law
 
@@ -112,7 +114,20 @@ def make_context(request: PlanRequest) -> Context:
             method_law(method, request.finetune_task, request.finetune_law)
     limits = evidence.plausibility(law, request.pretrain, request.task, request.max_epochs, request.tokens_per_param,
                                    request.beyond_evidence)
-    return Context(request, law, gpu, price, float(usable), profile, tuple(notes), limits)
+    return Context(request, law, gpu, price, float(usable), profile, tuple(notes), limits, cluster)
+
+
+def _cluster(request: PlanRequest, gpu, notes: list[str]):
+    """The request's cluster (``--cluster``), or the default one, written into the assumptions."""
+    from planner.specs.cluster import resolve_cluster
+
+    cluster = resolve_cluster(request.cluster, gpu)
+    if request.cluster:
+        notes.append(f"cluster: {cluster.name} ({cluster.gpus_per_node} GPUs per node, {cluster.intra_node_link} "
+                     f"inside a node, {cluster.inter_node_link} between nodes): communication and step times")
+    else:
+        notes.append(f"cluster: none named (--cluster): {cluster.description}")
+    return cluster
 
 
 def beyond(ctx: Context) -> Context:

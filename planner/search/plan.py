@@ -16,7 +16,7 @@ from planner.loss.evidence import TASKS
 from planner.specs.vocabulary import MAX_COUNT, MAX_NUM_GPUS
 
 Objective = Literal["loss", "cost", "time"]
-ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune"]
+ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan"]
 EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 METHODS_ALL = ("full", "lora", "qlora")
 
@@ -72,7 +72,7 @@ class PlanRequest(_Frozen):
     lora_ranks: tuple[int, ...] = (16,)
     peft_efficiency: dict[str, float] | None = Field(None, description="token efficiency per method; None: 1 under "
                                                      "the fine-tuning law (it prices the method), else the placeholders")
-    optimizers: tuple[Literal["adamw", "adamw-8bit", "adafactor", "sgd", "lion"], ...] = ("adamw",)
+    optimizers: tuple[Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd", "lion"], ...] = ("adamw",)
     checkpointing: tuple[Literal["none", "selective", "full"], ...] = ("none", "selective", "full")
     zero: tuple[Literal[0, 1, 2, 3], ...] = (0, 1, 2, 3)
     tensor_parallel: tuple[int, ...] = (1, 2, 4, 8)
@@ -95,6 +95,12 @@ class PlanRequest(_Frozen):
     tokens_per_example: float = Field(512.0, gt=0, description="mean tokens of one fine-tuning example (the law counts examples)")
     stacks: tuple[Literal["hf", "torchtune", "torchtitan"], ...] = Field(
         ("hf",), description="training stacks to search (planner.search.stacks); 'any': every priced stack")
+    compile: bool | None = Field(None, description="torch.compile on the stacks that price it (torchtune, torchtitan); "
+                                 "None: searched (the compiled twin first, planner.search.stacks)")
+    packed: bool = Field(False, description="the data is packed (torchtune's dataset.packed: its block-causal mask "
+                         "priced); stacks that do not price packing run unpacked")
+    cluster: str | None = Field(None, description="catalog cluster for the network (models_catalog/clusters.json); "
+                                "None: 8 GPUs per node, 400 Gb/s per GPU between nodes")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -178,7 +184,10 @@ class Allocation(_Frozen):
     zero: Literal[0, 1, 2, 3] | None = None
     tensor_parallel: int | None = Field(None, gt=0)
     micro_batch: int | None = Field(None, gt=0)
-    optimizer: Literal["adamw", "adamw-8bit", "adafactor", "sgd", "lion"] | None = None
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd", "lion"] | None = None
+    stack: Literal["hf", "torchtune", "torchtitan"] | None = None
+    compile: bool | None = None
+    packed: bool | None = None
     selection: str | None = None
     keep_fraction: float | None = Field(None, gt=0, le=1)
     strategy: Literal["hard", "easy"] | None = None
@@ -248,6 +257,8 @@ class Candidate(_Frozen):
     inference_cost_usd: float = 0.0
     stack: str = Field("hf", description="training stack (planner.search.stacks)")
     techniques: list[str] = Field(default_factory=list, description="techniques beyond the stack's defaults, in words")
+    setup_fields: dict[str, bool | str] = Field(default_factory=dict, description="the TrainingSetup fields of the "
+                                                "stack's techniques (loss_impl, optimizer_impl, compile, packed, ...)")
 
 
 class ConstraintReport(_Frozen):

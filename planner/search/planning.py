@@ -17,6 +17,7 @@ longer than the rest of a plan).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from planner.search.plan import Candidate, Plan, PlanRequest, SearchStats
 from planner.search.plausible import evidence_report
 from planner.search.scoring import score_candidates
 from planner.search.setups import evaluate_setups, reduce_setups
-from planner.search.stacks import candidate_setup, check_stacks, stacks_note
+from planner.search.stacks import candidate_setup, check_compile, check_stacks, stacks_note
 from planner.search.table import SetupTable
 
 
@@ -87,6 +88,7 @@ def search_setups(ctx: Context, exhaustive: bool = False) -> SearchState:
     """Evaluate the set-up side for every model (fine-tuning) or a coarse-then-fine size ladder."""
     req = ctx.request
     counts = cand.gpu_counts_for(ctx)
+    check_compile(req)
     if not req.pretrain:
         models = cand.catalog_models(req.models, ctx.law, req)
         check_stacks(req, models)
@@ -264,6 +266,7 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
         epochs=None if unique is None else tokens / (f * pool),
         scoring_flops=float(data.scoring_flops[j]),
         stack=str(row.get("stack", "hf")),
+        setup_fields=json.loads(row.get("variant") or "{}"),
     ))
 
 

@@ -80,7 +80,8 @@ class _Rows:
         self.g = rows["num_gpus"].astype(f64)[:, None]
         self.tps = rows["tokens_per_s"].astype(f64)[:, None]
         # throughput the time budgets are held at: the request's quantile of the step time
-        self.tps_held = self.tps / quantile_factor(self.g, ctx.request.confidence)
+        per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
+        self.tps_held = self.tps / quantile_factor(self.g, ctx.request.confidence, per_node)
         mfu = rows["mfu"].astype(f64)[:, None]
         peak_rate = np.array([ctx.gpu.peak_flops_for(p) for p in rows["precision"]])[:, None]
         self.fpt = budget_flops_per_token(self.params, rows["work_ratio"].astype(f64)[:, None])

@@ -1,19 +1,23 @@
 """The set-up side of the search: peak memory, step time and throughput of every set-up.
 
-A set-up is a categorical combination (model, method, precision, optimizer, checkpointing, GPU
-count, ZeRO stage, tensor parallelism); each is evaluated over arrays of micro-batches and LoRA
+A set-up is a categorical combination (model, method, stack variant: precision, optimizer and the
+stack's techniques, checkpointing, GPU count, ZeRO stage, tensor parallelism); each is evaluated over arrays of micro-batches and LoRA
 ranks with one call of ``planner.cost.memory.phases.training_memory`` per accumulation regime and of
 ``planner.cost.timing.step_time.step_time`` at two accumulations (a step is affine in it). What does not
 depend on the ZeRO stage, the GPU count or the accumulation (a micro-batch's activations and its
 compute, ``memory_activations.activation_memory`` and ``step_time.micro_batch_work``) is computed
 once per model and layout and shared; every result is memoized across the plans of one process
 (compare, sensitivities, notebooks). A set-up whose lighter-checkpointing twin already fits at
-every micro-batch is skipped unless ``exhaustive``. ``reduce_setups`` keeps the fastest set-up of
+every micro-batch is skipped unless ``exhaustive``, and so is an eager stack variant where its
+compiled twin (or its twin without activation offloading) fits (``planner.search.stacks.twins_of``); a variant that steps the optimizer in
+backward keeps only the micro-batches that fill a step alone (no accumulation). Step times are
+priced on the request's cluster (``Context.cluster``). ``reduce_setups`` keeps the fastest set-up of
 each (model, method, GPU count, tokens per step): the only ones that can be on the Pareto front.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import NamedTuple
 
@@ -21,7 +25,14 @@ import numpy as np
 
 from planner.search.context import RELAX, Context
 from planner.search.pipelines import fits_states_floor, pipeline_combos, pipeline_fields, wants_pipeline
-from planner.search.stacks import layout_allowed, stack_bases, stack_fields, unpriced_reason
+from planner.search.stacks import (
+    layout_allowed,
+    priced,
+    stack_variants,
+    technique_fields,
+    twins_of,
+    unpriced_reason,
+)
 from planner.search.table import SetupTable, fastest_per_group
 
 PRECISION_FOR_METHOD = {"full": "bf16-mixed", "lora": "bf16", "qlora": "bf16"}
@@ -56,10 +67,11 @@ _MEMO_MAX = 50_000
 
 def _memo(ctx: Context, kind: str, entry, setup_key, mb, seq, rank_arg, compute):
     """``compute()``, memoized across the plans of one process. Keys: the kind, the architecture,
-    what of the set-up the call reads, the GPU, the calibration profile (kept with the value, so
+    what of the set-up the call reads, the GPU, the cluster, the calibration profile (kept with the value, so
     its identity is not reused) and the arrays' contents."""
     profile = id(ctx.profile) if ctx.profile is not None else None
-    key = (kind, entry.key, setup_key, ctx.gpu.name, profile, mb.tobytes(), mb.shape, seq, rank_arg.tobytes(),
+    cluster = ctx.cluster.name if ctx.cluster is not None else None  # catalog names are unique; "default" per GPU
+    key = (kind, entry.key, setup_key, ctx.gpu.name, profile, cluster, mb.tobytes(), mb.shape, seq, rank_arg.tobytes(),
            rank_arg.shape)
     hit = _MEMO.get(key)
     if hit is None or hit[0] is not ctx.profile:
@@ -91,8 +103,10 @@ def _peak(ctx: Context, entry, setup, mb, seq, rank_arg, ga):
     single = (ga == 1)[:, 0]
     peak = np.empty(shape)
     # a pipeline holds min(pp, m) micro-batches in flight: priced at m = pp (exact for m >= pp)
+    if setup.optimizer_in_backward:  # steps in each backward: no accumulation (TrainingSetup refuses it)
+        peak[~single] = np.inf
     for accumulate, rows in ((max(2, setup.pipeline_parallel), ~single), (1, single)):
-        if rows.any():
+        if rows.any() and not (setup.optimizer_in_backward and accumulate > 1):
             variant = setup.model_copy(update={"grad_accum": accumulate})
             value = _memo(ctx, "memory", entry, variant, mb[:, None], seq, rank_arg,
                           lambda v=variant: _memory_peak(ctx, entry, v, mb[:, None], seq, rank_arg))
@@ -109,9 +123,11 @@ def _affine_step(ctx: Context, spec, setup, mb, seq, rank_arg, cache: dict | Non
     from planner.cost.timing.step_time import step_time
 
     one = np.asarray(step_time(spec, setup.model_copy(update={"grad_accum": 1}), ctx.gpu, mb, seq, rank_arg,
-                               ctx.profile, cache)["step_time_s"], dtype=np.float64)
+                               ctx.profile, cache, cluster=ctx.cluster)["step_time_s"], dtype=np.float64)
+    if setup.optimizer_in_backward:  # one micro-batch per step (the rows with accumulation never fit)
+        return one, 0.0 * one, 1
     two = np.asarray(step_time(spec, setup.model_copy(update={"grad_accum": 2}), ctx.gpu, mb, seq, rank_arg,
-                               ctx.profile, cache)["step_time_s"], dtype=np.float64)
+                               ctx.profile, cache, cluster=ctx.cluster)["step_time_s"], dtype=np.float64)
     return two - one, 2.0 * one - two, 2
 
 
@@ -142,6 +158,8 @@ class _Group(NamedTuple):
     work_ratio: np.ndarray  # 1 x ranks: the method's model FLOPs over full training's
     flops_mb: np.ndarray  # mb x ranks: model FLOPs of one micro-batch (no recompute)
     peak_rate: float
+    key: tuple = ()  # (model row, method, the base's fields)
+    twins: tuple = ()  # keys of the variants never slower at equal layout (planner.search.stacks.twins_of)
 
 
 def _work_ratio(spec, base, seq: int, rank_arg):
@@ -155,22 +173,29 @@ def _work_ratio(spec, base, seq: int, rank_arg):
     return training_flops(spec, base, 1, seq, rank_arg).model / full_flops
 
 
-def _bases(ctx: Context, spec, method: str) -> list[tuple[str, str, str]]:
-    """(stack, precision, optimizer) of every base set-up of a method: the Hugging Face stack's
-    precisions x the request's optimizers, then each other stack asked for that can run the model."""
+def _bases(ctx: Context, spec, method: str) -> list[dict]:
+    """The set-up fields (stack, precision, optimizer, techniques) of every base set-up of a method:
+    the Hugging Face stack's precisions x the request's optimizers it prices, then each other stack
+    asked for that can run the model (``planner.search.stacks.stack_variants``)."""
     req = ctx.request
     out = []
     for stack in req.stacks:
         if stack == "hf":
+            if req.compile:
+                continue  # the hf stack's memory is priced eager only (planner.search.stacks.check_compile)
             precisions = (PRECISION_FOR_METHOD[method],) if req.pretrain else FINETUNE_PRECISIONS[method]
-            out += [("hf", p, o) for p in precisions for o in req.optimizers]
+            out += [{"precision": p, "optimizer": o} for p in precisions for o in req.optimizers if priced("hf", "optimizer", o)]
         elif unpriced_reason(stack, spec, req.pretrain) is None:
-            out += [(stack, p, o) for p, o in stack_bases(stack, method, ctx.gpu, req.optimizers)]
+            out += stack_variants(stack, method, ctx.gpu, req)
     return out
 
 
+def _key(fields: dict) -> tuple:
+    return tuple(sorted(fields.items()))
+
+
 def _groups(ctx: Context, models: list):
-    """Every (model, method, optimizer) of the request, with its shared arrays."""
+    """Every (model, method, base set-up) of the request, with its shared arrays."""
     from planner.cost.timing.step_time import micro_batch_flops
     from planner.specs.setup import TrainingSetup
 
@@ -182,20 +207,22 @@ def _groups(ctx: Context, models: list):
         for method in (req.methods if not req.pretrain else ("full",)):
             ranks = np.asarray(sorted(set(req.lora_ranks)) if method != "full" else [0], dtype=np.int64)
             rank_arg = np.maximum(ranks, 1)[None, :]
-            for stack, precision, optimizer in _bases(ctx, spec, method):
-                base = TrainingSetup(method=method, precision=precision, optimizer=optimizer, seq_len=seq,
-                                     lora_rank=int(rank_arg.max()), **stack_fields(stack, method, optimizer))
+            for fields in _bases(ctx, spec, method):
+                base = TrainingSetup(method=method, seq_len=seq, lora_rank=int(rank_arg.max()), **fields)
                 work = np.broadcast_to(np.asarray(_work_ratio(spec, base, seq, rank_arg), dtype=np.float64),
                                        (1, ranks.size))
                 # model FLOPs of one micro-batch (no recompute; the same for every layout)
                 cache = _shared(ctx, entry, mb[:, None], seq, rank_arg)
                 flops_mb = np.asarray(micro_batch_flops(spec, base, mb[:, None], seq, rank_arg, cache).model,
                                       dtype=np.float64)
-                yield _Group(mi, entry, base, ranks, rank_arg, mb, work, flops_mb, ctx.gpu.peak_flops_for(precision))
+                twins = tuple((mi, method, _key(t)) for t in twins_of(fields))
+                yield _Group(mi, entry, base, ranks, rank_arg, mb, work, flops_mb, ctx.gpu.peak_flops_for(base.precision),
+                             (mi, method, _key(fields)), twins)
 
 
-def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None, stack: str = "hf") -> list[tuple]:
-    """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs that ``stack`` runs, lightest first."""
+def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None, stack: str = "hf", offload: bool = False) -> list[tuple]:
+    """(checkpointing rank, checkpointing, ZeRO, TP) to try on g GPUs that ``stack`` runs, lightest
+    first; activation offloading moves the inputs of fully checkpointed layers (full only)."""
     from planner.search.candidates import layouts
 
     if layouts_for is not None:
@@ -204,7 +231,7 @@ def _combos(ctx: Context, g: int, method: str, layouts_for, spec=None, stack: st
         combos = [(_CKPT_ORDER[c], c, z, tp) for z, tp in layouts(ctx.request, g, method, spec)
                   for c in ctx.request.checkpointing]
     if stack != "hf":
-        combos = [c for c in combos if layout_allowed(stack, g, c[1], c[2], c[3], *c[4:])]
+        combos = [c for c in combos if layout_allowed(stack, g, c[1], c[2], c[3], *c[4:]) and (c[1] == "full" or not offload)]
     combos.sort(key=lambda t: (t[0] + t[2] + int(math.log2(t[3])), t[0], t[2], t[3]))
     return combos
 
@@ -225,6 +252,7 @@ def _rows(ctx: Context, grp: _Group, setup, ga, peak, keep) -> dict:
         "model": np.full(k, grp.model_row), "method": np.full(k, setup.method, dtype=object),
         "lora_rank": grp.ranks[sel[1]], "precision": np.full(k, setup.precision, dtype=object),
         "optimizer": np.full(k, setup.optimizer, dtype=object), "stack": np.full(k, setup.stack, dtype=object),
+        "variant": np.full(k, json.dumps(technique_fields(setup), sort_keys=True), dtype=object),
         "checkpointing": np.full(k, setup.checkpointing, dtype=object), "num_gpus": np.full(k, g),
         "zero": np.full(k, setup.zero), "tensor_parallel": np.full(k, setup.tensor_parallel),
         "pipeline_parallel": np.full(k, setup.pipeline_parallel),
@@ -235,10 +263,13 @@ def _rows(ctx: Context, grp: _Group, setup, ga, peak, keep) -> dict:
     }
 
 
-def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exhaustive: bool, stats: dict) -> list:
+def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exhaustive: bool, stats: dict,
+                    twins: dict | None = None) -> list:
     """Rows of every layout of one group on g GPUs that fits (or would with ``RELAX`` more memory);
-    layouts dominated by a lighter one that fits everywhere are skipped unless ``exhaustive``."""
+    layouts dominated by a lighter one that fits everywhere, or by the compiled twin of the same
+    layout (``twins``: (group key, g, layout) -> fits), are skipped unless ``exhaustive``."""
     req = ctx.request
+    twins = {} if twins is None else twins
     done: list[tuple[tuple, np.ndarray]] = []  # (key, fits over mb x rank)
     out = []
     for combo in combos:
@@ -246,6 +277,7 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
         key = (ck_rank, zero, tp, pp)
         stats["setups"] += 1
         lighter = [fits for k, fits in done if _dominates(k, key)]
+        lighter += [twins[(t, g, key)] for t in grp.twins if (t, g, key) in twins]
         # a pipeline of the same layout that fits with no more stages and no more recompute is
         # preferred (smaller bubble, less recompute: planner.search.pipelines)
         shallower = [fits for k, fits in done if k[1:3] == key[1:3] and k[0] <= key[0] and 1 < k[3] <= key[3]]
@@ -255,6 +287,9 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
         setup = grp.base.model_copy(update={"checkpointing": ckpt, "num_gpus": g, "zero": zero, "tensor_parallel": tp,
                                             **pipeline_fields(tp, pp)})
         ga = grad_accum_for(req.global_batch_tokens, grp.mb, req.seq_len, setup.data_parallel)[:, None]
+        if setup.optimizer_in_backward and not (ga == 1).any():  # no micro-batch fills a step alone
+            stats["setups_skipped"] += 1
+            continue
         peak = _peak(ctx, grp.entry, setup, grp.mb, req.seq_len, grp.rank_arg, ga)
         stats["memory_calls"] += 1
         fits = peak <= ctx.usable_bytes
@@ -262,6 +297,7 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
         near = peak <= ctx.usable_bytes * (1 + RELAX)
         _track_lightest(stats, grp.entry, setup, peak, grp.ranks, grp.mb)
         done.append((key, fits))
+        twins[(grp.key, g, key)] = fits
         useful = near.copy()
         if not exhaustive:
             for f in lighter:
@@ -288,10 +324,12 @@ def evaluate_setups(ctx: Context, models: list, gpu_counts_for, exhaustive: bool
     """
     stats = {"setups": 0, "setups_skipped": 0, "memory_calls": 0, "time_calls": 0, "lightest": None}
     tables = []
+    twins: dict = {}  # (group key, g, layout) -> fits, for the twins (planner.search.stacks.twins_of)
     for grp in _groups(ctx, models):
         for g in gpu_counts_for(grp.entry, grp.base.method):
-            combos = _combos(ctx, g, grp.base.method, layouts_for, grp.entry.spec, grp.base.stack)
-            rows = _gpu_count_rows(ctx, grp, g, combos, exhaustive, stats)
+            combos = _combos(ctx, g, grp.base.method, layouts_for, grp.entry.spec, grp.base.stack,
+                             grp.base.activation_offload)
+            rows = _gpu_count_rows(ctx, grp, g, combos, exhaustive, stats, twins)
             # the model needs a pipeline where only ZeRO-2/3 (or nothing) fits
             fits = any(bool(((t["peak_bytes"] <= ctx.usable_bytes) & (t["zero"] <= 1)).any()) for t in rows)
             # given layouts (a refinement) carry their own pipeline degrees

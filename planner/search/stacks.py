@@ -1,17 +1,26 @@
 """The training stacks the plan searches (``PlanRequest.stacks``) and what each turns on.
 
 The Hugging Face stack is the search's historical one (``planner.search.setups``: mixed or pure
-bf16, every requested optimizer, checkpointing, ZeRO, tensor parallelism and pipelines). The
-other stacks enter with their recipes' defaults that both the memory model
-(``planner.cost.support.MEMORY_PRICED_BY_STACK``) and the step-time model (``TIME_PRICED``) price:
+bf16, every requested optimizer the memory model prices, checkpointing, ZeRO, tensor parallelism
+and pipelines). The other stacks enter as variants (``stack_variants``) of their recipes' knobs
+that both the memory model (``planner.cost.support.MEMORY_PRICED_BY_STACK``) and the step-time
+model (``TIME_PRICED``) price, read from those tables:
 
 - torchtune (fine-tuning only, its 0.6 recipes): one dtype (bf16, fp32 on a GPU without bf16),
-  chunked cross-entropy (``CEWithChunkedOutputLoss``), AdamW with ``fused: True`` (or 8-bit AdamW
-  when asked), checkpointing none or full (whole layers), one GPU or FSDP2 (ZeRO-3), no tensor
-  parallelism or pipeline. Optimizer-in-backward and activation offloading are left out: the
-  step-time model does not price them.
+  chunked cross-entropy (``CEWithChunkedOutputLoss``), AdamW with ``fused: True``; with 8-bit
+  optimizers asked for, bitsandbytes' AdamW8bit and the single-device recipe's PagedAdamW8bit
+  stepped in backward (``optimizer_in_bwd: True``: only where one micro-batch fills the step);
+  ``compile`` on and off; ``dataset.packed`` as the request says; checkpointing none or full
+  (whole layers), the latter also with activation offloading (``enable_activation_offloading``);
+  one GPU or FSDP2 (ZeRO-3), no tensor parallelism or pipeline.
 - torchtitan (full training only): FSDP2 mixed precision (bf16-mixed), fused AdamW,
-  checkpointing none, selective or full, one GPU or FSDP2 (ZeRO-3), eager.
+  checkpointing none, selective (per-op) or full, ``compile.enable`` on and off, one GPU or FSDP2.
+
+Twins: the step-time model never makes an eager variant faster than its compiled twin (fused
+memory-bound work, fewer host ops), nor an offloading one faster than its twin that keeps the
+activations on the GPU, so the search evaluates the twins first and keeps a variant only where it
+fits and its twins do not (QLoRA compiled keeps its dequantized weights,
+``planner.cost.memory.torchtune_tensors``); ``twins_of`` names them.
 
 A stack that cannot price a model (``unpriced_reason``) is skipped for that model, silently unless
 it is the only stack asked for (``check_stacks``: a one-line refusal).
@@ -22,7 +31,6 @@ from __future__ import annotations
 from planner.errors import PlannerError
 
 PLAN_STACKS = ("hf", "torchtune", "torchtitan")
-_TORCHTUNE_OPTIMIZERS = ("adamw", "adamw-8bit")
 _CHECKPOINTING = {"torchtune": ("none", "full"), "torchtitan": ("none", "selective", "full")}
 
 
@@ -51,6 +59,19 @@ def check_stacks(request, models: list) -> None:
         raise PlannerError("torchtitan runs full training only: add --methods full or use --stacks hf,torchtune")
 
 
+def check_compile(request) -> None:
+    """--compile, or only optimizers, that none of the stacks asked for prices: one line."""
+    if request.compile and not any(priced(s, "compile", True) for s in request.stacks):
+        raise PlannerError("--compile: the memory of the hf stack is priced eager only; compiled runs are priced for "
+                           "--stacks torchtune or torchtitan (or leave --compile out)")
+    if request.stacks == ("hf",) and not any(priced("hf", "optimizer", o) for o in request.optimizers):
+        from planner.cost.support import MEMORY_PRICED_BY_STACK
+
+        options = ", ".join(o for o in MEMORY_PRICED_BY_STACK["hf"]["optimizer"] if priced("hf", "optimizer", o))
+        raise PlannerError(f"--optimizers {','.join(request.optimizers)}: not priced for the hf stack (its optimizers: "
+                           f"{options}); paged 8-bit AdamW is torchtune's (--stacks torchtune)")
+
+
 def stacks_note(request, gpu) -> str:
     """The assumption line of a plan that searched other stacks than Hugging Face's."""
     from planner.specs.catalog import load_spec
@@ -63,16 +84,22 @@ def stacks_note(request, gpu) -> str:
             skipped = [m for m in request.models if unpriced_reason(stack, load_spec(m), False)]
         recipe = _RECIPES[stack] + (f"; not run for {', '.join(skipped)}" if skipped else "")
         out.append(f"{stack} ({recipe})")
-    return "stacks searched: " + ", ".join(out)
+    compile_mode = {None: "searched, compiled twin first", True: "on (--compile)", False: "off (--no-compile)"}
+    extra = f"; torch.compile {compile_mode[request.compile]}" + ("; packed data (torchtune)" if request.packed else "")
+    return "stacks searched: " + ", ".join(out) + extra
 
 
 _RECIPES = {"hf": "Trainer defaults",
-            "torchtune": "its recipes: one dtype, chunked CE, fused AdamW, checkpointing none/full, FSDP2",
-            "torchtitan": "full training: FSDP2 bf16 mixed precision, fused AdamW, eager"}
+            "torchtune": "its recipes: one dtype, chunked CE, fused AdamW (8-bit and paged 8-bit in backward when "
+                         "asked), checkpointing none/full, FSDP2",
+            "torchtitan": "full training: FSDP2 bf16 mixed precision, fused AdamW, AC none/selective/full"}
+_TECHNIQUE_KEYS = ("loss_impl", "optimizer_impl", "optimizer_in_backward", "activation_offload", "packed", "compile")
+"""The set-up fields a stack variant may set beyond precision and optimizer (``Candidate.setup_fields``)."""
 
 
 def stack_fields(stack: str, method: str, optimizer: str) -> dict:
-    """The set-up fields a stack's recipes fix beyond the search's axes."""
+    """The set-up fields a stack's recipes fix beyond the search's axes (plans saved before
+    ``Candidate.setup_fields`` existed are read back with these)."""
     if stack == "torchtune":
         return {"stack": stack, "loss_impl": "chunked", **({"optimizer_impl": "fused"} if optimizer == "adamw" else {})}
     if stack == "torchtitan":
@@ -80,19 +107,72 @@ def stack_fields(stack: str, method: str, optimizer: str) -> dict:
     return {}
 
 
-def stack_bases(stack: str, method: str, gpu, optimizers: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(precision, optimizer) pairs of a non-HF stack for one method ([] when it has none)."""
+def priced(stack: str, field: str, value) -> bool:
+    """Whether both the memory model (for ``stack``) and the time model price ``field=value``."""
+    from planner.cost.support import MEMORY_PRICED_BY_STACK, TIME_PRICED
+
+    memory = MEMORY_PRICED_BY_STACK.get(stack, {})
+    return value in memory.get(field, (value,)) and value in TIME_PRICED.get(field, (value,))
+
+
+def _compile_modes(stack: str, request) -> list[bool]:
+    """Compiled first (``twins_of``), then eager, as the request and the cost models allow."""
+    wanted = (True, False) if request.compile is None else (request.compile,)
+    return [c for c in wanted if priced(stack, "compile", c)]
+
+
+def _torchtune_optimizers(method: str, optimizers) -> list[dict]:
+    """The optimizer fields of torchtune's recipes among those asked for (LoRA recipes: AdamW)."""
+    if method != "full":
+        return [{"optimizer": "adamw", "optimizer_impl": "fused"}]
+    out = [{"optimizer": "adamw", "optimizer_impl": "fused"}] if "adamw" in optimizers else []
+    if "adamw-8bit" in optimizers:
+        out.append({"optimizer": "adamw-8bit"})
+    if "paged-adamw-8bit" in optimizers:
+        out.append({"optimizer": "paged-adamw-8bit"})
+    if {"adamw-8bit", "paged-adamw-8bit"} & set(optimizers):  # full_finetune_single_device's 8B recipe
+        out.append({"optimizer": "paged-adamw-8bit", "optimizer_in_backward": True})
+    return [o for o in out if priced("torchtune", "optimizer", o["optimizer"])
+            and priced("torchtune", "optimizer_in_backward", o.get("optimizer_in_backward", False))]
+
+
+def stack_variants(stack: str, method: str, gpu, request) -> list[dict]:
+    """The ``TrainingSetup`` fields (stack, precision, optimizer, techniques) of each variant of a
+    non-HF stack for one method, compiled twins before their eager ones ([] when it has none)."""
     if stack == "torchtune":
         dtype = "bf16" if gpu.computes_in("bf16") else "fp32"
         if method == "qlora" and dtype != "bf16":
             return []  # torchao NF4 computes in bf16
-        chosen = [o for o in optimizers if o in _TORCHTUNE_OPTIMIZERS] if method == "full" else ["adamw"]
-        return [(dtype, o) for o in chosen]
+        packed = bool(request.packed) and priced(stack, "packed", True)
+        kept = [{"stack": stack, "precision": dtype, "loss_impl": "chunked", "packed": packed, "compile": c, **o}
+                for o in _torchtune_optimizers(method, request.optimizers) for c in _compile_modes(stack, request)]
+        offload = [{**v, "activation_offload": True} for v in kept if priced(stack, "activation_offload", True)]
+        return kept + offload  # after their twins (twins_of)
     if stack == "torchtitan":
-        if method != "full" or not gpu.computes_in("bf16") or "adamw" not in optimizers:
+        if method != "full" or not gpu.computes_in("bf16") or "adamw" not in request.optimizers:
             return []
-        return [("bf16-mixed", "adamw")]
-    raise ValueError(f"stack_bases covers torchtune and torchtitan, not {stack!r}")
+        return [{"stack": stack, "precision": "bf16-mixed", "optimizer": "adamw", "optimizer_impl": "fused", "compile": c}
+                for c in _compile_modes(stack, request)]
+    raise ValueError(f"stack_variants covers torchtune and torchtitan, not {stack!r}")
+
+
+def twins_of(fields: dict) -> list[dict]:
+    """The variants that are never slower than ``fields`` at the same layout and micro-batch: its
+    compiled twin when it runs eager, its twin without activation offloading when it offloads
+    (the PCIe copies only add time). Where a twin fits, the variant cannot be on the front."""
+    if fields.get("stack", "hf") == "hf":
+        return []
+    out = [{**fields, "compile": True}] if fields.get("compile") is False else []
+    if fields.get("activation_offload"):
+        out.append({k: v for k, v in fields.items() if k != "activation_offload"})
+    return out
+
+
+def technique_fields(setup) -> dict:
+    """The fields of ``setup`` a stack variant sets (``Candidate.setup_fields``)."""
+    if setup.stack == "hf":
+        return {}
+    return {k: getattr(setup, k) for k in _TECHNIQUE_KEYS}
 
 
 def layout_allowed(stack: str, num_gpus: int, checkpointing: str, zero: int, tensor_parallel: int,
@@ -112,4 +192,4 @@ def candidate_setup(c):
         method=c.method, precision=c.precision, optimizer=c.optimizer, micro_batch=c.micro_batch, seq_len=c.seq_len,
         checkpointing=c.checkpointing, lora_rank=c.lora_rank or 16, num_gpus=c.num_gpus, zero=c.zero,
         tensor_parallel=c.tensor_parallel, pipeline_parallel=c.pipeline_parallel, sequence_parallel=c.sequence_parallel,
-        grad_accum=c.grad_accum, **stack_fields(c.stack, c.method, c.optimizer))
+        grad_accum=c.grad_accum, **{**stack_fields(c.stack, c.method, c.optimizer), **c.setup_fields})

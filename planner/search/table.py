@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-COLUMNS = ("model", "method", "lora_rank", "precision", "optimizer", "stack", "checkpointing", "num_gpus", "zero",
+COLUMNS = ("model", "method", "lora_rank", "precision", "optimizer", "stack", "variant", "checkpointing", "num_gpus", "zero",
            "tensor_parallel", "pipeline_parallel", "sequence_parallel", "micro_batch", "grad_accum", "peak_bytes", "step_time_s", "tokens_per_step",
            "tokens_per_s", "mfu", "work_ratio")
 """Field names (an ``Estimate`` / ``Candidate`` field is also a column name)."""

@@ -111,26 +111,75 @@ class ModelSpec:
         return any(layer.num_experts for layer in self.layers)
 
 
+PEFT_MOE_CONVERTED: dict[str, tuple[str, ...]] = {
+    "mixtral": ("gate", "w1", "w2", "w3"),
+    **{t: ("gate", "gate_proj", "up_proj", "down_proj") for t in (
+        "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "glm4_moe",
+        "glm4_moe_lite", "hunyuan_v1_moe", "flex_olmo", "qwen3_next", "minimax", "afmoe", "cohere2_moe",
+        "exaone_moe", "longcat_flash", "solar_open", "mellum", "sarvam_mla")},
+}
+"""Mixture-of-experts model types whose LoRA targets peft converts from the transformers-4 names to the
+fused transformers-5 parameters, and the v4 leaf names the conversion takes over (peft 0.21.2
+``src/peft/utils/transformers_weight_conversion.py``: ``_convert_peft_config_moe`` with transformers 5.24's
+``_MODEL_TO_CONVERSION_PATTERN`` mapped to its ``mixtral`` / ``qwen2_moe`` patterns; ``qwen2_moe`` itself
+is not mapped, so Qwen1.5/2-MoE experts and routers stay unadapted). For these, ``all-linear`` becomes
+the attention (and other ``nn.Linear``) modules minus those names, plus ``target_parameters`` router
+``gate.weight``, ``experts.gate_up_proj`` (rank and alpha doubled: gate and up fused) and
+``experts.down_proj``, each wrapped by ``lora.ParamWrapper``."""
+
+
+def lora_expert_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear, int]]:
+    """(layer index, stacked expert weight, rank multiple) that peft 0.21 wraps with ``lora.ParamWrapper``
+    for ``target_modules``: under ``all-linear`` on a ``PEFT_MOE_CONVERTED`` model type, each layer's
+    ``experts.gate_up_proj`` (per expert rank 2r) and ``experts.down_proj`` (rank r); none otherwise.
+    Each expert gets its own A (r x in) and B (out x r).
+    Named targets ``experts.gate_up_proj`` / ``experts.down_proj`` are peft ``target_parameters`` (rank r
+    each, on any mixture of experts, Qwen2-MoE included)."""
+    from planner.specs.vocabulary import ALL_LINEAR
+
+    if tuple(targets) == (ALL_LINEAR,):
+        if spec.model_type not in PEFT_MOE_CONVERTED:
+            return []
+        return [(i, lin, 2 if lin.name.endswith("gate_up_proj") else 1)
+                for i, layer in enumerate(spec.layers) for lin in layer.experts]
+    wanted = set(targets) & set(EXPERT_PARAMETERS)
+    return [(i, lin, 1) for i, layer in enumerate(spec.layers) for lin in layer.experts if lin.name in wanted]
+
+
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+"""LoRA target names that are stacked expert parameters (peft ``LoraConfig.target_parameters``), not modules."""
+
+
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear]]:
     """(layer index, linear) pairs that peft adapts for ``target_modules``.
 
     ``all-linear`` adapts every ``nn.Linear`` of the decoder layers except the output head
     (peft ``tuners_utils._maybe_include_all_linear_layers``); named targets match the last
-    component of the module name, as peft does for a list of strings.
+    component of the module name, as peft does for a list of strings. On the mixtures of experts
+    of ``PEFT_MOE_CONVERTED`` peft also wraps the router (listed here: a LoRA of its (experts x hidden)
+    weight) and the stacked experts (``lora_expert_targets``, priced apart), and drops the modules the
+    conversion renames.
     """
     from planner.errors import PlannerError
     from planner.specs.vocabulary import ALL_LINEAR
 
     every = [(i, lin) for i, layer in enumerate(spec.layers) for lin in layer.linears if lin.is_module]
     if tuple(targets) == (ALL_LINEAR,):
-        return every
+        renamed = PEFT_MOE_CONVERTED.get(spec.model_type)
+        if renamed is None:
+            return every
+        kept = [(i, lin) for i, lin in every if lin.name.split(".")[-1] not in renamed]
+        routers = [(i, layer.router) for i, layer in enumerate(spec.layers) if layer.router is not None]
+        return sorted(kept + routers, key=lambda pair: pair[0])
     wanted = set(targets)
     chosen = [(i, lin) for i, lin in every if lin.name.split(".")[-1] in wanted]
     names = sorted({lin.name.split(".")[-1] for _, lin in every})
-    missing = wanted - {lin.name.split(".")[-1] for _, lin in chosen}
+    stacked = {lin.name for layer in spec.layers for lin in layer.experts} & set(EXPERT_PARAMETERS)
+    missing = wanted - {lin.name.split(".")[-1] for _, lin in chosen} - stacked
     if missing:
+        extra = f"; its stacked expert parameters: {', '.join(sorted(stacked))}" if stacked else ""
         raise PlannerError(
             f"LoRA target(s) {', '.join(sorted(missing))} not in {spec.name}; its linear modules: "
-            f"{', '.join(names)} (or 'all-linear')"
+            f"{', '.join(names)} (or 'all-linear'){extra}"
         )
     return chosen

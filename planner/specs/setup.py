@@ -72,7 +72,9 @@ class TrainingSetup(_Frozen):
         None, ge=0.0, lt=1.0, description="override every dropout of the config; None: as the config says"
     )
     num_gpus: int = Field(1, gt=0, le=MAX_NUM_GPUS)
-    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage (3 = FSDP full shard)")
+    zero: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage: DeepSpeed ZeRO-1/2/3 on stack hf (what the exports launch, its buffers "
+        "priced by planner.cost.memory.zero_buffers); FSDP2 full shard (3) on torchtitan")
     tensor_parallel: int = Field(1, gt=0, le=MAX_NUM_GPUS)
     offload_optimizer: bool = Field(False, description="optimizer states (and fp32 master) in CPU memory")
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT, description="micro-batches per optimizer step")
@@ -85,6 +87,9 @@ class TrainingSetup(_Frozen):
     packed: bool = Field(False, description="sequences packed into micro_batch x seq_len tokens, no padding")
     compile: bool = Field(False, description="torch.compile: fused elementwise kernels save fewer tensors")
     float8: bool = Field(False, description="torchao float8 training: linears in fp8 with dynamic scaling")
+    float8_all_gather: bool = Field(
+        False, description="torchao float8: FSDP2 all-gathers the fp8 linears' weights in fp8 (enable_fsdp_float8_all_gather)"
+    )
     dora: bool = Field(False, description="DoRA: LoRA with a learned magnitude per output (peft use_dora)")
     galore_rank: int = Field(128, gt=0, le=MAX_COUNT, description="GaLore projection rank (optimizer galore-adamw)")
     kbit_preparation: bool = Field(
@@ -143,7 +148,8 @@ class TrainingSetup(_Frozen):
 
 
 STACK_FIELDS: tuple[str, ...] = (
-    "stack", "loss_impl", "optimizer_in_backward", "activation_offload", "packed", "compile", "float8", "dora",
+    "stack", "loss_impl", "optimizer_in_backward", "activation_offload", "packed", "compile", "float8",
+    "float8_all_gather", "dora",
     "kbit_preparation", "adapter_dtype", "modules_to_save", "pipeline_parallel", "virtual_stages",
     "sequence_parallel", "context_parallel", "expert_parallel",
 )

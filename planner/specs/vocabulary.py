@@ -21,9 +21,10 @@ Attention = Literal["sdpa", "eager"]
 Stack = Literal["hf", "torchtune", "torchtitan", "megatron"]
 """The training stack whose model code and recipes run: Hugging Face transformers + peft (+ Trainer,
 accelerate or DeepSpeed), torchtune, torchtitan, Megatron-style (Megatron-LM, NeMo)."""
-LossImpl = Literal["standard", "chunked", "fused-linear"]
+LossImpl = Literal["standard", "chunked", "fused-linear", "compiled"]
 """The cross-entropy: logits materialised whole (``standard``), in chunks (torchtune's
-CEWithChunkedOutputLoss), or fused with the output projection (Liger, Unsloth, Megatron)."""
+CEWithChunkedOutputLoss), fused with the output projection (Liger, Unsloth, Megatron), or whole but
+under ``torch.compile`` (``compiled``: torchtitan's loss when ``compile.components`` holds "loss")."""
 PipelineSchedule = Literal["1f1b", "interleaved", "gpipe"]
 AdapterDtype = Literal["auto", "fp32", "base"]
 """LoRA adapter weights as the stack keeps them (``auto``: peft fp32, torchtune the model dtype), in

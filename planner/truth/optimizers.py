@@ -6,7 +6,13 @@ fused=True | foreach=False)``, ``SGD(momentum=0.9, same switch)``, ``torch.optim
 Lion from ``lion-pytorch`` (or the same update in ``Lion`` here when the package is absent), and
 ``adamw-8bit`` = bitsandbytes' ``AdamW8bit`` (uint8 moments and one fp32 absmax per 256 values
 for tensors of >= 4096 elements, fp32 moments for smaller ones, two shared 256-entry code tables,
-no scratch). torch, lion-pytorch and bitsandbytes are imported inside functions only.
+no scratch); ``galore-adamw`` = ``galore_torch.GaLoreAdamW`` (galore-torch 1.0) with the GaLore README's
+two parameter groups (``galore_param_groups``: the weights of the ``nn.Linear`` modules whose names
+contain "attn" or "mlp" projected at ``rank=galore_rank``, ``scale=0.25``, ``proj_type="std"``; the
+rest plain AdamW). The oracle sets ``update_proj_gap=1`` instead of the README's 200 so that the
+traced second step recomputes the projections with every state present: the memory of step 200,
+400, ... of a real run (the projections are the same size at every update). torch, lion-pytorch,
+bitsandbytes and galore_torch are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -17,10 +23,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from planner.specs.setup import TrainingSetup
 
 
-def make_optimizer(params, setup: TrainingSetup, notes: list[str]):
-    """The set-up's optimizer over ``params`` (see the module docstring); substitutions are added to ``notes``."""
+ORACLE_UPDATE_PROJ_GAP = 1
+"""GaLore's projection-update period in the oracle (see the module docstring)."""
+
+
+def make_optimizer(params, setup: TrainingSetup, notes: list[str], model=None):
+    """The set-up's optimizer over ``params`` (see the module docstring); substitutions are added to ``notes``.
+    ``model``: the module that owns ``params`` (galore-adamw chooses its projected weights by module name)."""
     import torch
 
+    if setup.optimizer == "galore-adamw":
+        return make_galore(params, setup, notes, model)
     impl = setup.optimizer_impl
     flags = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[impl]
     if setup.optimizer == "adamw":
@@ -45,6 +58,36 @@ def make_optimizer(params, setup: TrainingSetup, notes: list[str]):
             notes.append("lion: lion-pytorch not installed; planner.truth.optimizers.Lion (same per-parameter update)")
             return Lion(params, lr=1e-4, weight_decay=0.01)
     raise NotImplementedError(f"optimizer {setup.optimizer!r} cannot be traced")
+
+
+def galore_param_groups(params, model, rank: int, update_proj_gap: int) -> list[dict]:
+    """The GaLore README's groups: ``params`` outside the projected weights first, plain; then the
+    weights of every ``nn.Linear`` whose module name contains "attn" or "mlp", projected."""
+    import torch
+
+    keys = ("attn", "mlp")
+    trainable = {id(p) for p in params}
+    projected = [m.weight for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and any(k in name for k in keys) and id(m.weight) in trainable]
+    chosen = {id(p) for p in projected}
+    plain = [p for p in params if id(p) not in chosen]
+    return [{"params": plain},
+            {"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": 0.25, "proj_type": "std"}]
+
+
+def make_galore(params, setup: TrainingSetup, notes: list[str], model):
+    """galore_torch's GaLoreAdamW over ``galore_param_groups`` (the oracle's update_proj_gap: ``ORACLE_UPDATE_PROJ_GAP``)."""
+    if model is None:
+        raise NotImplementedError("galore-adamw picks its projected weights by module name: pass model=")
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError as err:
+        raise NotImplementedError("galore-adamw is traced with galore-torch 1.0: pip install galore-torch==1.0") from err
+    groups = galore_param_groups(params, model, setup.galore_rank, ORACLE_UPDATE_PROJ_GAP)
+    notes.append(f"galore-adamw: galore_torch GaLoreAdamW, {len(groups[1]['params'])} attn/mlp linear weights projected "
+                 f"at rank {setup.galore_rank}, {len(groups[0]['params'])} tensors plain; update_proj_gap=1 so step 2 "
+                 "recomputes the projections (optimizer_impl ignored)")
+    return GaLoreAdamW(groups, lr=1e-4, weight_decay=0.01, no_deprecation_warning=True)
 
 
 def Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):  # noqa: N802 - mirrors a class name

@@ -43,6 +43,10 @@ class PanelCase:
             parts.append("adapters-base-dtype")
         if s.get("dora"):
             parts.append("dora")
+        if s.get("kbit_preparation"):
+            parts.append("kbit-prep")
+        if s.get("float8"):
+            parts.append("float8")
         for key, word in (("stack", None), ("loss_impl", "loss"), ("optimizer_in_backward", "opt-in-bwd"),
                           ("activation_offload", "offload"), ("packed", "packed"), ("grad_accum", "ga")):
             value = s.get(key)
@@ -110,6 +114,27 @@ PANEL: tuple[PanelCase, ...] = (
     # peft DoRA (use_dora): magnitude vectors, saved base and LoRA outputs (planner.cost.memory.dora), issue 10
     _case("llama-3.2-1b", 2, method="lora", dora=True, lora_targets=("q_proj", "v_proj"), micro_batch=2, seq_len=512),
     _case("qwen2.5-0.5b", 2, method="lora", dora=True, lora_targets=("all-linear",), micro_batch=2, seq_len=512),
+    # peft prepare_model_for_kbit_training before QLoRA: fp32 embeddings, norms and head; under bf16 autocast
+    # (HF Trainer bf16=True) and without it (fp32 activations end to end), issue 10
+    _case("llama-3.2-1b", 2, method="qlora", kbit_preparation=True, precision="bf16-mixed", micro_batch=2, seq_len=512),
+    # (attention-only adapters with checkpointing: with down_proj adapted the non-reentrant recompute runs the down
+    # projection, which planner.cost.flops skips; a FLOP-model matter, see the kbit_moe report)
+    _case("llama-3.2-1b", 2, method="qlora", kbit_preparation=True, precision="bf16-mixed", checkpointing="full",
+          lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), micro_batch=2, seq_len=1024),
+    _case("qwen2.5-0.5b", 2, method="qlora", kbit_preparation=True, checkpointing="full",
+          lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), micro_batch=2, seq_len=1024),
+    _case("qwen3-0.6b", 2, method="qlora", kbit_preparation=True, micro_batch=2, seq_len=512),
+    # GaLore (galore_torch GaLoreAdamW, attn/mlp linears projected; planner.cost.memory.galore), issue 10: fp32 keeps
+    # the SVD factor behind the projection (a view), bf16 a compact copy; a projection-update step's SVD is the peak
+    _case("llama-2-7b", 2, precision="fp32", optimizer="galore-adamw", micro_batch=1, seq_len=512),
+    _case("phi-3-mini-4k-instruct", 2, optimizer="galore-adamw", galore_rank=64, micro_batch=1, seq_len=512),
+    _case("qwen2.5-0.5b", 2, precision="bf16-mixed", optimizer="galore-adamw", micro_batch=2, seq_len=512),
+    # torchao float8 (convert_to_float8_training, tensorwise, head in bf16; planner.truth.float8_model and
+    # planner.cost.memory.float8), issue 10: each linear's fp8 weight copy is kept for backward; op-SAC recomputes it
+    _case("llama-3.2-1b", 2, precision="bf16", float8=True, micro_batch=2, seq_len=1024),
+    _case("qwen2.5-0.5b", 2, precision="bf16", float8=True, checkpointing="selective", micro_batch=2, seq_len=512),
+    # under bf16 autocast the fp8 copy replaces autocast's bf16 weight copy
+    _case("llama-3.2-1b", 2, precision="bf16-mixed", float8=True, micro_batch=2, seq_len=1024),
 )
 
 

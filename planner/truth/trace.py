@@ -192,7 +192,7 @@ def _optimizer_and_batch(model, fake_mode, setup: TrainingSetup, notes: list[str
     vocab = model.get_input_embeddings().num_embeddings
     params = [p for p in model.parameters() if p.requires_grad]
     with bitsandbytes_on_fake_tensors(fake_mode, needs_bitsandbytes(setup)):
-        optimizer = make_optimizer(params, setup, notes)
+        optimizer = make_optimizer(params, setup, notes, model=model)
     b, s = setup.micro_batch, setup.seq_len
     ids = torch.randint(0, vocab, (b, s), dtype=torch.int64)
     labels = torch.randint(0, vocab, (b, s), dtype=torch.int64)

@@ -15,8 +15,9 @@ How each set-up switch is realised:
   fp32 weights and states, ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss.
 - method ``lora``: ``peft.get_peft_model`` with ``LoraConfig(r, lora_alpha=2r, target_modules=
   "all-linear" or the names given, lora_dropout)``, peft's defaults otherwise (adapters fp32 on a
-  bf16 base). peft 0.21's "all-linear" also wraps MoE expert and router parameters
-  (``lora.ParamWrapper``). Only parameters that require grad get MemTracker's gradient hooks.
+  bf16 base). peft 0.21's "all-linear" also wraps the router and stacked expert parameters
+  (``lora.ParamWrapper``) of the MoE model types it converts (Mixtral, Qwen3-MoE, ...; not Qwen2-MoE:
+  ``planner.specs.architecture.PEFT_MOE_CONVERTED``). Only parameters that require grad get MemTracker's gradient hooks.
   ``qlora``: as ``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit, nf4, double quant =
   setup.qlora_double_quant, compute dtype bf16 (fp32 for precision fp32))``: every ``nn.Linear``
   but the output head becomes ``bitsandbytes.nn.Linear4bit`` with NF4 blocks of
@@ -99,6 +100,10 @@ def build_training_model(config: dict, setup: TrainingSetup, num_layers: int | N
     model = _instantiate(hf, attention, experts, notes)
     if setup.precision == "bf16":
         model.to(torch.bfloat16)
+    if setup.float8:  # torchao float8 linears (planner.truth.float8_model)
+        from planner.truth.float8_model import apply_float8
+
+        apply_float8(model, setup)
     if setup.method == "qlora":
         _replace_linears_with_4bit(model, setup)
     if setup.kbit_preparation:
@@ -236,11 +241,16 @@ def _selective_policy():
 def _apply_lora(model, setup: TrainingSetup):
     import peft
 
-    targets = "all-linear" if tuple(setup.lora_targets) == ("all-linear",) else list(setup.lora_targets)
+    from planner.specs.architecture import EXPERT_PARAMETERS
+
+    targets = "all-linear" if tuple(setup.lora_targets) == ("all-linear",) else [
+        t for t in setup.lora_targets if t not in EXPERT_PARAMETERS]
+    stacked = [t for t in setup.lora_targets if t in EXPERT_PARAMETERS]  # peft target_parameters
     lora = peft.LoraConfig(
         r=setup.lora_rank,
         lora_alpha=2 * setup.lora_rank,
-        target_modules=targets,
+        target_modules=targets or None,
+        target_parameters=stacked or None,
         lora_dropout=setup.lora_dropout,
         task_type="CAUSAL_LM",
         modules_to_save=list(setup.modules_to_save) or None,
@@ -309,7 +319,7 @@ def _replace_linears_with_4bit(model, setup: TrainingSetup) -> None:
     to the modules: every ``nn.Linear`` but the output head becomes ``bnb.nn.Linear4bit``
     (MoE experts stored as 3-D parameters stay unquantized, as in transformers). The weights are
     quantized when the model is moved into fake tensors (``planner.truth.fake_tensors``). peft's
-    ``prepare_model_for_kbit_training`` (fp32 upcast of the other parameters) is not applied."""
+    ``prepare_model_for_kbit_training`` runs after this when the set-up asks (``_prepare_for_kbit_training``)."""
     import bitsandbytes as bnb
     import torch
 
@@ -335,7 +345,11 @@ def _replace_linears_with_4bit(model, setup: TrainingSetup) -> None:
 def _prepare_for_kbit_training(model) -> None:
     """peft's own ``prepare_model_for_kbit_training`` as QLoRA recipes call it: every floating
     parameter that is not 4-bit (embeddings, norms, the head, biases) upcast to fp32. Its gradient
-    checkpointing is left to the set-up's ``checkpointing`` (the recipes' default turns it on)."""
+    checkpointing is left to the set-up's ``checkpointing`` (the recipes' default turns it on): with
+    ``checkpointing="full"`` transformers' own ``activation_checkpointing_enable`` adds the same
+    ``enable_input_require_grads`` hook peft would, with ``use_reentrant=False`` (what the HF Trainer passes
+    when it enables checkpointing with no kwargs in transformers 5; peft's own call with no kwargs would
+    leave torch's default, reentrant, which is not traced here)."""
     import peft
 
     with warnings.catch_warnings():

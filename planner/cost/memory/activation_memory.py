@@ -16,8 +16,9 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.memory import activations as act
-from planner.cost.memory import dora
-from planner.cost.memory.states import adapter_bytes, dtype_layout
+from planner.cost.memory import dora, moe_lora
+from planner.cost.memory.states import adapter_bytes, dtype_layout, fp32_unquantized
+from planner.specs.architecture import lora_expert_targets
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -41,6 +42,7 @@ class ActivationMemory(NamedTuple):
     saved: object  # kept + head + casts: what forward leaves for backward
     loss_temporaries: object
     forward_logits: object
+    expert_grad: object = 0.0  # peft expert LoRA: a merged stack's gradient in backward (``moe_lora``)
 
 
 def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mask_bytes: int) -> tuple:
@@ -50,11 +52,21 @@ def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mas
     def compute() -> tuple:
         residual = act.PRECISION[setup.precision].residual
         out = []
+        kbit_autocast = fp32_unquantized(setup) and act.PRECISION[setup.precision].autocast
+        wrapped = {index for index, _, _ in lora_expert_targets(spec, setup.lora_targets)}
         for index, layer in enumerate(spec.layers):
-            per_token, per_key = act.layer_activation_bytes(
-                spec, layer, setup.precision, setup.attention, setup.dropout, trainable, mask_bytes
-            )
-            norms = act.norms_bytes(layer, act.PRECISION[setup.precision], trainable)
+            if kbit_autocast:  # fp32 norms and residual stream, bf16 attention copies
+                per_token, per_key = act.kbit_autocast_layer_bytes(spec, layer, setup.attention, setup.dropout,
+                                                                   mask_bytes)
+                norms = act.norms_bytes(layer, act.PRECISION["fp32"], trainable)
+            else:
+                per_token, per_key = act.layer_activation_bytes(
+                    spec, layer, setup.precision, setup.attention, setup.dropout, trainable, mask_bytes
+                )
+                norms = act.norms_bytes(layer, act.PRECISION[setup.precision], trainable)
+                if not trainable:
+                    per_token -= act.frozen_moe_unsaved_bytes(layer, act.PRECISION[setup.precision],
+                                                              index in wrapped)
             if not trainable and index == 0 and layer.pre_norms:
                 # the first norm reads the frozen embedding: nothing needs its gradient
                 first = act.norm_saved_bytes(layer, residual, False)
@@ -65,7 +77,8 @@ def _per_layer_bytes(spec: ModelSpec, setup: TrainingSetup, trainable: bool, mas
             out.append((replicated, per_token - replicated, per_key, selective_kept_per_token(layer, setup)))
         return tuple(out)
 
-    key = ("layer_bytes", setup.precision, setup.attention, setup.dropout, trainable, mask_bytes)
+    key = ("layer_bytes", setup.precision, setup.attention, setup.dropout, trainable, mask_bytes,
+           fp32_unquantized(setup), tuple(setup.lora_targets))
     return spec_facts.cached(spec, key, compute)
 
 
@@ -121,15 +134,22 @@ def lora_per_token_by_layer(spec: ModelSpec, setup: TrainingSetup, rank, mask_by
     dropout mask when lora_dropout > 0; adapters at the base's 16-bit dtype keep less
     (``activations.lora_base_dtype_bytes_per_token``). Kept per spec, targets, dropout and ranks."""
     w = int(adapter_bytes(setup))
+    # peft casts an adapter's input only when its dtype differs: fp32 activations (precision fp32,
+    # QLoRA after k-bit preparation without autocast) reach fp32 adapters as they are
+    shared = w == 2 or setup.precision == "fp32"
+    autocast_copies = fp32_unquantized(setup) and act.PRECISION[setup.precision].autocast
 
     def per_layer() -> dict:
         out: dict = {}
         adapted: dict = {}
         for index, lin in spec_facts.lora_linears(spec, setup.lora_targets):
             adapted.setdefault(index, set()).add(lin.name)
-            if w == 4:
+            if autocast_copies:
+                out[index] = out.get(index, 0) + act.lora_autocast_bytes_per_token(lin.in_features, rank,
+                                                                                setup.lora_dropout)
+            elif not shared:
                 out[index] = out.get(index, 0) + act.lora_bytes_per_token(lin.in_features, rank, setup.lora_dropout)
-        if w == 2:
+        if shared and not autocast_copies:
             out = {index: act.lora_base_dtype_bytes_per_token(spec.layers[index], names, rank, setup.lora_dropout,
                                                               w, mask_bytes, setup.attention)
                    for index, names in adapted.items()}
@@ -137,14 +157,16 @@ def lora_per_token_by_layer(spec: ModelSpec, setup: TrainingSetup, rank, mask_by
 
     rank = _arr(rank)
     key = ("lora_activations", tuple(setup.lora_targets), setup.lora_dropout, rank.tobytes(), rank.shape, w,
-           mask_bytes, setup.attention)
+           mask_bytes, setup.attention, shared, autocast_copies)
     return spec_facts.cached(spec, key, per_layer)
 
 
 def qlora_dequant_bytes(spec: ModelSpec, tp: int) -> float:
     """bitsandbytes dequantizes one NF4 weight at a time to the compute dtype and frees it:
     the transient is the largest projection in bf16."""
-    return 2.0 * spec_facts.largest_projection(spec) / tp
+    largest = spec_facts.cached(spec, ("largest_nf4", ), lambda: max(
+        (lin.weight_params for layer in spec.layers for lin in layer.linears if lin.is_module), default=0))
+    return 2.0 * largest / tp
 
 
 def _weight_copies(spec: ModelSpec, setup: TrainingSetup, tp: int) -> tuple:
@@ -155,6 +177,10 @@ def _weight_copies(spec: ModelSpec, setup: TrainingSetup, tp: int) -> tuple:
     head_cast = 2.0 * spec.vocab_size * spec.hidden_size / tp if setup.precision == "bf16-mixed" else 0.0
     if setup.method == "qlora":
         casts = head_cast = qlora_dequant_bytes(spec, tp)
+        if fp32_unquantized(setup) and setup.precision == "bf16-mixed":
+            # an fp32 head (k-bit preparation, mixed precision): autocast keeps its bf16 cast for backward
+            head = 2.0 * spec.vocab_size * spec.hidden_size / tp
+            casts, head_cast = casts + head, head_cast + head
     return casts, head_cast
 
 
@@ -164,6 +190,11 @@ def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device:
     and tensor parallelism of ``setup``, not on its ZeRO stage, GPU count, accumulation or optimizer."""
     tokens = b * s / setup.context_parallel  # each context-parallel GPU holds 1/cp of a sequence
     tp = setup.tensor_parallel
+    if setup.kbit_preparation and spec.is_moe:
+        from planner.errors import PlannerError
+
+        raise PlannerError("kbit_preparation on a mixture of experts is not priced (its fp32 stacked experts are not "
+                           "traced): leave --kbit-preparation out for this model")
     layer_act, ckpt_saved, ckpt_transient = layer_activations(spec, setup, b, s, tp, device, rank)
     head_act = tokens * act.head_activation_bytes_per_token(spec, setup.precision, setup.dropout, setup.method == "full")
     casts, head_cast = _weight_copies(spec, setup, tp)
@@ -171,6 +202,10 @@ def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device:
         # casts made inside a checkpointed layer are recomputed with it: only the head's stays
         layer_casts = (casts - head_cast) / spec.num_layers
         casts, ckpt_transient = head_cast, ckpt_transient + layer_casts
+    merged, merged_layer, expert_grad = moe_lora.expert_lora_bytes(spec, setup, _arr(rank))
+    if setup.checkpointing != "none":  # the merged stacks are rebuilt with their layer's recompute
+        ckpt_transient, merged, expert_grad = ckpt_transient + merged_layer + expert_grad, 0.0, 0.0
+    casts = casts + merged
     saved = ckpt_saved + head_act + casts
     loss_temp = tokens * act.loss_backward_temp_bytes_per_token(spec)
     # forward's loss: the head's logits (compute dtype) and their fp32 copy, beside the saved
@@ -184,4 +219,5 @@ def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device:
         head_act = head_act + tokens * fused["saved_per_token"] + head_grad
         saved = ckpt_saved + head_act + casts
         logits_fwd, loss_temp = fused["forward_bytes"], fused["loss_temporaries"]
-    return ActivationMemory(layer_act, ckpt_saved, ckpt_transient, head_act, casts, saved, loss_temp, logits_fwd)
+    return ActivationMemory(layer_act, ckpt_saved, ckpt_transient, head_act, casts, saved, loss_temp, logits_fwd,
+                            expert_grad)

@@ -173,6 +173,18 @@ def mlp_bytes(layer: LayerSpec, prec: Precision, trainable: bool = True) -> int:
     return routed + routing + shared + shared_gate
 
 
+def frozen_moe_unsaved_bytes(layer: LayerSpec, prec: Precision, experts_adapted: bool) -> int:
+    """Bytes per token ``mlp_bytes`` counts for a mixture-of-experts layer that a frozen layer does not save:
+    the input of the down projections (the gated product), which only their weight gradient needs: the
+    shared expert's always when frozen, the routed experts' unless peft wraps them (``lora.ParamWrapper``'s
+    merged weight requires a gradient, so the expert matmul keeps its input). Measured on fake tensors:
+    Mixtral-8x7B attention-only LoRA was 57 KB per token and layer over, exactly k x I_e x 2 bytes."""
+    if not layer.num_experts:
+        return 0
+    routed = 0 if experts_adapted else layer.experts_per_token * layer.expert_intermediate_size
+    return prec.matmul * (routed + layer.intermediate_size)
+
+
 def dropout_bytes(
     spec: ModelSpec, layer: LayerSpec, attention: str, dropout: float | None, mask_bytes: int = DROPOUT_MASK_BYTES
 ) -> tuple[int, int]:
@@ -210,6 +222,34 @@ def layer_activation_bytes(
     per_token += norms_bytes(layer, prec, trainable) + mlp_bytes(layer, prec, trainable)
     drop_token, drop_key = dropout_bytes(spec, layer, attention, dropout, mask_bytes)
     return per_token + drop_token, per_key + drop_key
+
+
+def kbit_autocast_layer_bytes(spec: ModelSpec, layer: LayerSpec, attention: str, dropout: float | None = None,
+                              mask_bytes: int = DROPOUT_MASK_BYTES) -> tuple[int, int]:
+    """(bytes per token, per token and key) one frozen 4-bit layer saves after peft's
+    ``prepare_model_for_kbit_training`` under bf16 autocast (HF Trainer ``bf16=True``).
+
+    The residual stream and the norms are fp32 (fp32 embedding and norm weights, peft 0.21.2
+    ``src/peft/utils/other.py``): each norm keeps its fp32 input and rsqrt. bitsandbytes'
+    ``Linear4bit`` casts its input to bf16 itself and returns its input's dtype (bitsandbytes 0.50
+    ``nn/modules.py``; its ``MatMul4Bit`` saves no activation), so the q/k/v and MLP projections
+    give fp32 outputs: the MLP keeps its gate, activation and up outputs in fp32, while autocast's
+    SDPA keeps bf16 copies of q, k, v and its output. The adapters' own copies are
+    ``lora_autocast_bytes_per_token``."""
+    fused = "gpt2" if spec.model_type == "gpt2" else spec.model_type in ("gpt_neox", "phi", "falcon")
+    per_token, per_key = attention_bytes(layer, PRECISION["bf16-mixed"], attention, fused, False)
+    per_token += norms_bytes(layer, PRECISION["fp32"], False) + mlp_bytes(layer, PRECISION["fp32"], False)
+    drop_token, drop_key = dropout_bytes(spec, layer, attention, dropout, mask_bytes)
+    return per_token + drop_token, per_key + drop_key
+
+
+def lora_autocast_bytes_per_token(in_features: int, rank, lora_dropout: float) -> object:
+    """One fp32 adapter on an fp32 input under bf16 autocast (QLoRA after k-bit preparation): peft
+    does not cast (the dtypes agree), autocast's ``linear`` casts A's input to bf16 and B's rank-r
+    input is A's bf16 output, each kept for the weight gradients: 2 x in + 2 x r bytes per token,
+    with the dropout mask when lora_dropout > 0."""
+    mask = DROPOUT_MASK_BYTES * in_features if lora_dropout > 0 else 0
+    return 2 * in_features + 2 * rank + mask
 
 
 def head_activation_bytes_per_token(

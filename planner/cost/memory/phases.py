@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost.memory import activations as act
+from planner.cost.memory import zero_buffers
 from planner.cost.memory.activation_memory import NOT_READ_BY_ACTIVATIONS, ActivationMemory, activation_memory
 from planner.cost.memory.dora import forward_transient_bytes as dora_forward_transient_bytes
 from planner.cost.memory.inference import (
@@ -72,9 +73,36 @@ place (``_amp_foreach_non_finite_check_and_unscale_``), so it is priced as bf16-
 
 
 def _bytes_setup(setup: TrainingSetup) -> TrainingSetup:
-    """The set-up whose byte widths the formulas read (fp16 modes priced as their bf16 twins)."""
+    """The set-up whose byte widths the formulas read (fp16 modes priced as their bf16 twins; QLoRA
+    after peft's k-bit preparation without autocast as fp32, see ``kbit_precision``)."""
     twin = SAME_BYTES_AS.get(setup.precision)
-    return setup if twin is None else setup.model_copy(update={"precision": twin})
+    setup = setup if twin is None else setup.model_copy(update={"precision": twin})
+    if setup.kbit_preparation and setup.stack == "hf":  # other stacks refuse it (planner.cost.support)
+        setup = setup.model_copy(update={"precision": kbit_precision(setup)})
+    return setup
+
+
+def kbit_precision(setup: TrainingSetup) -> str:
+    """The precision whose byte widths a QLoRA step takes after peft's ``prepare_model_for_kbit_training``.
+
+    The preparation casts every parameter that is not 4-bit (embeddings, norms, the head) to fp32
+    (peft 0.21.2 ``src/peft/utils/other.py``). Without autocast (precision bf16) the embedding's
+    output is then fp32, RMSNorm returns its input dtype, bitsandbytes' ``Linear4bit`` casts its
+    input to the bf16 compute dtype and its output back to the input's dtype (bitsandbytes 0.50
+    ``nn/modules.py``), and the head multiplies in fp32: every activation is fp32, as at precision
+    fp32 (fp32 logits end to end). Under bf16 autocast (the HF Trainer's ``bf16=True``,
+    precision bf16-mixed) the step is priced as bf16-mixed with the layers of
+    ``activations.kbit_autocast_layer_bytes``. Checked against peft 0.21 on fake tensors (oracle panel)."""
+    from planner.errors import PlannerError
+
+    if setup.method != "qlora":
+        raise PlannerError(f"kbit_preparation with method {setup.method}: not priced (peft's "
+                           "prepare_model_for_kbit_training prepares a 4-bit base model): use method qlora, "
+                           "or leave --kbit-preparation out")
+    if setup.checkpointing == "selective":
+        raise PlannerError("kbit_preparation with selective checkpointing is not priced (not traced): "
+                           "use checkpointing none or full")
+    return "fp32" if setup.precision == "bf16" else setup.precision
 
 
 @dataclass(frozen=True)
@@ -135,6 +163,11 @@ def _pipeline(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_
     """The worst pipeline stage's phases and components (``planner.cost.memory.pipeline``)."""
     from planner.cost.memory.pipeline import pipeline_phases_and_components
 
+    if setup.float8:  # float8 hook: pipeline stages are not priced with fp8 linears
+        from planner.cost.memory.float8 import hf_unpriced_reason
+        from planner.errors import PlannerError
+
+        raise PlannerError(hf_unpriced_reason(spec, setup) or "float8 with pipeline parallelism: not priced")
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
     rank = _arr(setup.lora_rank if lora_rank is None else lora_rank)
@@ -181,7 +214,21 @@ def _phase_totals(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, l
     states = shared(cache, setup_key("states", setup, NOT_READ_BY_STATES), lambda: model_states(spec, setup, rank))
     acts = shared(cache, (device, *setup_key("activations", setup, NOT_READ_BY_ACTIVATIONS)),
                   lambda: activation_memory(spec, setup, b, s, rank, device))
+    if setup.float8:  # float8 hook (planner.cost.memory.float8): fp8 weight copies kept for backward
+        acts = _float8_activations(spec, setup, acts)
     return states, acts, tokens, _phases(spec, setup, states, acts, tokens, device)
+
+
+def _float8_activations(spec: ModelSpec, setup: TrainingSetup, acts: ActivationMemory) -> ActivationMemory:
+    """torchao float8 on the Hugging Face stack: its fp8 weight copies join the casts kept for backward."""
+    from planner.cost.memory import float8
+    from planner.errors import PlannerError
+
+    reason = float8.hf_unpriced_reason(spec, setup)
+    if reason:
+        raise PlannerError(reason)
+    fixed = float8.hf_saved_weight_bytes(spec, setup)
+    return acts._replace(casts=acts.casts + fixed, saved=acts.saved + fixed)
 
 
 def _phases(spec: ModelSpec, setup: TrainingSetup, st: ModelStates, acts: ActivationMemory, tokens, device: str,
@@ -217,11 +264,17 @@ def _phases(spec: ModelSpec, setup: TrainingSetup, st: ModelStates, acts: Activa
         ) / shard_grads / tp
     else:
         backward_end = weights + st.states + st.master + st.gradients
-    backward = np.maximum(backward_start, backward_end)
+    # peft's expert LoRA: a merged stack's gradient while the loss's log-softmax is already released
+    released_loss = tokens * 4 * spec.vocab_size if last and setup.loss_impl != "fused-linear" else 0.0
+    expert_moment = static + acts.saved - released_loss + acts.expert_grad
+    backward = np.maximum(np.maximum(backward_start, backward_end), np.where(acts.expert_grad > 0, expert_moment, 0))
     optimizer = weights + st.gradients + st.states + st.master + st.temporaries
     phases = {"forward": forward, "backward": backward, "optimizer": optimizer + 0 * tokens}
     if setup.modules_to_save:  # peft's trained copies of the embedding / head beside LoRA
         extra = saved_modules_extra_bytes(spec, setup, tokens, acts.loss_temporaries)
+        phases = {name: value + extra[name] for name, value in phases.items()}
+    if zero_buffers.applies(setup):  # DeepSpeed ZeRO's buckets and buffers beyond ideal sharding
+        extra = zero_buffers.zero_buffer_bytes(spec, setup, st)
         phases = {name: value + extra[name] for name, value in phases.items()}
     return phases
 

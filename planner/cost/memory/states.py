@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost import spec_facts
-from planner.cost.memory import dora
+from planner.cost import params, spec_facts
+from planner.cost.memory import dora, galore
 from planner.cost.memory.parallel import routed_expert_params, sharded_fraction, zero_shard_degree
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -114,6 +114,7 @@ def trainable_tensors(spec: ModelSpec, setup: TrainingSetup, rank: int) -> list[
         shapes = []
         for _, lin in spec_facts.lora_linears(spec, setup.lora_targets):
             shapes += [(rank, lin.in_features), (lin.out_features, rank)]
+        shapes += params.expert_lora_shapes(spec, setup.lora_targets, rank)
         return shapes + dora.magnitude_shapes(spec, setup)
     return list(spec_facts.full_tensor_shapes(spec))
 
@@ -159,11 +160,35 @@ class ModelStates(NamedTuple):
     grad_bytes: float  # bytes per gradient element
 
 
+def fp32_unquantized(setup: TrainingSetup) -> bool:
+    """Whether QLoRA's parameters outside NF4 (embeddings, norms, the head, biases) are fp32: after peft's
+    ``prepare_model_for_kbit_training``, which casts every fp16/bf16 parameter that is not a ``Params4bit``
+    to fp32 (peft 0.21.2 ``src/peft/utils/other.py``,
+    https://github.com/huggingface/peft/blob/v0.21.2/src/peft/utils/other.py), and under mixed precision,
+    whose weights are fp32 by definition (autocast over fp32 weights: the prepared model with the HF
+    Trainer's ``bf16=True``; the oracle builds the same model). Pure bf16 QLoRA keeps them as loaded."""
+    return setup.method == "qlora" and (setup.kbit_preparation or setup.precision in ("bf16-mixed", "fp16-mixed"))
+
+
+def unquantized_weight_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of QLoRA's parameters that stay out of NF4: 4 when ``fp32_unquantized``, else 2."""
+    return 4 if fp32_unquantized(setup) else 2
+
+
+def nf4_params(spec: ModelSpec) -> int:
+    """Weights QLoRA stores in NF4: those of the ``nn.Linear`` modules of the decoder layers. transformers
+    5's bitsandbytes integration replaces ``nn.Linear`` only (``integrations/bitsandbytes.py``), so the
+    stacked expert parameters and the routers of a mixture of experts stay in the load dtype."""
+    return spec_facts.cached(spec, ("nf4_params",), lambda: sum(
+        lin.weight_params for layer in spec.layers for lin in layer.linears if lin.is_module))
+
+
 def _base_weight_bytes(spec: ModelSpec, setup: TrainingSetup, total: int):
     """Frozen base weights of LoRA / QLoRA, whole model (peft keeps adapters apart, in fp32)."""
     if setup.method == "qlora":
-        quantized = spec_facts.projection_params(spec)
-        return nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + (total - quantized) * 2
+        quantized = nf4_params(spec)
+        rest = (total - quantized) * unquantized_weight_bytes(setup)
+        return nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + rest
     base_dtype_bytes = 4 if setup.precision in ("fp32",) else (4 if setup.precision == "bf16-mixed" else 2)
     return total * base_dtype_bytes
 
@@ -171,6 +196,8 @@ def _base_weight_bytes(spec: ModelSpec, setup: TrainingSetup, total: int):
 def _state_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, shapes, state_bytes: float):
     """Optimizer states of every trainable element, before sharding (scaled with the rank)."""
     largest = max(float(np.max(trainable)), 1.0)
+    if setup.optimizer == "galore-adamw":  # planner.cost.memory.galore: projected states and projections
+        return _arr(galore.state_bytes(spec, setup, state_bytes))
     if setup.optimizer == "adamw-8bit":
         full = spec_facts.cached(spec, ("adam8bit", shapes, state_bytes), lambda: adam8bit_state_bytes(shapes, state_bytes))
         return _arr(full) * (trainable / largest)
@@ -196,9 +223,12 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     experts = routed_expert_params(spec)
     share = {z: sharded_fraction(counts.total - experts, experts, setup.expert_parallel, dp if setup.zero >= z else 1)
              for z in (1, 2, 3)}
-    # LoRA adapts no stacked expert weight: its adapters shard over the ZeRO group alone
+    # LoRA adapters (peft's expert adapters too: not split over expert-parallel GPUs, untraced) shard over ZeRO
     lora_share = {z: 1.0 / (dp if setup.zero >= z else 1) for z in (1, 2)}
-    adapters = spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank if not full else _arr(0.0)
+    per_rank = spec_facts.lora_params_per_rank(spec, setup.lora_targets) + spec_facts.cached(
+        spec, ("expert_lora_per_rank", tuple(setup.lora_targets)),
+        lambda: params.expert_lora_params_per_rank(spec, setup.lora_targets))
+    adapters = per_rank * rank if not full else _arr(0.0)
     adapters = adapters + dora.magnitude_elems(spec, setup)  # DoRA's magnitude vectors
     if full:
         weights = counts.total * layout.weight / tp * share[3]
@@ -218,6 +248,8 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     states = _state_bytes(spec, setup, trainable, shapes, state_bytes) * kind_share[1] / split
     master = _arr(master) * share[1] / tp
     temporaries = optimizer_temp_bytes(setup, trainable, shapes, state_bytes) * kind_share[1] / split
+    if setup.optimizer == "galore-adamw":  # planner.cost.memory.galore: a projection-update step's transient
+        temporaries = _arr(galore.temporary_bytes(spec, setup, state_bytes))
     if setup.offload_optimizer:
         states, master, temporaries = states * 0, master * 0, temporaries * 0
     return ModelStates(weights, adapters, gradients, states, master, temporaries, grad_bytes)

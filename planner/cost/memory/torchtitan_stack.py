@@ -9,6 +9,8 @@ the data-parallel GPUs; ``zero=0``: replicated), plus the blocks' unsharded comp
 parameters as FSDP2 gathers them. ``Trainer.train_step`` zeroes gradients with
 ``set_to_none=config.training.disable_cuda_graphs`` (False by default in 0.3.0: the forward and
 backward are captured in a CUDA graph), so the gradient shards stay allocated through the forward.
+float8 (torchao, torchtitan's rowwise converter) and the compiled loss (``loss_impl="compiled"``) change
+the saved sets and transients as ``planner.cost.memory.float8`` and ``torchtitan_tensors`` price them.
 Phases as ``planner.cost.memory.phases``: forward (at the loss, or inside the last block), backward (at
 the loss's backward, the head's, a recomputed block's or the embedding's), optimizer.
 """
@@ -20,7 +22,9 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import spec_facts
+from planner.cost.memory import float8 as f8
 from planner.cost.memory import torchtitan_tensors as tt
+from planner.errors import PlannerError
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -57,31 +61,60 @@ def titan_states(spec: ModelSpec, setup: TrainingSetup, s) -> TitanStates:
                        spec.vocab_size * spec.hidden_size, shard)
 
 
+def _layer_saved(layer, setup: TrainingSetup, device: str, checkpointing: str) -> int:
+    """One block's saved bytes per token; float8 (torchtitan's rowwise recipe) changes the compiled
+    set without AC (``float8.compiled_block_saved_bytes_per_token``) and nothing else (traced: eager,
+    full and op-SAC save a bf16 linear's set)."""
+    if setup.float8 and setup.compile and checkpointing == "none":
+        return f8.compiled_block_saved_bytes_per_token(layer, tt.compute_bytes(setup.precision))
+    return tt.layer_saved_bytes_per_token(layer, precision=setup.precision, device=device, compiled=setup.compile,
+                                          checkpointing=checkpointing)
+
+
 def _saved(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[float, float, float]:
     """(every block's kept bytes per token, the largest block's full set per token, the head's)."""
-    kw = dict(precision=setup.precision, device=device, compiled=setup.compile)
-    kept = sum(tt.layer_saved_bytes_per_token(layer, checkpointing=setup.checkpointing, **kw) for layer in spec.layers)
-    full = max(tt.layer_saved_bytes_per_token(layer, checkpointing="none", **kw) for layer in spec.layers)
+    kept = sum(_layer_saved(layer, setup, device, setup.checkpointing) for layer in spec.layers)
+    full = max(_layer_saved(layer, setup, device, "none") for layer in spec.layers)
     return kept, full, tt.head_saved_bytes_per_token(spec, setup.precision, device)
+
+
+def _float8_fixed(spec: ModelSpec, setup: TrainingSetup) -> float:
+    """Token-independent bytes float8 keeps from forward to backward (``float8.saved_weight_bytes`` for
+    torchtitan's recipe: 0 for rowwise, the only family torchtitan 0.3.0 converts to)."""
+    if not setup.float8:
+        return 0.0
+    return float(sum(f8.saved_weight_bytes(layer, f8.TORCHTITAN_RECIPE, checkpointing=setup.checkpointing,
+                                           compiled=setup.compile) for layer in spec.layers))
+
+
+def _float8_transient(spec: ModelSpec, setup: TrainingSetup, tokens):
+    """The fp8 operands of the largest converted matmul in a block's backward (0 without float8)."""
+    if not setup.float8:
+        return 0 * tokens
+    w = tt.compute_bytes(setup.precision)
+    return np.maximum.reduce([_arr(f8.largest_cast_transient_bytes(layer, tokens, compiled=setup.compile, w=w))
+                              for layer in spec.layers])
 
 
 def torchtitan_phases(spec: ModelSpec, setup: TrainingSetup, st: TitanStates, tokens, device: str = "cuda") -> dict:
     """Live bytes on one GPU at the peak of forward, backward and the optimizer step."""
     w = tt.compute_bytes(setup.precision)
     kept, full, head = _saved(spec, setup, device)
-    loss = tt.loss_extra_bytes_per_token(spec, setup.precision)
-    fsdp = tt.fsdp_layer_transient_bytes(st.layer_params, st.shard, w)
+    loss = tt.loss_extra_bytes_per_token(spec, setup.precision, compiled=_loss_compiled(setup))
+    gathered = _gathered(spec, setup, st)
+    fsdp = tt.fsdp_layer_transient_bytes(st.layer_params, st.shard, w, gathered)
     grads = st.gradients if (GRADIENTS_KEPT_ACROSS_STEPS or setup.grad_accum > 1) else 0.0
     static = st.weights + st.states + st.buffers + grads
-    saved = tokens * (kept + head)
+    saved = tokens * (kept + head) + _float8_fixed(spec, setup)
     head_unit = w * st.table_params  # [norm, lm_head] stay gathered from the forward into the backward
     hidden_grads = 2 * w * spec.hidden_size * tokens  # the gradient reaching a block and the one it makes
     forward = static + np.maximum(saved + tokens * loss["forward"] + head_unit,
-                                  tokens * kept + fsdp["forward"] + head_unit)
-    backward = static + saved + tokens * loss["backward"] + head_unit + w * st.layer_params
+                                  tokens * kept + _float8_fixed(spec, setup) + fsdp["forward"] + head_unit)
+    backward = static + saved + tokens * loss["backward"] + head_unit + gathered
     head_backward = (static + saved + tokens * w * spec.vocab_size + 2 * head_unit
-                     + tt.REDUCE_BYTES * st.table_params * (1 + 1 / st.shard) + w * st.layer_params)
-    block = static + tokens * kept + fsdp["backward"] + hidden_grads
+                     + tt.REDUCE_BYTES * st.table_params * (1 + 1 / st.shard) + gathered)
+    block = static + tokens * kept + _float8_fixed(spec, setup) + fsdp["backward"] + hidden_grads
+    block = block + _float8_transient(spec, setup, tokens)
     if setup.checkpointing != "none":
         block = block + tokens * full  # the last block recomputed beside the kept inputs
     embedding = (st.weights + st.states + st.buffers + st.gradients + 2 * w * st.table_params
@@ -97,6 +130,20 @@ def _step_temporaries(setup: TrainingSetup, st: TitanStates) -> float:
     return st.weights if setup.optimizer_impl == "foreach" else 0.0
 
 
+def _gathered(spec: ModelSpec, setup: TrainingSetup, st: TitanStates) -> float:
+    """One (the largest) block's parameters as FSDP2 gathers them: bf16, or its linears in fp8."""
+    w = tt.compute_bytes(setup.precision)
+    layer = max(spec.layers, key=lambda layer: layer.params)
+    return f8.gathered_block_bytes(layer, st.layer_params, w, st.shard, setup.float8_all_gather)
+
+
+def _loss_compiled(setup: TrainingSetup) -> bool:
+    """``loss_impl="compiled"``: torchtitan compiles the cross-entropy (``compile.components`` holds
+    "loss", its default since PR #1033); "standard": the eager loss (older torchtitan, or components
+    ["model"])."""
+    return setup.loss_impl == "compiled"
+
+
 def check_torchtitan_setup(setup: TrainingSetup) -> None:
     """What torchtitan's trainer (and this model of it) does not run: ValueError with the reason."""
     tt.compute_bytes(setup.precision)
@@ -104,6 +151,10 @@ def check_torchtitan_setup(setup: TrainingSetup) -> None:
         raise ValueError("torchtitan pre-trains every parameter: method full")
     if setup.tensor_parallel != 1:
         raise ValueError("torchtitan's tensor parallelism is not priced: tensor_parallel 1")
+    if setup.float8_all_gather and not setup.float8:
+        raise PlannerError("float8_all_gather gathers float8 linears' weights: set float8 too")
+    if setup.loss_impl == "compiled" and not setup.compile:
+        raise PlannerError("torchtitan compiles the loss only under compile.enable: set compile with loss_impl compiled")
 
 
 def torchtitan_phases_and_components(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device: str = "cuda"
@@ -121,8 +172,9 @@ def torchtitan_phases_and_components(spec: ModelSpec, setup: TrainingSetup, b, s
         "optimizer_states": st.states + zero,
         "optimizer_temporaries": _step_temporaries(setup, st) + zero,
         "buffers": st.buffers + zero,
-        "fsdp_gathered_parameters": 2 * w * st.layer_params + w * st.table_params + zero,
-        "activations": tokens * (kept + head),
-        "loss_temporaries": tokens * tt.loss_extra_bytes_per_token(spec, setup.precision)["backward"],
+        "fsdp_gathered_parameters": 2 * _gathered(spec, setup, st) + w * st.table_params + zero,
+        "activations": tokens * (kept + head) + _float8_fixed(spec, setup),
+        "loss_temporaries": tokens * tt.loss_extra_bytes_per_token(spec, setup.precision,
+                                                                   compiled=_loss_compiled(setup))["backward"],
     }
     return torchtitan_phases(spec, setup, st, tokens, device), components

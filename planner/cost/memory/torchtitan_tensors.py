@@ -107,14 +107,30 @@ def head_saved_bytes_per_token(spec: ModelSpec, precision: str = "bf16-mixed", d
     return norm_saved_bytes_per_token(spec.hidden_size, w, device) + w * spec.hidden_size
 
 
-def loss_extra_bytes_per_token(spec: ModelSpec, precision: str = "bf16-mixed") -> dict[str, int]:
+COMPILED_LOSS_STATS_BYTES = 16
+"""Per token, what the compiled cross-entropy saves beside the logits (fp32 reductions; measured)."""
+
+
+def loss_extra_bytes_per_token(spec: ModelSpec, precision: str = "bf16-mixed", compiled: bool = False
+                               ) -> dict[str, int]:
     """``cross_entropy_loss`` (``components/loss.py``: ``pred.flatten(0, 1).float()``, sum reduction).
 
-    forward, at the log-softmax: the logits (``w V``), their fp32 copy and the saved fp32 log-softmax
-    (``8 V``); backward, at the log-softmax's backward (``pred`` deleted in
-    ``Trainer._forward_backward_body``): the saved log-softmax plus two fp32 gradients, ``12 V``."""
+    eager: forward, at the log-softmax: the logits (``w V``), their fp32 copy and the saved fp32
+    log-softmax (``8 V``); backward, at the log-softmax's backward (``pred`` deleted in
+    ``Trainer._forward_backward_body``): the saved log-softmax plus two fp32 gradients, ``12 V``.
+
+    compiled (``compiled=True``: torchtitan's ``BaseLoss._maybe_compile`` wraps the loss in
+    ``torch.compile`` when ``compile.enable`` and ``"loss" in compile.components``, the default since
+    torchtitan PR #1033, 2025-04-02, https://github.com/pytorch/torchtitan/pull/1033): the partitioner
+    saves the logits themselves plus 16 bytes per token (measured with ``aot_eager_decomp_partition``:
+    ``2 V + 16`` per token against ``4 V + 8`` eager), and Inductor fuses the upcast, the log-softmax and
+    its backward: forward ``w V``; backward the saved logits and their low-precision gradient, ``2 w V``
+    (the fused kernel's fp32 intermediates never reach memory: documented, not traced)."""
     w = compute_bytes(precision)
     vocab = spec.vocab_size
+    if compiled:
+        return {"forward": w * vocab + COMPILED_LOSS_STATS_BYTES,
+                "backward": 2 * w * vocab + COMPILED_LOSS_STATS_BYTES}
     return {"forward": w * vocab + 8 * vocab, "backward": 12 * vocab}
 
 
@@ -125,13 +141,15 @@ def rope_cache_bytes(layer: LayerSpec, seq_len) -> object:
     return 4 * seq_len * layer.head_dim
 
 
-def fsdp_layer_transient_bytes(layer_params, shard: int, w: int) -> dict[str, object]:
+def fsdp_layer_transient_bytes(layer_params, shard: int, w: int, gathered_bytes=None) -> dict[str, object]:
     """FSDP2's per-block buffers (``fully_shard`` per block, ``reshard_after_forward=True``).
 
     forward: the block's unsharded compute-dtype parameters and the next block's, all-gathered ahead
-    by FSDP2's implicit prefetch: ``2 w P_l``. backward: the same two gathered blocks, the block's
-    unsharded gradients at the compute dtype (``w P_l``), the reduce-scatter input in fp32
-    (``reduce_dtype``: ``4 P_l``) and its output shard (``4 P_l / shard``)."""
-    forward = 2 * w * layer_params
+    by FSDP2's implicit prefetch: ``2 w P_l`` (``gathered_bytes`` replaces ``w P_l`` when float8 gathers
+    the linears in fp8: ``planner.cost.memory.float8.gathered_block_bytes``). backward: the same two
+    gathered blocks, the block's unsharded gradients at the compute dtype (``w P_l``), the
+    reduce-scatter input in fp32 (``reduce_dtype``: ``4 P_l``) and its output shard (``4 P_l / shard``)."""
+    gathered = w * layer_params if gathered_bytes is None else gathered_bytes
+    forward = 2 * gathered
     backward = forward + w * layer_params + REDUCE_BYTES * layer_params + REDUCE_BYTES * layer_params / shard
     return {"forward": forward, "backward": backward}

@@ -188,7 +188,8 @@ def loss_extra_bytes(spec: ModelSpec, tokens, *, precision: str = "bf16", output
     head_grads = 3 * w * spec.vocab_size * spec.hidden_size if head_trainable else 0
     if compiled:
         first_chunk = w * vt / output_chunks
-        return {"forward": w * vt, "backward": w * vt + max(first_chunk, head_grads)}
+        larger = first_chunk + (head_grads - first_chunk) * (head_grads > first_chunk)  # vectorized max
+        return {"forward": w * vt, "backward": w * vt + larger}
     first_chunk = 4 * vt + 8 * vt / output_chunks
     accumulation = w * vt + head_grads
     return {"forward": (w + 4) * vt + 4 * vt / output_chunks,

@@ -13,7 +13,8 @@ backward and reduce-scatters the gradients, 1.5x DDP's volume (same paper, sec. 
 prefetched behind compute except one layer's share. Tensor parallel (Megatron, Shoeybi et al.
 2019 sec. 3; Narayanan et al. 2021 sec. 3.3): per layer and micro-batch two all-reduces of the
 ``b x s x h`` activations in forward and two in backward (two more in the recompute), on the
-critical path (exposed).
+critical path (exposed). Expert parallel (``expert_parallel_s``): the token all-to-alls of the
+MoE layers, exposed.
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ def bandwidths(setup: TrainingSetup, gpu: GpuSpec, cluster: ClusterSpec | None =
 
 def _gathered_weight_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, weight_b: float):
     """Weights ZeRO-3 all-gathers per GPU: the trained ones, or the frozen base (in its storage
-    dtype) and the fp32 adapters."""
+    dtype) and the fp32 adapters. With torchao's ``enable_fsdp_float8_all_gather`` the decoder
+    linears' shards are cast to float8 before the all-gather (1 byte each; torchao float8 README)."""
     if setup.method == "full":
+        if setup.float8 and setup.float8_all_gather:  # torchao: the float8 linears' shards gathered in fp8
+            share = spec_facts.projection_params(spec) / max(spec_facts.param_counts(spec).total, 1)
+            return trainable * (weight_b * (1.0 - share) + 1.0 * share)
         return trainable * weight_b
     base_b = 4.0 if setup.precision in ("fp32", "bf16-mixed") else 2.0
     return _arr(spec_facts.param_counts(spec).total) * base_b / setup.tensor_parallel + trainable * 4.0
@@ -126,6 +131,24 @@ def pipeline_p2p_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: flo
     return setup.grad_accum * 2.0 * setup.virtual_stages * _arr(message) / bandwidth
 
 
+def expert_parallel_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: float):
+    """The all-to-alls of expert parallelism, every micro-batch, on the critical path: each MoE
+    layer dispatches every token's hidden state to its ``top-k`` experts and combines the outputs
+    back, in forward and again (their gradients) in backward, plus the recompute's forward under
+    full checkpointing (GShard, Lepikhin et al. 2020 sec. 2.2; Megatron-Core's ``MoEAlltoAllTokenDispatcher``);
+    each GPU keeps ``1/ep`` of its tokens' expert visits local and sends the rest, in the compute
+    dtype, over ``bandwidth`` (not overlapped, as without Megatron's optional A2A/compute overlap)."""
+    ep = setup.expert_parallel
+    if ep <= 1:
+        return _arr(tokens) * 0.0
+    act_b = 4.0 if setup.precision == "fp32" else 2.0
+    moe_layers = sum(1 for layer in spec.layers if layer.num_experts) / setup.pipeline_parallel
+    top_k = max((layer.experts_per_token for layer in spec.layers if layer.num_experts), default=0)
+    visits = _arr(tokens) * top_k * spec.hidden_size * act_b / (setup.tensor_parallel * setup.context_parallel)
+    count = 4 + (2 if setup.checkpointing == "full" else 0)
+    return setup.grad_accum * count * moe_layers * (ep - 1) / ep * visits / bandwidth
+
+
 def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens, trainable, fwd_s, bwd_s, corr,
                     cluster: ClusterSpec | None = None):
     """Exposed communication seconds of one step: ``trainable`` elements per GPU, ``fwd_s`` and
@@ -140,4 +163,9 @@ def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens,
         total = total + _data_parallel_s(spec, setup, trainable, fwd_s, bwd_s, dp_bw)
     if setup.tensor_parallel > 1:
         total = total + _tensor_parallel_s(spec, setup, tokens, tp_bw)
+    if setup.expert_parallel > 1:  # EP ranks are data-parallel ranks, tp x pp x cp apart
+        cluster = cluster or default_cluster(gpu)
+        stride = setup.tensor_parallel * setup.pipeline_parallel * setup.context_parallel
+        total = total + expert_parallel_s(spec, setup, tokens, cluster.group_bytes_per_s(gpu, setup.expert_parallel,
+                                                                                         stride))
     return total * corr.communication_factor

@@ -17,6 +17,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.flops import attention_core_forward_flops, linear_forward_flops, lora_forward_flops
+from planner.cost.timing.float8 import FLOAT8_COMPONENTS, float8_peak_flops
 from planner.cost.timing.host import HOST_OVERHEAD_S_PER_OP
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import LayerSpec, ModelSpec
@@ -37,6 +38,13 @@ EFFICIENCY_REFERENCE_SIZE = 1024.0
 CAUSAL_FLASH_FRACTION = 0.5
 """Share of the ``s x s`` attention square that flash-style causal kernels compute (they skip
 the fully masked tiles: Dao 2023, FlashAttention-2, sec. 3.1.1)."""
+FLASH_REFERENCE_HEAD_DIM = 128.0
+"""Head dimension at which a flash kernel's tile term is evaluated, whatever the model's: the
+kernel keeps whole heads in its tiles, and its ceiling (``ceiling.attention_ceiling``) was
+measured at head dim 128. The GEMM tile term would make head dim 64 25% slower than 128; the
+FlashAttention-3 paper's FlashAttention-2 bars on H100 (Shah et al. 2024, fig. 5) show ~10%,
+and llm-foundry's head-dim-64 models (MPT-125m/350m) at 16-32k tokens ran 27-33% faster than
+priced with the GEMM term (issue 11, benchmarks/README.md)."""
 MEMORY_BANDWIDTH_EFFICIENCY = 0.85
 """Share of the datasheet memory bandwidth that streaming kernels reach (BabelStream-style copy
 and triad kernels reach 85-92% on A100/H100 HBM: Deakin et al., BabelStream results)."""
@@ -159,12 +167,19 @@ def forward_seconds(spec: ModelSpec, setup: TrainingSetup, b, s, rank, gpu: GpuS
     peak = gpu.peak_flops_for(setup.precision)
     bandwidth = gpu.memory_bandwidth_bytes_per_s * MEMORY_BANDWIDTH_EFFICIENCY
     sums = _Sums()
+    fp8_peak = float8_peak_flops(gpu) if setup.float8 else None
     for layer, count in spec_facts.distinct_layers(spec):
         for component, f, m, n, k in layer_shapes(layer, tokens, tp):
-            sums.add(component, count * f, count * matmul_time_s(f, m, n, k, dtype, peak, bandwidth, corr))
+            if fp8_peak is not None and component in FLOAT8_COMPONENTS:  # torchao float8 linears
+                t = matmul_time_s(f, m, n, k, 1.0, fp8_peak, bandwidth, corr)
+            else:
+                t = matmul_time_s(f, m, n, k, dtype, peak, bandwidth, corr)
+            sums.add(component, count * f, count * t)
         core = attention_core_forward_flops(layer, b, s) / tp
-        executed = CAUSAL_FLASH_FRACTION if setup.attention == "sdpa" else 1.0
-        t = matmul_time_s(core * executed, s, s, layer.head_dim, dtype, peak, bandwidth, corr)
+        if setup.attention == "sdpa":  # a flash kernel: compute bound, its rate measured at head dim 128
+            t = core * CAUSAL_FLASH_FRACTION / (peak * corr.efficiency(s, s, FLASH_REFERENCE_HEAD_DIM))
+        else:
+            t = matmul_time_s(core, s, s, layer.head_dim, dtype, peak, bandwidth, corr)
         sums.add("attention_core", count * core, count * t)
     if setup.method != "full":
         _lora_seconds(spec, setup, rank, tokens, gpu, bandwidth, corr, sums)

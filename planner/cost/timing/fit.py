@@ -29,6 +29,8 @@ LOSS_SCALE = 0.15
 """Soft-L1 scale of the log error: errors beyond ~15% count linearly, not quadratically."""
 INTERVAL = 0.8
 """The share of held-out runs the interval is built to hold."""
+MIN_SOURCES_PER_REGIME = 3
+"""A regime's own interval needs runs of this many sources (else all regimes are pooled)."""
 
 
 def table(runs) -> dict:
@@ -111,20 +113,25 @@ def loso(tab: dict) -> dict:
         for reg in REGIMES:
             here = out & (tab["regime"] == reg)
             if here.any():
-                low, high = regime_interval(held, tab["regime"], reg, ~out)
+                low, high = regime_interval(held, tab["regime"], reg, ~out, tab["source"])
                 inside[here] = (held[here] >= low) & (held[here] <= high)
     return {"log_errors": held, "inside": inside, "fits": fits}
 
 
-def regime_interval(log_err: np.ndarray, regimes: np.ndarray, reg: str, mask=None) -> tuple[float, float]:
+def regime_interval(log_err: np.ndarray, regimes: np.ndarray, reg: str, mask=None,
+                    sources: np.ndarray | None = None) -> tuple[float, float]:
     """The 80% interval of regime ``reg`` in log space: +- the 80th percentile of the absolute
-    held-out log errors (all regimes pooled when it has fewer than 5 runs). Symmetric, because
+    held-out log errors (all regimes pooled when it has fewer than 5 runs, or, given ``sources``,
+    runs of fewer than ``MIN_SOURCES_PER_REGIME`` sources: the spread of one or two sources says
+    little about a new one; with the single-GPU runs of two torchtune READMEs alone, 44% of the
+    Qwen README's single-GPU runs fell inside). Symmetric, because
     what dominates the errors is a shift between sources whose sign a new set-up does not tell:
     the 10th-90th percentiles of the pooled errors inherit the largest source's sign and covered
     58% of another source's runs, this 83% (``benchmarks/README.md``, issue 11)."""
     mask = np.ones(len(log_err), bool) if mask is None else mask
     here = mask & (regimes == reg)
-    pool = log_err[here] if here.sum() >= 5 else log_err[mask]
+    enough = here.sum() >= 5 and (sources is None or len(np.unique(sources[here])) >= MIN_SOURCES_PER_REGIME)
+    pool = log_err[here] if enough else log_err[mask]
     half = float(np.quantile(np.abs(pool), INTERVAL))
     return -half, half
 
@@ -159,7 +166,8 @@ def committed(tab: dict) -> dict:
     result = loso(tab)
     return {
         "values": fit(tab),
-        "interval_log_ratio": {r: list(regime_interval(result["log_errors"], tab["regime"], r)) for r in REGIMES},
+        "interval_log_ratio": {r: list(regime_interval(result["log_errors"], tab["regime"], r, None, tab["source"]))
+                               for r in REGIMES},
         "loso": summary(tab, result),
         "fitted": {
             "how": "scipy.optimize.least_squares (soft_l1, f_scale LOSS_SCALE) of log(measured / predicted step "

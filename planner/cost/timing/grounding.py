@@ -8,12 +8,17 @@ how much depends on the GPU generation and the training stack (issue 11: H100 re
 share of its peak than A100; HF Trainer adds framework time; stacks overlap communication
 differently). ``ground`` applies, per set-up:
 
-- **matmul efficiency per GPU generation** (``efficiency.<generation>``): the share of the dense
-  peak large GEMMs reach inside a whole training step; the matmul seconds scale by
-  ``DEFAULT_MAX_EFFICIENCY / efficiency``.
-- **the attention core** (``attention_core``, derived, see ``DERIVED``): flash-attention kernels
-  against the GEMM share their shape would get (FlashAttention-2 reaches 50-73% of A100's peak
-  forward and less in backward, Dao 2023 sec. 4.1; Triton and v1 kernels less).
+- **matmul efficiency** = the GPU's measured matmul ceiling (``planner.cost.timing.ceiling``:
+  Bekman's MAMF table, independent of any training run; a documented fallback for GPUs without
+  a row) x ``efficiency.step``, one whole-step share fitted across all sources and GPUs; the
+  matmul seconds scale by ``DEFAULT_MAX_EFFICIENCY / efficiency``. A GPU seen in one source only
+  (MI300X, B200) is thus priced from its own GEMM benchmark, not from a constant fitted on it.
+  (Until this change each generation had its own fitted share; held out, MI300X was 108% off.)
+- **the attention core**: flash kernels at the GPU's measured flash-attention ceiling
+  (``ceiling.attention_ceiling``: FlashAttention-2 forward + backward, Dao 2023 on A100, the
+  FlashAttention-3 paper's FA2 bars on H100, which reach half the share A100 does) x
+  ``efficiency.attention``, fitted across sources; eager attention at the matmul ceiling; times
+  ``attention_core`` (derived, see ``DERIVED``).
 - **memory-bound work** per kind of stack (``memory.eager``: one kernel per op, HF/torchtune/
   torchtitan without compile; ``memory.fused``: Megatron's fused kernels, or ``--compile``).
 - **framework time** per stack (``framework.<stack>``): a factor on the device time (Python,
@@ -24,7 +29,7 @@ differently). ``ground`` applies, per set-up:
   fetch (two per linear per micro-batch), the Python-side cost that makes HF + ZeRO-3 runs
   several times slower than their FLOPs at short sequences (issue 11).
 - **QLoRA dequantization** (``qlora_dequant_factor``): the NF4 -> bf16 passes of
-  ``step_time.dequantization_s`` (forward, backward, recompute) times the traffic an
+  ``qlora.dequantization_s`` (forward, backward, recompute) times the traffic an
   implementation moves over the fused kernel's.
 - **communication exposure** (``communication.hf``: DeepSpeed/accelerate under HF Trainer;
   ``communication.native``: FSDP/Megatron with prefetch and bucketed overlap): a factor on the
@@ -52,6 +57,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from planner.cost.timing.ceiling import attention_ceiling, matmul_ceiling
 from planner.cost.timing.efficiency import DEFAULT_MAX_EFFICIENCY
 from planner.errors import PlannerError
 
@@ -60,10 +66,10 @@ REGIMES = ("single-gpu", "single-node", "multi-node")
 """Set-ups whose errors differ in kind: one GPU (fine-tuning), several GPUs of one node, several nodes."""
 
 PRIOR: dict[str, float] = {
-    "efficiency.ampere": 0.70,  # Megatron-LM: 163-167 of 312 TFLOP/s whole-step on A100 (Narayanan 2021)
-    "efficiency.hopper": 0.55,  # torchtitan: 33-39% MFU for Llama 3.1 8B bf16 on H100 (llama3_h100_202412 bench)
-    "efficiency.other": 0.60,  # consumer and other NVIDIA parts: no prior knowledge beyond the two above
-    "efficiency.amd": 0.60,  # AMD Instinct: no prior knowledge either (the same guess)
+    # share of the measured GEMM ceiling a whole step's matmuls reach: Megatron-LM's 163-167 TFLOP/s per
+    # A100 (Narayanan 2021, table 1, attention and elementwise work included) over the A100's 271 MAMF
+    "efficiency.step": 0.80,
+    "efficiency.attention": 1.0,  # flash kernels inside a step at their benchmark ceiling (attention_ceiling.csv)
     "memory.eager": 1.0,
     "memory.fused": 0.7,
     "framework.hf": 1.2,
@@ -83,23 +89,9 @@ DERIVED: tuple[str, ...] = ("attention_core",)
 recomputes the scores and probabilities (Dao 2023, FlashAttention-2, Algorithm 2) and runs
 2.5x its forward's FLOPs, where ``planner.cost.flops`` counts 2x as FlopCounterMode does (the
 flash-attention repository's benchmark counts forward + backward as 3.5x the forward): 3.5/3 of
-the counted work at the GEMM share of its shape. Attention is ~4% of a step outside the
-long-sequence runs, so a fitted value follows sources' biases: held out, llm-foundry got 1.05
-and a median error of 11.3% against 10.8% with 3.5/3 (benchmarks/README.md, issue 11)."""
-
-_GENERATION_PREFIXES = (("a100", "ampere"), ("h100", "hopper"), ("h200", "hopper"), ("b200", "hopper"), ("mi", "amd"))
-"""GPU name prefix -> generation. Blackwell (b200) has no bf16 measurement in the data: Hopper's
-share is assumed. AMD Instinct (mi300x) has its own; every other GPU (consumer, L4/L40S, V100)
-uses ``efficiency.other``."""
-
-
-def gpu_generation(gpu) -> str:
-    """``ampere`` (A100), ``hopper`` (H100, H200, and B200 for want of data), ``amd`` or ``other``."""
-    name = gpu.name.lower()
-    for prefix, generation in _GENERATION_PREFIXES:
-        if name.startswith(prefix):
-            return generation
-    return "other"
+the counted work at the kernel's rate. (Fitting it once followed one source's bias: held out,
+llm-foundry got 1.05 and a median error of 11.3% against 10.8% with 3.5/3; the kernel's rate is
+now ``efficiency.attention`` x a measured ceiling, fitted across sources.)"""
 
 
 def regime(num_gpus: int, gpus_per_node: int) -> str:
@@ -142,7 +134,9 @@ def features(spec, setup, gpu) -> dict:
     return {
         "head_share": head_share(spec) if setup.pipeline_parallel > 1 else 0.0,
         "zero3_module_visits": zero3_module_visits(spec, setup),
-        "generation": gpu_generation(gpu),
+        "ceiling": matmul_ceiling(gpu, setup.precision)[0],
+        "attention_ceiling": attention_ceiling(gpu)[0],
+        "flash": setup.attention == "sdpa",
         "stack": setup.stack,
         "fused": bool(setup.stack == "megatron" or setup.compile),
         "selective": setup.checkpointing == "selective",
@@ -164,9 +158,11 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
     ``dequantization_s``, ``offload_s``) of a set-up whose
     ``features`` are ``feats`` (scalars, or arrays over many set-ups for a fit), with the
     constants ``values``. Returns the same keys plus ``pipeline_bubble_s``; their sum is the step."""
-    scale = DEFAULT_MAX_EFFICIENCY / _lookup(values, "efficiency", feats["generation"])
+    scale = DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["ceiling"]) * values["efficiency.step"])
     compute = parts["compute_s"] * scale
-    attention = parts["attention_s"] * scale * values["attention_core"]
+    # flash kernels at their own ceiling; eager attention is two batched GEMMs, priced as the matmuls
+    flash_scale = DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"])
+    attention = parts["attention_s"] * np.where(feats["flash"], flash_scale * values["attention_core"], scale)
     # op-level selective checkpointing (HF, torchtitan) reruns some matmuls; Megatron's selective
     # mode reruns only the attention core's softmax and dropout (Korthikanti et al. 2022 sec. 4.2)
     op_level = np.asarray(feats["selective"]) & (np.asarray(feats["stack"]) != "megatron")

@@ -90,6 +90,10 @@ def optimizer_step_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, traina
     shards the step over the data-parallel GPUs); ``backward_s``: the device seconds of the
     backward an optimizer in backward runs inside. Optimizer in backward does the same device
     work (the same bytes per element, torchtune's hooks call the same ``step``), only moved."""
+    if setup.optimizer == "galore-adamw":  # projections, low-rank Adam and the amortized SVD
+        from planner.cost.timing.galore_step import galore_optimizer_step_s
+
+        return galore_optimizer_step_s(spec, setup, gpu, corr, backward_s)
     bandwidth = gpu.memory_bandwidth_bytes_per_s * MEMORY_BANDWIDTH_EFFICIENCY
     shard = setup.data_parallel if setup.zero >= 1 else 1
     opt_bytes = trainable / shard * optimizer_bytes_per_element(setup)

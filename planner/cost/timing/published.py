@@ -3,9 +3,11 @@ planner prices: each run mapped to a (ModelSpec, TrainingSetup, GpuSpec, Cluster
 measured tokens per second per GPU, or listed as unexpressible with the reason.
 
 The mapping is explicit and conservative: a run whose set-up the planner cannot state (a stack
-with no counterpart, float8 or TPU hardware, an unstated sequence length, checkpointing mode or
-micro-batch where it matters) is left out by name, never forced onto a nearby set-up. The
-decisions that map a run onto a nearby vocabulary are listed in ``STACKS`` and ``GPUS``.
+with no counterpart, a float8 recipe other than tensorwise scaling, TPU hardware, an unstated
+sequence length, checkpointing mode or micro-batch where it matters) is left out by name, never
+forced onto a nearby set-up; so is a run whose executed FLOPs exceed what the best GEMMs of its
+GPU reach. The decisions that map a run onto a nearby vocabulary are listed in ``STACKS``,
+``GPUS`` and ``FLOAT8_STACKS``.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ internal stack, JAX, lit-gpt, DeepSpeed ZeRO-3 with Megatron model code...) is u
 GPUS: dict[str, str] = {
     "a100-80gb": "a100-80gb", "a100-40gb": "a100-40gb", "a100": "a100-80gb", "h100-sxm": "h100-sxm",
     "h100": "h100-sxm", "h100-80gb": "h100-sxm", "h200": "h200", "b200": "b200", "mi300x": "mi300x",
-    "rtx-4090": "rtx-4090",
+    "rtx-4090": "rtx-4090", "rtx-a6000": "rtx-a6000",
 }
 """GPU of the CSV -> catalog GPU. Left out: Meta's Grand Teton H100s (HBM2e, 500 W power cap;
 ``h100-96gb-hbm2e-500w``, ``h100-95gb-hbm2e-lowtdp``) run slower clocks than the catalog's
-700 W H100 SXM and have no catalog entry; V100 16GB, RTX A6000 and TPUs are not in the catalog."""
+700 W H100 SXM and have no catalog entry (their sustained clock is not published, so no peak
+can be sourced); V100 16GB and TPUs are not in the catalog (the V100 16GB rows are BERT
+sequence-classification runs, which the notes exclusions would refuse too)."""
 CLUSTERS: dict[str, str] = {
     "RoCE 1600 Gbps per node": "mosaicml-a100-roce", "Omni-Path (4 links per node)": "jean-zay-a100",
     "RDMA 400 Gb/s per GPU (Grand Teton backend network)": "roce-400g-h100", "IB 8x200G HDR (Selene)": "dgx-a100",
@@ -57,6 +61,8 @@ NOTE_EXCLUSIONS: tuple[tuple[str, str], ...] = (
     ("Unpacked rows use alpaca", "unpacked short samples padded per batch: the tokens per step are not stated"),
     ("limit not stated", "GPU power limit not stated"),
     ("CPU offload", "FSDP CPU offload of parameters: not priced by the time model"),
+    ("Encoder-only model", "encoder-only sequence classification (BERT): the time model prices causal LMs with their "
+     "output head over the vocabulary"),
     ("a single iteration (the 2nd)", "one early iteration (the 2nd) of a topology search, not a steady-state step "
      "(and the candidates' vocabulary is not stated)"),
 )
@@ -75,6 +81,7 @@ ROW_TECHNIQUES: dict[str, dict] = {
     "torchtune_readme_2024_11-010": _OFFLOAD,
     # README of PR #1664, 8B_full_single_device: PagedAdamW8bit stepped in backward (from its config)
     "torchtune_readme_2024_09-001": {**_IN_BWD, **_PAGED},
+    "torchtune_readme_2024_09-002": {**_IN_BWD, **_PAGED},  # 'same recipe as the 4090 row' (its notes)
 }
 """Run -> the techniques its source states in prose (the CSV has no column for them)."""
 _GATED = ("llama", "qwen", "mistral")
@@ -180,6 +187,24 @@ def _layout(row: dict) -> dict | str:
     return layout
 
 
+FLOAT8_STACKS = ("torchtitan", "other:olmo-core", "llm-foundry")
+"""Stacks whose fp8 rows are priced as ``float8=True`` (``planner.cost.timing.float8``, torchao's
+tensorwise dynamic scaling): torchtitan and OLMo-core run torchao float8 linears; llm-foundry's
+``amp_fp8`` runs TransformerEngine's fp8 linears (the same fp8 GEMMs of every decoder linear;
+its delayed scaling skips the amax pass, so the casts are priced a little high for it). NeMo /
+Megatron-Bridge fp8 rows state no checkpointing and stay out on that ground."""
+
+
+def _float8_refusal(row: dict) -> str | None:
+    """Why an fp8 row is not torchao's tensorwise float8 as the time model prices it, or None."""
+    recipe = f"{row.get('location', '')} {row.get('notes', '')}".lower()
+    if row["stack"] not in FLOAT8_STACKS:
+        return f"precision fp8 on stack {row['stack']!r}: float8 is priced for torchao (torchtitan) and TransformerEngine"
+    if "rowwise" in recipe or "mxfp8" in recipe:
+        return "float8 rowwise or MX block scaling: the time model prices tensorwise dynamic scaling"
+    return None
+
+
 def _setup_fields(row: dict) -> dict | str:
     """Method, precision, stack and techniques of a row, or why they cannot be stated."""
     stack = STACKS.get(row["stack"])
@@ -189,9 +214,14 @@ def _setup_fields(row: dict) -> dict | str:
     if stack is None:
         return f"stack {row['stack']!r} has no counterpart among the planner's stacks"
     precision = (row.get("precision") or "").strip()
-    if precision in ("fp8", "fp32"):
-        return f"precision {precision}: float8 training is not priced by the time model" if precision == "fp8" else (
-            "fp32 training is not in the published set-ups the time model was fitted on")
+    if precision == "fp32":
+        return "fp32 training is not in the published set-ups the time model was fitted on"
+    float8 = precision == "fp8"
+    if float8:
+        refused = _float8_refusal(row)
+        if refused:
+            return refused
+        precision = "bf16-mixed" if row["stack"] == "llm-foundry" else "bf16"  # Composer's amp_fp8 is autocast
     # 16-bit type not stated (Megatron papers) or fp16: the same tensor-core peak as bf16 on these GPUs
     # HF Trainer's --bf16 is torch.autocast over fp32 master weights
     precision = "bf16" if precision == "bf16" and stack != "hf" else "bf16-mixed"
@@ -199,7 +229,10 @@ def _setup_fields(row: dict) -> dict | str:
     if ckpt is None:
         return f"activation checkpointing {row['checkpointing'] or 'not stated'!r}: its recompute cannot be priced"
     fields = dict(stack=stack, precision=precision, checkpointing=ckpt, method=row["method"],
-                  compile=row.get("compile", "").strip().lower() == "true")
+                  compile=row.get("compile", "").strip().lower() == "true", float8=float8)
+    recipe = f"{row.get('location', '')} {row.get('notes', '')}".lower()
+    if float8 and ("float8 all-gather" in recipe or "f8 all-gather" in recipe):
+        fields["float8_all_gather"] = True
     zero = _float(row, "zero")
     if zero is None and stack == "hf" and (_float(row, "num_gpus") or 1) > 1:
         return "ZeRO stage of a multi-GPU HF Trainer run not recorded"
@@ -242,20 +275,37 @@ def map_row(row: dict) -> Run | str:
     tokens = _tokens_per_s_per_gpu(row, spec, setup.seq_len, setup.num_gpus)
     if tokens is None:
         return f"metric {row['metric']} cannot be turned into tokens per second per GPU"
-    mfu = _implied_mfu(spec, setup, gpu, tokens)
-    if mfu > 1.0:
-        return f"implausible: the measurement implies {mfu:.0%} of the GPU's peak (a job total read as per GPU?)"
+    hfu, bound = _implied_hfu(spec, setup, gpu, tokens), _plausible_share(gpu, setup)
+    if hfu > bound:
+        return (f"implausible: the measurement implies {hfu:.0%} of the GPU's peak in executed FLOPs (recompute "
+                f"included), above the {bound:.0%} its best GEMMs reach (a job total read as per GPU, or a recipe "
+                "other than the one stated?)")
     return Run(row["id"], row["source_id"], spec, setup, gpu, cluster, regime(setup.num_gpus, cluster.gpus_per_node),
                tokens, row["metric"])
 
 
-def _implied_mfu(spec, setup, gpu, tokens_per_s_per_gpu: float) -> float:
-    """Model FLOPs per token (``planner.cost.estimate.training_flops``) x tokens/s over the dense peak."""
+def _plausible_share(gpu, setup) -> float:
+    """The most of its peak a GPU's executed FLOPs can reach: its measured matmul ceiling
+    (``planner.cost.timing.ceiling``; a whole step also runs slower kernels), or for a GPU
+    without a measurement the highest ceiling any GPU of the table reached."""
+    from planner.cost.timing.ceiling import ceiling_rows, matmul_ceiling
+
+    dtype = "fp8" if setup.float8 else "bf16"
+    share, origin = matmul_ceiling(gpu, dtype)
+    if origin == "measured":
+        return share
+    return max(r["fraction"] for r in ceiling_rows() if r["dtype"] == dtype)
+
+
+def _implied_hfu(spec, setup, gpu, tokens_per_s_per_gpu: float) -> float:
+    """Executed FLOPs per token (``planner.cost.estimate.training_flops``: forward, backward and
+    the recompute of the run's checkpointing) x tokens/s over the dense peak (the fp8 peak for
+    float8 runs): above 1 no GPU can have run it."""
     from planner.cost.estimate import training_flops
 
-    one = setup.model_copy(update={"checkpointing": "none", "micro_batch": 1})
-    per_token = float(training_flops(spec, one).model) / setup.seq_len
-    return per_token * tokens_per_s_per_gpu / gpu.peak_flops_for(setup.precision)
+    one = setup.model_copy(update={"micro_batch": 1})
+    per_token = float(training_flops(spec, one).executed) / setup.seq_len
+    return per_token * tokens_per_s_per_gpu / gpu.peak_flops_for("fp8" if setup.float8 else setup.precision)
 
 
 def _run_key(row_id: str) -> str:

@@ -59,7 +59,7 @@ from planner.cost.estimate import recompute_fraction, training_flops
 from planner.cost.flops import StepFlops
 from planner.cost.memory import activations as act
 from planner.cost.memory.activation_memory import layer_activations
-from planner.cost.memory.states import dtype_layout, nf4_bytes
+from planner.cost.memory.states import dtype_layout
 from planner.cost.spec_facts import setup_key, shared
 from planner.cost.timing.communication import (
     DDP_BUCKET_BYTES,
@@ -69,6 +69,7 @@ from planner.cost.timing.communication import (
     ring_all_reduce_s,
     ring_gather_s,
 )
+from planner.cost.timing.dora import dora_micro_batch_s
 from planner.cost.timing.efficiency import (
     CAUSAL_FLASH_FRACTION,
     DEFAULT_MAX_EFFICIENCY,
@@ -80,6 +81,7 @@ from planner.cost.timing.efficiency import (
     forward_seconds,
     matmul_time_s,
 )
+from planner.cost.timing.float8 import cast_seconds
 from planner.cost.timing.host import (
     BACKWARD_OPS_PER_FORWARD_OP,
     CHECKPOINT_HOST_FACTOR,
@@ -97,6 +99,7 @@ from planner.cost.timing.optimizer_step import (
     optimizer_bytes_per_element,
     optimizer_step_s,
 )
+from planner.cost.timing.qlora import dequantization_s
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -228,6 +231,8 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
     layer_traffic, head_traffic = shared(cache, setup_key("traffic", setup, _NOT_READ_BY_TRAFFIC),
                                          lambda: _activation_traffic(spec, setup, b, s))
     elementwise_layers = ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * layer_traffic / bandwidth * corr.memory_time_factor
+    # the scaled casts of the float8 linears (planner.cost.timing.float8)
+    elementwise_layers = elementwise_layers + cast_seconds(spec, setup, tokens, bandwidth) * corr.memory_time_factor
     elementwise_head = ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * head_traffic / bandwidth * corr.memory_time_factor
     forward_share = 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE
     recompute = _arr(0.0) * tokens
@@ -235,6 +240,9 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
         recompute = _arr(flops.recompute) / tp * layer_per_flop + forward_share * elementwise_layers
     elif setup.checkpointing == "selective":
         recompute = forward_share * elementwise_layers
+    # DoRA's weight norm and output passes, its own recompute included (planner.cost.timing.dora)
+    elementwise_layers = elementwise_layers + dora_micro_batch_s(spec, setup, gpu, tokens, rank, bandwidth, corr,
+                                                                 layer_per_flop)
     return MicroBatchWork(flops, compute_fwd, compute_all, attention_all, elementwise_layers, elementwise_head,
                           recompute, host_ops_per_micro_batch(spec, setup), offloaded_bytes(spec, setup, b, s))
 
@@ -245,8 +253,10 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
 def _trainable_per_gpu(spec: ModelSpec, setup: TrainingSetup, rank):
     """Trainable elements a GPU holds before ZeRO sharding: split over the tensor-parallel group
     and over the pipeline stages."""
-    if setup.method == "full":
-        return _arr(spec_facts.param_counts(spec).total) / (setup.tensor_parallel * setup.pipeline_parallel)
+    if setup.method == "full":  # the routed experts are split over the expert-parallel group
+        counts = spec_facts.param_counts(spec)
+        return _arr(counts.total - counts.experts * (1 - 1 / setup.expert_parallel)) / (
+            setup.tensor_parallel * setup.pipeline_parallel)
     return _arr(spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank) / setup.pipeline_parallel
 
 
@@ -266,22 +276,6 @@ def _gradient_traffic(spec: ModelSpec, setup: TrainingSetup, rank):
         share = (setup.grad_accum - 1) / setup.grad_accum
         traffic = traffic + share * 3.0 * _trainable_per_gpu(spec, setup, rank) * grad_b
     return _arr(traffic)
-
-
-def dequantization_s(spec: ModelSpec, setup: TrainingSetup, bandwidth: float):
-    """QLoRA: seconds one micro-batch spends turning the NF4 projections into bf16 (Dettmers et
-    al. 2023, "QLoRA", sec. 3: the storage type is dequantized to the compute type for the
-    forward and again for the backward, where only the adapters get weight gradients; the
-    recompute of full checkpointing dequantizes once more). Memory-bound: each pass reads the
-    4-bit data and its block constants (``memory_states.nf4_bytes``) and writes 2 bytes per
-    weight (bitsandbytes' fused ``dequantize_4bit``; an unfused implementation moves more, which
-    ``time_model``'s ``qlora_dequant_factor`` absorbs)."""
-    if setup.method != "qlora":
-        return _arr(0.0)
-    quantized = spec_facts.projection_params(spec) / (setup.tensor_parallel * setup.pipeline_parallel)
-    traffic = nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + 2.0 * quantized
-    passes = 2 + (1 if setup.checkpointing == "full" else 0)
-    return _arr(passes * traffic / bandwidth)
 
 
 FP16_TWINS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
