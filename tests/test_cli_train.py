@@ -185,3 +185,40 @@ def test_recipe_details_of_peft_change_the_estimate(capsys):
     assert code == 2 and "modules_to_save" in err
     code, _, err = run(capsys, "estimate", "--model", "llama-3.1-8b", "--method", "lora", "--kbit-preparation")
     assert code == 2 and "kbit_preparation" in err and "not priced" in err  # priced for qlora only
+
+
+def test_estimate_takes_float8_all_gather_and_the_compiled_loss(capsys):
+    """The fields the cost model prices reach `estimate` by flag (``--loss-impl`` is ``--loss``'s long name)."""
+    base = ["estimate", "--model", "llama-3.1-8b", "--stack", "torchtitan", "--method", "full", "--precision",
+            "bf16-mixed", "--optimizer-impl", "fused", "--num-gpus", "8", "--zero", "3", "--compile", "--json"]
+    code, out, _ = run(capsys, *base, "--float8")
+    plain = json.loads(out)
+    code2, out, _ = run(capsys, *base, "--float8", "--float8-all-gather", "--loss-impl", "compiled")
+    both = json.loads(out)
+    assert code == code2 == 0
+    assert both["setup"]["float8_all_gather"] is True and both["setup"]["loss_impl"] == "compiled"
+    assert both["peak_bytes"] != plain["peak_bytes"]
+    code, out, _ = run(capsys, *base[:-1], "--float8", "--float8-all-gather")
+    assert code == 0 and "fp8 all-gather" in out.splitlines()[0]
+
+
+def test_estimate_header_names_the_optimizer_impl_only_where_it_means_something(capsys):
+    code, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--optimizer", "galore-adamw", "--galore-rank", "64")
+    assert code == 0 and "galore-adamw (rank 64)," in out.splitlines()[0] and "foreach" not in out.splitlines()[0]
+    code, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--optimizer-impl", "fused")
+    assert code == 0 and "adamw (fused)," in out.splitlines()[0]
+
+
+def test_fit_keeps_only_the_set_ups_that_use_the_asked_techniques(capsys):
+    from planner.search.fit_setups import torchtitan_setups, with_techniques
+    from planner.specs.catalog import load_gpu
+
+    titan = torchtitan_setups(load_gpu("h100-sxm"), 8)
+    kept = with_techniques(titan, {"float8": True, "float8_all_gather": True, "loss_impl": "compiled"})
+    assert kept and all(s.float8_all_gather and s.loss_impl == "compiled" and s.compile for s in kept)
+    assert len(kept) == sum(s.compile for s in titan)  # the compiled loss needs --compile
+    code, out, _ = run(capsys, "fit", "llama-3.1-8b", "--gpu", "rtx-4090", "--kbit-preparation", "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and rows and {(r["method"], r["stack"]) for r in rows} == {("qlora", "hf")}
+    code, _, err = run(capsys, "fit", "llama-3.1-8b", "--gpu", "rtx-4090", "--stack", "torchtune", "--kbit-preparation")
+    assert code == 2 and "kbit_preparation=True" in err and len(err.strip().splitlines()) == 1

@@ -156,6 +156,15 @@ def test_compile_is_searched_on_the_stacks_that_price_it(titan_plans):
     assert free.recommended.setup_fields["compile"] is True and "compiled" in free.recommended.techniques
     assert free.recommended.loss <= eager.recommended.loss + 1e-12
     assert candidate_setup(free.recommended).compile is True
+    # torchtitan 0.3 compiles the loss with compile.enable (PR #1033): the compiled variant prices it
+    from planner.search.stacks import priced, titan_loss_impl
+
+    loss = "compiled" if priced("torchtitan", "loss_impl", "compiled") else "standard"
+    assert titan_loss_impl(True) == loss and titan_loss_impl(False) == "standard"
+    for plan in titan_plans.values():
+        for c in [plan.recommended, *plan.pareto]:
+            assert c.setup_fields["loss_impl"] == (loss if c.setup_fields["compile"] else "standard")
+    assert candidate_setup(compiled.recommended).loss_impl == loss
 
 
 def test_compiled_twin_pruning_matches_the_exhaustive_search(titan_plans):

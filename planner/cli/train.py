@@ -83,13 +83,16 @@ def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     nested = isinstance(parser, argparse._ArgumentGroup)
     stack = parser if nested else parser.add_argument_group("stack and techniques")
     stack.add_argument("--stack", choices=STACKS, default="hf", help="whose model code and recipe run (default hf)")
-    stack.add_argument("--loss", dest="loss_impl", choices=LOSS_IMPLS, default="standard", help="cross-entropy")
+    stack.add_argument("--loss", "--loss-impl", dest="loss_impl", choices=LOSS_IMPLS, default="standard",
+                       help="cross-entropy (compiled: torchtitan's loss under --compile)")
     stack.add_argument("--loss-chunks", type=positive_int, default=8, help="chunks of --loss chunked")
     stack.add_argument("--optimizer-in-backward", action="store_true", help="step in the gradient hooks")
     stack.add_argument("--activation-offload", action="store_true", help="checkpointed activations in CPU memory")
     stack.add_argument("--packed", action="store_true", help="packed sequences (no padding)")
     stack.add_argument("--compile", action="store_true", help="torch.compile")
     stack.add_argument("--float8", action="store_true", help="torchao float8 linears")
+    stack.add_argument("--float8-all-gather", action="store_true",
+                       help="with --float8 under FSDP2 (--zero 3): gather the weights in fp8")
     stack.add_argument("--dora", action="store_true", help="DoRA (with --method lora/qlora)")
     stack.add_argument("--galore-rank", type=positive_int, default=128,
                        help="with --optimizer galore-adamw: galore_torch 1.0 GaLoreAdamW projecting the attn/mlp "
@@ -114,7 +117,7 @@ def _add_time_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 STACK_ARGUMENTS = ("stack", "loss_impl", "loss_chunks", "optimizer_in_backward", "activation_offload", "packed",
-                   "compile", "float8", "dora", "galore_rank", "kbit_preparation", "adapter_dtype", "modules_to_save",
+                   "compile", "float8", "float8_all_gather", "dora", "galore_rank", "kbit_preparation", "adapter_dtype", "modules_to_save",
                    "pipeline_parallel", "pipeline_schedule", "virtual_stages", "sequence_parallel",
                    "context_parallel", "expert_parallel")
 
@@ -168,6 +171,12 @@ def register(subparsers) -> None:
     fit.add_argument("--precision", choices=PRECISIONS, default=None,
                      help="only this precision and its mixed twin (default: what the GPU computes in)")
     fit.add_argument("--inference", action="store_true", help="serving: longest context, largest batch")
+    techniques = fit.add_argument_group("techniques (only the set-ups that can use them, with them on)")
+    techniques.add_argument("--kbit-preparation", action="store_true", help="QLoRA with peft prepare_model_for_kbit_training")
+    techniques.add_argument("--float8", action="store_true", help="torchao float8 linears (full bf16 training)")
+    techniques.add_argument("--float8-all-gather", action="store_true", help="with --float8: FSDP2 gathers in fp8")
+    techniques.add_argument("--loss", "--loss-impl", dest="loss_impl", choices=LOSS_IMPLS, default=None,
+                            help="cross-entropy implementation (compiled: torchtitan with compile)")
     fit.add_argument("--calibration", help="calibration profile JSON (planner calibrate)")
     _add_time_arguments(fit)
     fit.add_argument("--json", action="store_true")
@@ -232,6 +241,13 @@ def _export_setup(model: str, setup, fmt: str, out: str | None) -> None:
     print(f"wrote {path}: tune run {recipe_name(setup)} --config {path}", file=sys.stderr)
 
 
+def _fit_techniques(args) -> dict:
+    """The set-up fields `fit` was asked for by flag (``planner.search.fit_setups.FIT_TECHNIQUES``)."""
+    from planner.search.fit_setups import FIT_TECHNIQUES
+
+    return {name: getattr(args, name, None) for name in FIT_TECHNIQUES}
+
+
 def run_fit(args) -> int:
     from planner.cost.timing.intervals import fit_row_times
     from planner.io.report import fit_text, inference_fit_text, to_json
@@ -253,7 +269,7 @@ def run_fit(args) -> int:
     # the longest sequence searched is the model's context when its config gives one
     result = what_fits(spec, gpu, args.seq_len, args.num_gpus, zero, args.all,
                        max_seq_len=spec.max_position_embeddings or None, profile=profile, stack=args.stack,
-                       precision=args.precision)
+                       precision=args.precision, techniques=_fit_techniques(args))
     payload = {
         "model": spec.name,
         "gpu": gpu.name,

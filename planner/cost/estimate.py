@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost.flops import step_flops
+from planner.cost.memory.activation_memory import compute_setup
 from planner.cost.memory.device import memory_verdict
 from planner.cost.memory.phases import training_memory
 from planner.cost.params import count_params, lora_params, lora_targets
 from planner.cost.support import require_priced
+from planner.specs.architecture import lora_expert_targets
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -29,6 +31,8 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
     s = setup.seq_len if seq_len is None else seq_len
     rank = setup.lora_rank if lora_rank is None else lora_rank
     adapted = tuple(lora_targets(spec, setup.lora_targets)) if setup.method != "full" else ()
+    experts = tuple(lora_expert_targets(spec, setup.lora_targets)) if setup.method != "full" else ()
+    skips_down = not (setup.stack == "torchtune" and setup.method != "full") and not setup.float8
     return step_flops(
         spec,
         b,
@@ -37,8 +41,10 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
         lora_rank=rank,
         lora_linears=adapted,
         recompute_fraction=recompute_fraction(setup),
-        recompute_skips_down_projection=not (setup.stack == "torchtune" and setup.method != "full"),
+        recompute_skips_down_projection=skips_down,
         trained_modules=tuple(setup.modules_to_save) if setup.method != "full" else (),
+        expert_lora=experts,
+        input_requires_grad=setup.stack == "hf" and setup.checkpointing != "none",
     )
 
 
@@ -137,18 +143,29 @@ def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     from planner.cost.memory.device import leaves_out_note
 
     notes = [leaves_out_note(setup)]
-    if spec.is_moe and setup.method != "full" and "all-linear" in setup.lora_targets:
+    if spec.is_moe and setup.method != "full" and lora_expert_targets(spec, setup.lora_targets):
         notes.append(
-            "LoRA all-linear on a mixture of experts: adapters on the attention and dense projections only; "
-            "peft >= 0.21 also wraps the stacked expert weights (materialising W + BA per expert), which this "
-            "estimate does not include: `planner simulate` measures it"
+            "LoRA on stacked experts as peft 0.21 wraps them (lora.ParamWrapper): the merged W + BA of each "
+            "wrapped stack is kept for backward and its full gradient made once per layer; priced, with the "
+            "baddbmm fold's FLOPs"
         )
     if setup.method == "qlora":
+        prepared = setup.kbit_preparation or setup.precision == "bf16-mixed"
         notes.append(
-            "QLoRA: every projection in NF4 (bitsandbytes, double quantization), head and embeddings in bf16; "
-            "peft's prepare_model_for_kbit_training (fp32 norms and head) is not applied"
+            "QLoRA: every nn.Linear projection in NF4 (bitsandbytes, double quantization; stacked expert weights "
+            "stay in the base dtype); " + (
+                "embeddings, norms and head in fp32 (peft's prepare_model_for_kbit_training; bf16-mixed keeps "
+                "them so anyway)" if prepared else "head, embeddings and norms in bf16 (peft's prepare_model_for_kbit_training, "
+                "which upcasts them to fp32, is priced with --kbit-preparation)")
         )
+    if compute_setup(setup) is not setup:
+        notes.append("DeepSpeed bf16: weights, activations and adapters in bf16 without autocast, fp32 master "
+                     "weights and states in its optimizer")
     if setup.num_gpus > 1:
+        from planner.cost.memory import zero_buffers
+
+        buffers = ("DeepSpeed ZeRO's buckets and buffers as the exported config sets them (zero_buffers)"
+                   if zero_buffers.applies(setup) else "communication buffers are not counted")
         notes.append("sharding: ZeRO/FSDP state partitioning and tensor-parallel splits per Rajbhandari et al. and "
-                     "Shoeybi et al.; communication buffers are not counted")
+                     "Shoeybi et al.; " + buffers)
     return notes

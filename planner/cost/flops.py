@@ -75,6 +75,8 @@ def step_flops(
     recompute_fraction=0.0,
     recompute_skips_down_projection: bool = True,
     trained_modules: tuple[str, ...] = (),
+    expert_lora: tuple[tuple[int, Linear, int], ...] = (),
+    input_requires_grad: bool = False,
 ) -> StepFlops:
     """FLOPs of one micro-batch: forward, backward, recompute and per component.
 
@@ -89,14 +91,24 @@ def step_flops(
     the last tensor backward needs is rebuilt, which leaves out each dense layer's down projection
     in HF models and torchtune's full fine-tuning; torchtune's LoRALinear saves a tensor after it,
     so its LoRA layers rerun the whole forward (measured on its traced step: +3.8% FLOPs on a 1B).
+    The early stop ends at the down projection only where nothing is saved after it: a LoRA on
+    ``down_proj`` saves its A output after the base matmul, so that layer's down projection is
+    recomputed (traced: llama-3.2-1b all-linear, full checkpointing, was 4.3% under); torchao float8
+    saves its tensors when the fp8 matmul's node is made, so pass ``False`` for float8 (was 2.6% under).
     ``trained_modules``: peft ``modules_to_save`` beside LoRA: a trained head adds its weight
-    gradient; a trained embedding makes every layer's input need a gradient (no frozen first layer).
+    gradient; a trained embedding makes every layer's input need a gradient (no frozen first layer),
+    and so does ``input_requires_grad``: transformers 5's ``activation_checkpointing_enable`` calls
+    ``enable_input_require_grads`` (``modeling_utils.py``), so HF checkpointing under LoRA computes the
+    first layer's q/k/v input gradients too (traced: llama-3.2-1b all-linear, was 0.7% under).
+    ``expert_lora``: (layer, stacked expert weight, rank multiple) that peft wraps with ``ParamWrapper``
+    (``planner.specs.architecture.lora_expert_targets``), priced by ``expert_lora_flops``.
     """
     tokens = np.asarray(micro_batch, dtype=np.float64) * np.asarray(seq_len, dtype=np.float64)
     keys = ("attention", "attention_core", "mlp", "experts", "lora", "lm_head")
     forward = dict.fromkeys(keys, 0.0)
     backward = dict.fromkeys(keys, 0.0)
-    first_adapted = min((index for index, _ in lora_linears), default=0) if "embed_tokens" not in trained_modules else -1
+    frozen_input = "embed_tokens" not in trained_modules and not input_requires_grad
+    first_adapted = min((index for index, _ in lora_linears), default=0) if frozen_input else -1
     per_layer: dict = {}  # identical layers (most models) are priced once per call
     for index, (layer, kind) in enumerate(zip(spec.layers, _layer_kinds(spec), strict=True)):
         if kind not in per_layer:
@@ -123,12 +135,16 @@ def step_flops(
             backward["mlp"] += mlp
             backward["experts"] += experts
     forward["lora"], backward["lora"] = _lora_flops(spec, lora_linears, lora_rank, tokens, first_adapted)
+    fold_forward, fold_backward, merged_weight_grad = expert_lora_flops(spec, expert_lora, lora_rank, tokens)
+    forward["lora"] = forward["lora"] + fold_forward
+    backward["lora"] = backward["lora"] + fold_backward
+    backward["experts"] = backward["experts"] + merged_weight_grad
     head = 2.0 * spec.hidden_size * spec.vocab_size * tokens
     forward["lm_head"] = head
     backward["lm_head"] = head * (2.0 if trainable_base or "lm_head" in trained_modules else 1.0)
     total_forward = sum(forward.values())
     total_backward = sum(backward.values())
-    skipped = _unrecomputed_tail(spec, tokens) if recompute_skips_down_projection else 0.0
+    skipped = _unrecomputed_tail(spec, tokens, lora_linears) if recompute_skips_down_projection else 0.0
     recompute = (total_forward - forward["lm_head"] - skipped) * recompute_fraction
     by_component = {key: forward[key] + backward[key] for key in keys}
     return StepFlops(total_forward, total_backward, recompute, by_component)
@@ -158,9 +174,30 @@ def _layer_kinds(spec: ModelSpec) -> tuple[int, ...]:
     return cached(spec, ("layer_kinds",), kinds)
 
 
-def _unrecomputed_tail(spec: ModelSpec, tokens):
-    """Forward FLOPs of each dense layer's final (down) projection, skipped by early stop."""
-    return sum(linear_forward_flops(layer.mlp[-1], tokens) for layer in spec.layers if layer.mlp and not layer.num_experts)
+def _unrecomputed_tail(spec: ModelSpec, tokens, lora_linears=()):
+    """Forward FLOPs of each dense layer's final (down) projection, skipped by early stop, except in
+    the layers whose down projection carries a LoRA (its adapter's saved input comes after it)."""
+    adapted = {index for index, lin in lora_linears if spec.layers[index].mlp and lin == spec.layers[index].mlp[-1]}
+    return sum(linear_forward_flops(layer.mlp[-1], tokens) for index, layer in enumerate(spec.layers)
+               if layer.mlp and not layer.num_experts and index not in adapted)
+
+
+def expert_lora_flops(spec: ModelSpec, expert_lora, rank, tokens) -> tuple:
+    """(forward, backward of the factors, weight gradient of the merged stacks) FLOPs of peft 0.21's
+    LoRA on stacked experts (``lora.ParamWrapper``, ``src/peft/tuners/lora/layer.py``): each forward
+    folds ``W' = baddbmm(W, B, A)`` (2 x experts x out x in x m r FLOPs) twice, once when
+    ``register_parametrization`` checks the proxy's shape (result discarded) and once for use;
+    backward makes the two factors' gradients from ``W'``'s (two bmm of the same size, once) and the
+    expert matmul's weight gradient for ``W'`` (the experts' forward FLOPs over the routed tokens).
+    Traced on qwen3-30b-a3b, 2 layers, rank 16: forward 1.2885e11 of ``baddbmm``."""
+    forward = backward = weight_grad = 0.0
+    for index, lin, mult in expert_lora:
+        layer = spec.layers[index]
+        fold = 2.0 * lin.count * lin.in_features * lin.out_features * mult * np.asarray(rank, dtype=np.float64)
+        forward = forward + 2.0 * fold
+        backward = backward + 2.0 * fold
+        weight_grad = weight_grad + linear_forward_flops(lin, tokens, layer.experts_per_token / layer.num_experts)
+    return forward, backward, weight_grad
 
 
 def rank_in(lin: Linear, rank, tokens):

@@ -92,9 +92,9 @@ TIME_PRICED: dict[str, tuple] = {
     # pipeline (stage split, head on the last stage, bubble, p2p), ring-attention context parallel
     "precision": ("fp32", "bf16", "bf16-mixed", "fp16", "fp16-mixed"),  # fp16: bf16's bytes at the fp16 peak
     "stack": ("hf", "torchtune", "torchtitan", "megatron"),
-    "loss_impl": ("standard", "chunked"),  # torchtune's chunked CE: the same logits FLOPs and bytes, in chunks
+    "loss_impl": ("standard", "chunked", "compiled"),  # chunked/compiled CE: the same logits FLOPs and bytes priced
     "dora": (False, True),  # planner.cost.timing.dora: peft's weight norm and output passes, memory-bound
-    "kbit_preparation": (False,),  # fp32 head matmul and fp32 elementwise work after k-bit preparation: not timed
+    "kbit_preparation": (False, True),  # timing.qlora.kbit_twin: bf16 -> fp32 widths, bf16 GEMMs, fp32 head
     "float8": (False, True),  # planner.cost.timing.float8: fp8 GEMMs at the fp8 ceiling, scaled casts
     "float8_all_gather": (False, True),  # timing.communication: the float8 linears' shards gathered in 1 byte
     "compile": (False, True),

@@ -38,14 +38,37 @@ def _need_single_node_tp(c: Candidate, engine: str) -> None:
                            "use Megatron / torchtitan, or re-plan with ZeRO-3 (--zero 3)")
 
 
+def zero_bucket_keys(c: Candidate) -> dict:
+    """The ``zero_optimization`` bucket sizes the memory model prices
+    (``planner.cost.memory.zero_buffers.priced_config``), as explicit integers: transformers'
+    integration fills ``"auto"`` with ``reduce_bucket_size = hidden^2`` and, at stage 3,
+    ``stage3_prefetch_bucket_size = int(0.9 hidden^2)`` and ``stage3_param_persistence_threshold =
+    10 hidden`` (``HfTrainerDeepSpeedConfig.trainer_config_finalize``,
+    ``transformers/integrations/deepspeed.py``); a config without them gets DeepSpeed's 5e8-element
+    buckets (2.8 GiB of bf16 backward buffers at stage 1/2), which the planner does not price."""
+    from planner.cost.memory.zero_buffers import priced_config
+    from planner.search.stacks import candidate_setup
+    from planner.specs.catalog import load_spec
+
+    cfg = priced_config(candidate_setup(c), load_spec(c.model).hidden_size)
+    keys = {"reduce_bucket_size": int(cfg.reduce_bucket_elems)}
+    if c.zero == 3:
+        keys["stage3_prefetch_bucket_size"] = int(cfg.prefetch_bucket_elems)
+        keys["stage3_param_persistence_threshold"] = int(cfg.persistence_threshold_elems)
+    return keys
+
+
 def deepspeed_config(c: Candidate) -> dict:
     """DeepSpeed config for the run (keys of deepspeed.runtime.config / zero.config).
 
-    train_batch_size = micro-batch x accumulation x data-parallel ranks, as DeepSpeed checks.
+    train_batch_size = micro-batch x accumulation x data-parallel ranks, as DeepSpeed checks. The
+    ZeRO bucket sizes are written as numbers (``zero_bucket_keys``): the ones the memory model prices.
     """
     _need_single_node_tp(c, "DeepSpeed's ZeRO engine")
     dp = c.num_gpus // c.tensor_parallel
     zero: dict = {"stage": int(c.zero), "overlap_comm": True, "contiguous_gradients": True}
+    if c.zero >= 1:
+        zero.update(zero_bucket_keys(c))
     if c.zero >= 2:
         zero["reduce_scatter"] = True
     if c.zero == 3:

@@ -63,11 +63,24 @@ def _stack_words(setup: dict) -> str:
     return (", " + ", ".join(words)) if words else ""
 
 
+_IMPL_OPTIMIZERS = ("adamw", "sgd", "adafactor")
+"""torch.optim optimizers whose ``optimizer_impl`` (foreach, fused, for-loop) changes what runs; the
+others (8-bit, Lion, GaLore) run their own per-parameter loop whatever it says."""
+
+
+def _optimizer_words(setup: dict) -> str:
+    """"adamw (foreach)", "galore-adamw (rank 128)", "adamw-8bit": the implementation only where it means something."""
+    name = setup["optimizer"]
+    if name == "galore-adamw":
+        return f"{name} (rank {setup.get('galore_rank', 128)})"
+    return f"{name} ({setup['optimizer_impl']})" if name in _IMPL_OPTIMIZERS else name
+
+
 def estimate_text(result: dict) -> str:
     """`planner estimate` for people: components, phases, peak, FLOPs."""
     s = result["setup"]
     lines = [
-        f"{result['model']}: {s['method']} fine-tuning, {s['precision']}, {s['optimizer']} ({s['optimizer_impl']}), "
+        f"{result['model']}: {s['method']} fine-tuning, {s['precision']}, {_optimizer_words(s)}, "
         f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens, checkpointing {s['checkpointing']}, "
         f"attention {s['attention']}"
         + (f", {s['num_gpus']} GPUs ZeRO-{s['zero']} TP {s['tensor_parallel']}" if s["num_gpus"] > 1 else "")

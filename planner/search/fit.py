@@ -106,6 +106,23 @@ def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, gpu: GpuSpec, m
     )
 
 
+def _rows_that_price(spec, setups, seq_len, gpu, limit, profile) -> list:
+    """``fit_row`` of each set-up the memory model prices with the asked techniques on (a refusal that
+    only the estimate knows, e.g. k-bit preparation with selective checkpointing, drops the set-up);
+    the last refusal when none prices."""
+    from planner.errors import PlannerError
+
+    rows, refusal = [], None
+    for setup in setups:
+        try:
+            rows.append(fit_row(spec, setup, seq_len, gpu, limit, profile))
+        except PlannerError as err:
+            refusal = err
+    if not rows and refusal is not None:
+        raise refusal
+    return rows
+
+
 def what_fits(
     spec: ModelSpec,
     gpu: GpuSpec,
@@ -117,18 +134,23 @@ def what_fits(
     profile=None,
     stack: str | None = None,
     precision: str | None = None,
+    techniques: dict | None = None,
 ) -> dict:
     """Every default set-up on ``gpu``: rows, and when none fits, the shortfall and fixes.
     ``profile``: a calibration profile of ``gpu`` (``planner.truth.calibrate``) corrects every row's
     peak, fits, headroom, largest micro-batch and longest sequence, and the budget.
-    ``stack``: only that stack's set-ups; None tries every priced stack (``fit_setups``)."""
-    from planner.search.fit_setups import fit_setups
+    ``stack``: only that stack's set-ups; None tries every priced stack (``fit_setups``).
+    ``techniques``: fields asked for by flag (``fit_setups.with_techniques``): only set-ups using them."""
+    from planner.search.fit_setups import fit_setups, with_techniques
 
     zero = (3 if num_gpus > 1 else 0) if zero is None else zero
     budget = usable_allocated_bytes(gpu, profile)
     limit = max_seq_len or max(spec.max_position_embeddings or 0, seq_len, 4096)
-    rows = [fit_row(spec, setup, seq_len, gpu, limit, profile)
-            for setup in fit_setups(spec, gpu, stack, num_gpus, zero, include_all, precision)]
+    setups = fit_setups(spec, gpu, stack, num_gpus, zero, include_all, precision)
+    if any(v not in (None, False) for v in (techniques or {}).values()):
+        rows = _rows_that_price(spec, with_techniques(setups, techniques), seq_len, gpu, limit, profile)
+    else:
+        rows = [fit_row(spec, setup, seq_len, gpu, limit, profile) for setup in setups]
     rows.sort(key=lambda r: (not r.fits, -r.max_micro_batch, r.peak_bytes))
     result = {"usable_bytes": budget, "rows": rows, "fixes": [], "calibrated": profile is not None}
     if not any(row.fits for row in rows):

@@ -9,7 +9,9 @@ LoRA and QLoRA with AdamW, each with and without activation checkpointing and wi
 offloading. torchtune trains in one dtype (bf16, or fp32 on a GPU without bf16) and shards with
 FSDP2 only (ZeRO-3). On a GPU without bf16 units (T4, V100) the HF set-ups use fp16 in its place.
 torchtitan (0.3.0, pre-training: full training only) under FSDP2 mixed precision with its
-checkpointing modes, eager and compiled. A user who names a stack gets only that stack's set-ups.
+checkpointing modes, eager and compiled (the compiled ones with the compiled loss). A user who names a stack gets only that stack's set-ups.
+Techniques asked for by flag (``with_techniques``: k-bit preparation, float8, float8 all-gather, a
+loss implementation) keep only the set-ups that can use them, with them turned on.
 """
 
 from __future__ import annotations
@@ -52,6 +54,43 @@ def fit_setups(spec: ModelSpec, gpu: GpuSpec, stack: str | None, num_gpus: int, 
         family = precision.removesuffix("-mixed")
         setups = [s for s in setups if s.precision.removesuffix("-mixed") == family]
     return setups
+
+
+FIT_TECHNIQUES = ("kbit_preparation", "float8", "float8_all_gather", "loss_impl")
+"""Set-up fields `fit` takes by flag (``with_techniques``)."""
+
+
+def with_techniques(setups: list[TrainingSetup], techniques: dict) -> list[TrainingSetup]:
+    """Each set-up with ``techniques`` (field -> value; None or False: not asked) turned on, kept only
+    where the set-up accepts them and the memory model prices them; a one-line refusal when none can."""
+    from pydantic import ValidationError
+
+    from planner.cost.support import unpriced
+    from planner.errors import PlannerError
+
+    asked = {k: v for k, v in techniques.items() if v not in (None, False)}
+    if not asked:
+        return setups
+    kept = []
+    for setup in setups:
+        try:
+            changed = TrainingSetup(**{**setup.model_dump(), **asked})
+        except (ValidationError, ValueError, PlannerError):
+            continue
+        if not unpriced(changed) and _uses(changed):
+            kept.append(changed)
+    if not kept:
+        names = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+        raise PlannerError(f"{names}: no set-up of this fit can use it (k-bit preparation: QLoRA on stack hf; "
+                           "float8: full bf16 training on hf or torchtitan, float8 all-gather with torchtitan FSDP; "
+                           "--loss compiled: torchtitan); leave the flag out or name --stack")
+    return kept
+
+
+def _uses(setup: TrainingSetup) -> bool:
+    """What the tables of priced values cannot say: the compiled loss comes with torch.compile, and
+    peft's k-bit preparation prepares a 4-bit (QLoRA) base model (``planner.cost.memory.phases``)."""
+    return (setup.compile or setup.loss_impl != "compiled") and (setup.method == "qlora" or not setup.kbit_preparation)
 
 
 def _runs_on(setup: TrainingSetup, gpu: GpuSpec) -> bool:
@@ -98,5 +137,7 @@ def torchtitan_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
         return []  # torchtitan trains in bf16 mixed precision
     common = {"stack": "torchtitan", "method": "full", "precision": "bf16-mixed", "optimizer_impl": "fused",
               "num_gpus": num_gpus, "zero": 3 if num_gpus > 1 else 0}
-    return [TrainingSetup(checkpointing=ckpt, compile=compiled, **common)
+    from planner.search.stacks import titan_loss_impl
+
+    return [TrainingSetup(checkpointing=ckpt, compile=compiled, loss_impl=titan_loss_impl(compiled), **common)
             for ckpt in ("none", "selective", "full") for compiled in (False, True)]

@@ -14,7 +14,8 @@ model (``TIME_PRICED``) price, read from those tables:
   (whole layers), the latter also with activation offloading (``enable_activation_offloading``);
   one GPU or FSDP2 (ZeRO-3), no tensor parallelism or pipeline.
 - torchtitan (full training only): FSDP2 mixed precision (bf16-mixed), fused AdamW,
-  checkpointing none, selective (per-op) or full, ``compile.enable`` on and off, one GPU or FSDP2.
+  checkpointing none, selective (per-op) or full, ``compile.enable`` on and off, one GPU or FSDP2;
+  the compiled variant with the compiled cross-entropy (``titan_loss_impl``: 0.3 compiles the loss).
 
 Twins: the step-time model never makes an eager variant faster than its compiled twin (fused
 memory-bound work, fewer host ops), nor an offloading one faster than its twin that keeps the
@@ -151,9 +152,15 @@ def stack_variants(stack: str, method: str, gpu, request) -> list[dict]:
     if stack == "torchtitan":
         if method != "full" or not gpu.computes_in("bf16") or "adamw" not in request.optimizers:
             return []
-        return [{"stack": stack, "precision": "bf16-mixed", "optimizer": "adamw", "optimizer_impl": "fused", "compile": c}
-                for c in _compile_modes(stack, request)]
+        return [{"stack": stack, "precision": "bf16-mixed", "optimizer": "adamw", "optimizer_impl": "fused", "compile": c,
+                 "loss_impl": titan_loss_impl(c)} for c in _compile_modes(stack, request)]
     raise ValueError(f"stack_variants covers torchtune and torchtitan, not {stack!r}")
+
+
+def titan_loss_impl(compiled: bool) -> str:
+    """torchtitan 0.3 compiles the loss with ``compile.enable`` (``compile.components`` holds "loss" by
+    default; torchtitan PR #1033): "compiled" where both cost models price it, else the eager loss."""
+    return "compiled" if compiled and priced("torchtitan", "loss_impl", "compiled") else "standard"
 
 
 def twins_of(fields: dict) -> list[dict]:
@@ -162,7 +169,10 @@ def twins_of(fields: dict) -> list[dict]:
     (the PCIe copies only add time). Where a twin fits, the variant cannot be on the front."""
     if fields.get("stack", "hf") == "hf":
         return []
-    out = [{**fields, "compile": True}] if fields.get("compile") is False else []
+    compiled = {"compile": True}
+    if fields.get("stack") == "torchtitan":
+        compiled["loss_impl"] = titan_loss_impl(True)
+    out = [{**fields, **compiled}] if fields.get("compile") is False else []
     if fields.get("activation_offload"):
         out.append({k: v for k, v in fields.items() if k != "activation_offload"})
     return out

@@ -12,12 +12,13 @@ _FLAGS = (
     ("packed", "packed"),
     ("compile", "compiled"),
     ("float8", "float8"),
+    ("float8_all_gather", "fp8 all-gather"),
     ("dora", "DoRA"),
     ("kbit_preparation", "k-bit preparation"),
     ("sequence_parallel", "sequence parallel"),
 )
 _DEGREES = (("pipeline_parallel", "PP"), ("context_parallel", "CP"), ("expert_parallel", "EP"))
-_LOSSES = {"chunked": "chunked CE", "fused-linear": "fused linear CE"}
+_LOSSES = {"chunked": "chunked CE", "fused-linear": "fused linear CE", "compiled": "compiled CE"}
 
 
 def technique_words(setup) -> list[str]:

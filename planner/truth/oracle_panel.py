@@ -68,6 +68,8 @@ PANEL: tuple[PanelCase, ...] = (
     _case("llama-3.2-1b", 2, precision="bf16-mixed", micro_batch=2, seq_len=1024),
     _case("llama-3.2-1b", 2, method="lora", micro_batch=2, seq_len=1024),
     _case("llama-3.2-1b", 2, micro_batch=2, seq_len=1024, checkpointing="selective"),
+    # gradient accumulation: the tied table's .grad of the first micro-batch beside the second's three (end of backward)
+    _case("llama-3.2-1b", 2, micro_batch=1, seq_len=256, grad_accum=2),
     _case("llama-3.2-1b", 2, micro_batch=1, seq_len=512, attention="eager"),
     # attention dropout in eager attention (CPU keeps the mask in the compute dtype: device="cpu")
     _case("llama-3.2-1b", 2, micro_batch=2, seq_len=1024, attention="eager", dropout=0.1),
@@ -92,7 +94,7 @@ PANEL: tuple[PanelCase, ...] = (
     _case("mistral-7b-v0.3", 2, method="lora", micro_batch=1, seq_len=4096),
     _case("llama-2-7b", 2, precision="fp32", optimizer_impl="for-loop", micro_batch=1, seq_len=1024),
     # mixtures of experts
-    # attention-only LoRA: peft's all-linear also wraps the stacked expert weights (not modelled)
+    # attention-only LoRA (frozen experts keep no down-projection input); expert LoRA below
     _case("mixtral-8x7b", 2, method="lora", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
           micro_batch=1, seq_len=1024),
     _case("qwen3-30b-a3b", 2, micro_batch=1, seq_len=1024),
@@ -117,12 +119,11 @@ PANEL: tuple[PanelCase, ...] = (
     # peft prepare_model_for_kbit_training before QLoRA: fp32 embeddings, norms and head; under bf16 autocast
     # (HF Trainer bf16=True) and without it (fp32 activations end to end), issue 10
     _case("llama-3.2-1b", 2, method="qlora", kbit_preparation=True, precision="bf16-mixed", micro_batch=2, seq_len=512),
-    # (attention-only adapters with checkpointing: with down_proj adapted the non-reentrant recompute runs the down
-    # projection, which planner.cost.flops skips; a FLOP-model matter, see the kbit_moe report)
+    # with checkpointing and down_proj adapted the non-reentrant recompute runs the down projection (its adapter saves
+    # after it), and transformers' checkpointing makes the first layer's input need a gradient (planner.cost.flops)
     _case("llama-3.2-1b", 2, method="qlora", kbit_preparation=True, precision="bf16-mixed", checkpointing="full",
-          lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), micro_batch=2, seq_len=1024),
-    _case("qwen2.5-0.5b", 2, method="qlora", kbit_preparation=True, checkpointing="full",
-          lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), micro_batch=2, seq_len=1024),
+          micro_batch=2, seq_len=1024),
+    _case("qwen2.5-0.5b", 2, method="qlora", kbit_preparation=True, checkpointing="full", micro_batch=2, seq_len=1024),
     _case("qwen3-0.6b", 2, method="qlora", kbit_preparation=True, micro_batch=2, seq_len=512),
     # GaLore (galore_torch GaLoreAdamW, attn/mlp linears projected; planner.cost.memory.galore), issue 10: fp32 keeps
     # the SVD factor behind the projection (a view), bf16 a compact copy; a projection-update step's SVD is the peak
@@ -135,6 +136,14 @@ PANEL: tuple[PanelCase, ...] = (
     _case("qwen2.5-0.5b", 2, precision="bf16", float8=True, checkpointing="selective", micro_batch=2, seq_len=512),
     # under bf16 autocast the fp8 copy replaces autocast's bf16 weight copy
     _case("llama-3.2-1b", 2, precision="bf16-mixed", float8=True, micro_batch=2, seq_len=1024),
+    # full checkpointing: the recompute also runs the last linear's fp8 matmul (its tensors are saved when made)
+    _case("llama-3.2-1b", 2, precision="bf16", float8=True, checkpointing="full", micro_batch=2, seq_len=1024),
+    # peft 0.21 LoRA on stacked experts (lora.ParamWrapper: merged W' kept, baddbmm fold and its gradient;
+    # planner.cost.memory.moe_lora, planner.cost.flops.expert_lora_flops), issue 10
+    _case("mixtral-8x7b", 2, method="lora", lora_targets=("all-linear",), micro_batch=1, seq_len=512),
+    _case("qwen3-30b-a3b", 2, method="qlora", lora_targets=("all-linear",), micro_batch=1, seq_len=512),
+    _case("qwen1.5-moe-a2.7b-chat", 2, method="lora", micro_batch=1, seq_len=512,
+          lora_targets=("q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj")),
 )
 
 

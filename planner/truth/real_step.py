@@ -28,7 +28,7 @@ class FamilyModel:
         self.device = device
         self.model = build_model(config, point.setup, point.num_layers, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, point.setup, notes=[])
+        self.optimizer = make_optimizer(self.params, point.setup, notes=[], model=self.model)
         self.vocab = self.model.get_input_embeddings().num_embeddings
 
     def inputs(self, setup: TrainingSetup):

@@ -4,8 +4,9 @@ The part of training memory that grows with the tokens. Per layer, ``planner.cos
 gives the bytes saved for backward (its inventory, per token and per token and key); here they are
 summed over the layers under activation checkpointing (none, op-level selective, full), split by
 tensor parallelism, with LoRA's adapter tensors and the head, the autocast weight copies and the
-loss's temporaries. Nothing here depends on the ZeRO stage, the GPU count, the accumulation or the
-optimizer, so a search computes it once for all of them (``activation_memory``).
+loss's temporaries. Nothing here depends on the GPU count, the accumulation or the optimizer, so a
+search computes it once for all of them (``activation_memory``); the ZeRO stage matters on stack hf
+only, where it means DeepSpeed, which runs bf16 without autocast (``compute_setup``, applied first).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from planner.specs.setup import TrainingSetup
 
 NOT_READ_BY_ACTIVATIONS = frozenset({"optimizer", "optimizer_impl", "zero", "num_gpus", "grad_accum",
                                      "offload_optimizer"})
-"""Set-up fields ``activation_memory`` does not read: a search shares one across them."""
+"""Set-up fields ``activation_memory`` does not read: a search shares one across them. ZeRO on stack hf
+changes the precision (``compute_setup``): key the cache on ``compute_setup(setup)``."""
 
 
 def _arr(x):
@@ -184,10 +186,28 @@ def _weight_copies(spec: ModelSpec, setup: TrainingSetup, tp: int) -> tuple:
     return casts, head_cast
 
 
+def compute_setup(setup: TrainingSetup) -> TrainingSetup:
+    """The set-up whose activations a step really has. HF Trainer + DeepSpeed (stack hf, ZeRO >= 1) with
+    ``bf16-mixed``: accelerate 1.15 enables no autocast under DeepSpeed (``Accelerator.__init__``:
+    ``native_amp`` stays False for ``DistributedType.DEEPSPEED``), and DeepSpeed 0.19.8's engine casts every
+    parameter to bf16 (``engine.py`` ``_cast_module_mixed_precision``; fp32 master copies live in its
+    optimizer), LoRA adapters included: activations are those of pure bf16 with adapters in the base
+    dtype, and no autocast weight copies (was ~15 GiB over at 8B without checkpointing). Pipeline stages are
+    not DeepSpeed-launched (``zero_buffers.applies``): they keep autocast."""
+    if setup.stack == "hf" and setup.zero > 0 and setup.pipeline_parallel == 1 and setup.precision == "bf16-mixed":
+        update = {"precision": "bf16"}
+        if setup.method == "lora":
+            update["adapter_dtype"] = "base"
+        return setup.model_copy(update=update)
+    return setup
+
+
 def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device: str = "cuda") -> ActivationMemory:
     """Activations of one micro-batch of ``b`` sequences of ``s`` tokens (arrays broadcast with
     ``rank``). Depends on the method, precision, attention, dropout, checkpointing, LoRA targets
-    and tensor parallelism of ``setup``, not on its ZeRO stage, GPU count, accumulation or optimizer."""
+    and tensor parallelism of ``setup`` (and ZeRO on stack hf: ``compute_setup``), not on its GPU count,
+    accumulation or optimizer."""
+    setup = compute_setup(setup)
     tokens = b * s / setup.context_parallel  # each context-parallel GPU holds 1/cp of a sequence
     tp = setup.tensor_parallel
     if setup.kbit_preparation and spec.is_moe:

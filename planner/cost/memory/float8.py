@@ -44,6 +44,8 @@ Measured on fake CPU tensors with torchtitan 0.3.0's Llama 3 8B block (``benchma
 
 from __future__ import annotations
 
+import numpy as np
+
 from planner.errors import PlannerError
 from planner.specs.architecture import LayerSpec
 
@@ -127,7 +129,7 @@ def cast_transient_bytes(tokens, in_features: int, out_features: int, *, compile
     scales = SCALE_BYTES * (2 * tokens + 2 * out_features + in_features)
     if compiled:
         return fp8 + scales
-    largest = max(tokens * out_features, tokens * in_features, in_features * out_features)
+    largest = np.maximum(np.maximum(tokens * out_features, tokens * in_features), in_features * out_features)
     return fp8 + scales + (4 + w) * largest
 
 

@@ -27,6 +27,7 @@ from planner.cost.memory import activations as act
 from planner.cost.memory.activation_memory import (
     NOT_READ_BY_ACTIVATIONS,
     ActivationMemory,
+    compute_setup,
     layer_activations,
     qlora_dequant_bytes,
 )
@@ -118,6 +119,7 @@ def stage_activations(spec: ModelSpec, stage: Stage, setup: TrainingSetup, b, s,
     """Activations a stage holds at its peak: its layers' inventory for ``in_flight`` micro-batches,
     the token ids on the first stage, the head and loss (``head_in_flight_micro_batches``) on the
     last, the autocast / dequantized weight copies of its own projections."""
+    setup = compute_setup(setup)
     tp, p = setup.tensor_parallel, act.PRECISION[setup.precision]
     tokens = b * s / setup.context_parallel
     layers, kept, transient = layer_activations(stage.spec, setup, b, s, tp, device, rank)
@@ -171,7 +173,7 @@ def pipeline_phases_and_components(spec: ModelSpec, setup: TrainingSetup, b, s, 
         states = shared(cache, (id(stage.spec), *setup_key("stage_states", setup, NOT_READ_BY_STATES)),
                         lambda st=stage: model_states(st.spec, setup, rank))
         acts = shared(cache, (id(stage.spec), stage.in_flight.tobytes(), device,
-                              *setup_key("stage_activations", setup, NOT_READ_BY_ACTIVATIONS)),
+                              *setup_key("stage_activations", compute_setup(setup), NOT_READ_BY_ACTIVATIONS)),
                       lambda st=stage: stage_activations(spec, st, setup, b, s, rank, device))
         # the whole model's vocabulary, width and tying: the embedding's and head's terms are the
         # first and last stage's (``first``/``last``); the stage's spec marks its one table as tied

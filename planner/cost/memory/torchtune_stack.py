@@ -21,7 +21,7 @@ import numpy as np
 
 from planner.cost import spec_facts
 from planner.cost.memory import torchtune_tensors as tt
-from planner.cost.memory.states import ADAM8BIT_MIN_SIZE, adam8bit_state_bytes
+from planner.cost.memory.states import ADAM8BIT_MIN_SIZE, adam8bit_state_bytes, nf4_params
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 
@@ -104,7 +104,9 @@ def torchtune_states(spec: ModelSpec, setup: TrainingSetup, rank) -> TorchtuneSt
         adapters = spec_facts.lora_params_per_rank(spec, setup.lora_targets) * _arr(rank)
         base = counts.total * w
         if setup.method == "qlora":
-            quantized = spec_facts.projection_params(spec)
+            # torchtune's QLoRA builders swap the nn.Linear projections for FrozenNF4Linear; 3-D expert stacks (no
+            # mixture of experts passes require_priced on this stack today) would stay in the base dtype
+            quantized = nf4_params(spec)
             base = quantized * tt.nf4_bytes_per_weight(setup.qlora_block_size) + (counts.total - quantized) * w
         weights = base + adapters * w
         trainable = adapters

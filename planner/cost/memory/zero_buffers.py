@@ -212,9 +212,13 @@ def gathered_at_turn_elems(spec, config: ZeroConfig, checkpointing: bool) -> flo
 # ----------------------------------------------------------------------------- one set-up's phases
 
 
-def priced_config(setup) -> ZeroConfig:
-    """The configuration the memory model prices: the one ``plan --export deepspeed`` writes."""
-    return exported_config(setup.zero)
+def priced_config(setup, hidden_size: int) -> ZeroConfig:
+    """The configuration the memory model prices: the one ``plan --export deepspeed`` writes
+    (``planner.io.exports.deepspeed_config`` writes these numbers): ``overlap_comm`` and
+    ``contiguous_gradients`` on, and the bucket sizes transformers' integration fills ``"auto"`` with
+    (``hf_auto``: reduce bucket hidden^2; stage 3 also prefetch int(0.9 hidden^2) and persistence
+    threshold 10 hidden), written as explicit numbers so that DeepSpeed's 5e8 defaults never apply."""
+    return hf_auto(exported_config(setup.zero), hidden_size)
 
 
 def applies(setup) -> bool:
@@ -246,7 +250,7 @@ def zero_buffer_bytes(spec, setup, states, config: ZeroConfig | None = None) -> 
     st = states
     if not applies(setup):
         return _zeros(st.gradients)
-    cfg = config or priced_config(setup)
+    cfg = config or priced_config(setup, spec.hidden_size)
     shard, tp = zero_shard_degree(setup), setup.tensor_parallel
     element = FP32_BYTES if setup.precision == "fp32" else 2.0  # DeepSpeed casts the model to bf16/fp16
     counts = spec_facts.param_counts(spec)

@@ -29,7 +29,14 @@ peak of the Maxwell or Pascal Titan X. cuSOLVER's bidiagonalization is bandwidth
 share does not grow with the tensor-core peak. A guess that a calibration corrects; GaLore+
 (Liao et al. 2024, arXiv:2412.19820, abstract) reports the SVD taking over 80% of GaLore's
 fine-tuning time and GaLore 2 (Su et al. 2025, arXiv:2504.20437, abstract) names the SVD's overhead
-as the method's remaining cost: it is not negligible at small batches."""
+as the method's remaining cost: it is not negligible at small batches. Whole-step evidence, not
+an SVD rate: SubTrack-Grad (Rajabi et al. 2025, arXiv:2502.01586, abstract) measured GaLore at
++157% wall time over full-rank training for a 3B model (its update gap and GPU are not in the
+abstract). No published torch.linalg.svd (cuSOLVER gesvdj/gesvd) rate on A100/H100 was found for
+LLM-sized fp32 matrices (pytorch/pytorch PR #172824 times 2048 x 2048 on an L40 only): read this
+constant as uncertain by a factor of ~3 either way (MAGMA's gesvd vs gesdd differ 3.4x at 4160 in
+pytorch/pytorch PR #1373; cuSOLVER's gesvd, gesvdj and gesvda drivers by 2-30x in issue #41306); at UPDATE_PROJ_GAP 200 an 8B model's amortized SVD is
+then between a small and a dominant share of the step. A calibration profile measures it."""
 SAME_WIDTHS_AS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
 """fp16 modes store what their bf16 twins store (``planner.cost.memory.phases.SAME_BYTES_AS``)."""
 HOST_OPS_PER_PROJECTED_TENSOR = 3.0

@@ -272,6 +272,9 @@ def map_row(row: dict) -> Run | str:
     gpu = load_gpu(gpu_name)
     network = row.get("network") or ""
     cluster = load_cluster(CLUSTERS[network]) if network in CLUSTERS else resolve_cluster(None, gpu)
+    per_node = _float(row, "gpus_per_node")
+    if per_node and int(per_node) != cluster.gpus_per_node:  # a stated node size beats the assumed one
+        cluster = cluster.model_copy(update={"gpus_per_node": int(per_node)})
     tokens = _tokens_per_s_per_gpu(row, spec, setup.seq_len, setup.num_gpus)
     if tokens is None:
         return f"metric {row['metric']} cannot be turned into tokens per second per GPU"

@@ -99,7 +99,7 @@ from planner.cost.timing.optimizer_step import (
     optimizer_bytes_per_element,
     optimizer_step_s,
 )
-from planner.cost.timing.qlora import dequantization_s
+from planner.cost.timing.qlora import dequantization_s, fp32_head_extra_s, kbit_twin
 from planner.errors import PlannerError
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -212,7 +212,8 @@ def micro_batch_flops(spec: ModelSpec, setup: TrainingSetup, b, s, rank, cache: 
     """``planner.cost.estimate.training_flops`` of one micro-batch, filed in ``cache`` (see
     ``step_time``) under what it reads: the method, the share of the forward checkpointing
     reruns, the LoRA targets."""
-    key = (*setup_key("flops", setup, _NOT_READ_BY_FLOPS), recompute_fraction(setup))
+    # any checkpointing makes HF's LoRA inputs require grad (estimate.training_flops, input_requires_grad)
+    key = (*setup_key("flops", setup, _NOT_READ_BY_FLOPS), recompute_fraction(setup), setup.checkpointing != "none")
     return shared(cache, key, lambda: training_flops(spec, setup, b, s, rank))
 
 
@@ -334,6 +335,9 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
     gpu = _device(profile, gpu)
     if setup.precision in FP16_TWINS:  # priced as bf16 on a GPU whose bf16 peak is its fp16 peak
         setup, gpu, cache = _fp16_twin(setup, gpu)
+    asked_gpu = gpu
+    if setup.kbit_preparation and setup.stack == "hf":  # fp32 widths, bf16 GEMMs, an fp32 head (qlora.kbit_twin)
+        (setup, gpu), cache = kbit_twin(setup, gpu), None
     corr = Corrections(profile)
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
@@ -341,6 +345,8 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
     work = shared(cache, setup_key("work", setup, NOT_READ_BY_WORK),
                   lambda: micro_batch_work(spec, setup, gpu, b, s, rank, corr, cache))
     parts = _step(spec, setup, gpu, work, b * s, rank, corr, cluster)
+    if gpu is not asked_gpu:
+        parts["compute_s"] = parts["compute_s"] + setup.grad_accum * fp32_head_extra_s(spec, setup, asked_gpu, b * s)
     if profile is None if grounded is None else grounded:
         from planner.cost.timing import grounding as time_model
 
