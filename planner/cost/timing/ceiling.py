@@ -30,16 +30,21 @@ DTYPES = ("bf16", "fp8")
 tensor-core paths on these GPUs; fp32 runs are priced at the fp32 peak anyway)."""
 
 
+def _read_table(parts: tuple[str, ...], what: str):
+    """(path, rows as dicts of strings) of a CSV table under models_catalog/."""
+    from planner.specs.catalog import catalog_root
+
+    file = catalog_root().joinpath(*parts)
+    try:
+        return file, list(csv.DictReader(file.read_text(encoding="utf-8").splitlines()))
+    except OSError as exc:
+        raise PlannerError(f"cannot read the {what} {file}: {exc}") from exc
+
+
 @lru_cache(maxsize=1)
 def ceiling_rows() -> tuple[dict, ...]:
     """The rows of the table, numbers as floats (``fraction`` = MAMF / the table's peak)."""
-    from planner.specs.catalog import catalog_root
-
-    file = catalog_root().joinpath(*CEILING_FILE)
-    try:
-        rows = list(csv.DictReader(file.read_text(encoding="utf-8").splitlines()))
-    except OSError as exc:
-        raise PlannerError(f"cannot read the matmul ceilings {file}: {exc}") from exc
+    file, rows = _read_table(CEILING_FILE, "matmul ceilings")
     out = []
     for row in rows:
         mamf, theory = float(row["mamf_tflops"]), float(row["theory_tflops"])
@@ -91,13 +96,7 @@ the forward)."""
 def attention_rows() -> tuple[dict, ...]:
     """The flash-attention kernel benchmarks (``attention_ceiling.csv``), with ``fraction``: the
     share of the peak of one forward + backward (``combined_fraction``)."""
-    from planner.specs.catalog import catalog_root
-
-    file = catalog_root().joinpath(*ATTENTION_FILE)
-    try:
-        rows = list(csv.DictReader(file.read_text(encoding="utf-8").splitlines()))
-    except OSError as exc:
-        raise PlannerError(f"cannot read the attention ceilings {file}: {exc}") from exc
+    file, rows = _read_table(ATTENTION_FILE, "attention ceilings")
     out = []
     for row in rows:
         fwd, bwd, theory = (float(row[k]) for k in ("forward_tflops", "backward_tflops", "theory_tflops"))
