@@ -155,8 +155,12 @@ def persisted_param_bytes(shapes, threshold_elems: float, element_bytes: float, 
     """Stage 3 keeps every parameter of at most ``stage3_param_persistence_threshold`` elements whole on
     every rank (``ds_persist`` in ``partition_parameters.py``): norms and biases. Bytes beyond their
     shard, which the states already count."""
-    small = sum(rows * (cols or 1) for rows, cols in shapes if rows * (cols or 1) <= threshold_elems)
-    return small * element_bytes * (1.0 - 1.0 / shard)
+    return persisted_param_elems(shapes, threshold_elems) * element_bytes * (1.0 - 1.0 / shard)
+
+
+def persisted_param_elems(shapes, threshold_elems: float) -> float:
+    """Elements of the parameters at or under the persistence threshold (``persisted_param_bytes``)."""
+    return float(sum(rows * (cols or 1) for rows, cols in shapes if rows * (cols or 1) <= threshold_elems))
 
 
 def reuse_trace(spec, checkpointing: bool) -> list[tuple[str, float]]:
@@ -286,9 +290,14 @@ def zero_buffer_bytes(spec, setup, states, config: ZeroConfig | None = None) -> 
         return {"forward": master + 0 * grads, "backward": master + backward + 0 * grads,
                 "optimizer": master + optimizer}
     stored = float(np.asarray(st.weights).max()) * shard / max(counts.total, 1)  # base weight bytes per element
-    persistent = ipg + persisted_param_bytes(spec_facts.full_tensor_shapes(spec), cfg.persistence_threshold_elems,
-                                             stored, shard) / tp
-    gathered = gathered_at_turn_elems(spec, cfg, setup.checkpointing != "none") * stored / tp
+    # per model and configuration, not per set-up: a plan prices hundreds of set-ups of one model
+    small_elems = spec_facts.cached(spec, ("zero_persisted_elems", cfg.persistence_threshold_elems),
+                                    lambda: persisted_param_elems(spec_facts.full_tensor_shapes(spec),
+                                                                  cfg.persistence_threshold_elems))
+    persistent = ipg + small_elems * stored * (1.0 - 1.0 / shard) / tp
+    recompute = setup.checkpointing != "none"
+    gathered = spec_facts.cached(spec, ("zero_gathered_elems", cfg, recompute),
+                                 lambda: gathered_at_turn_elems(spec, cfg, recompute)) * stored / tp
     grads_in_forward = grads if setup.grad_accum == 1 else 0.0 * grads
     persistent = persistent + master
     return {"forward": persistent + gathered + grads_in_forward,
