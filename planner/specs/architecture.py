@@ -128,6 +128,13 @@ the attention (and other ``nn.Linear``) modules minus those names, plus ``target
 ``experts.down_proj``, each wrapped by ``lora.ParamWrapper``."""
 
 
+def is_dense_prenorm_gated(spec: ModelSpec) -> bool:
+    """Every layer a dense pre-norm block with a gated MLP, sequential residual, no q/k norm, no post-norms
+    and no logit soft-capping: the Llama-style layer the torchtune and torchtitan formulas price."""
+    return not any(layer.num_experts or not layer.gated_mlp or layer.parallel_residual or layer.qk_norm != "none"
+                   or layer.post_norms or layer.attn_logit_softcap for layer in spec.layers)
+
+
 def lora_expert_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[tuple[int, Linear, int]]:
     """(layer index, stacked expert weight, rank multiple) that peft 0.21 wraps with ``lora.ParamWrapper``
     for ``target_modules``: under ``all-linear`` on a ``PEFT_MOE_CONVERTED`` model type, each layer's

@@ -19,7 +19,7 @@ width, ``V`` vocabulary, ``P_l`` parameters of one block.
 
 from __future__ import annotations
 
-from planner.specs.architecture import LayerSpec, ModelSpec
+from planner.specs.architecture import LayerSpec, ModelSpec, is_dense_prenorm_gated
 
 RSTD_BYTES = 4  # RMSNorm's fp32 reciprocal RMS per token
 LSE_BYTES = 4  # the attention kernel's fp32 log-sum-exp per head and token
@@ -36,10 +36,8 @@ def unpriced_reason(spec: ModelSpec) -> str | None:
     if spec.model_type not in PRICED_MODEL_TYPES:
         return (f"the torchtitan stack is priced for its Llama 3 builder ({', '.join(PRICED_MODEL_TYPES)} "
                 f"models), not {spec.model_type!r}: use --stack hf")
-    for layer in spec.layers:
-        if (layer.num_experts or not layer.gated_mlp or layer.parallel_residual or layer.qk_norm != "none"
-                or layer.post_norms or layer.attn_logit_softcap):
-            return "the torchtitan formulas cover Llama 3's dense pre-norm blocks with a SwiGLU MLP: use --stack hf"
+    if not is_dense_prenorm_gated(spec):
+        return "the torchtitan formulas cover Llama 3's dense pre-norm blocks with a SwiGLU MLP: use --stack hf"
     if spec.tied_embeddings:
         return "torchtitan's Llama 3 builder does not tie the embedding and the head: use --stack hf"
     return None

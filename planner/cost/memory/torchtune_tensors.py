@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.specs.architecture import LayerSpec, ModelSpec
+from planner.specs.architecture import LayerSpec, ModelSpec, is_dense_prenorm_gated
 
 #: HF ``lora_targets`` names and torchtune's (attention modules are named, the MLP is one switch)
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj",
@@ -68,10 +68,8 @@ def unpriced_reason(spec: ModelSpec) -> str | None:
     if spec.model_type not in PRICED_MODEL_TYPES:
         return (f"the torchtune stack is priced for {', '.join(PRICED_MODEL_TYPES)} models, "
                 f"not {spec.model_type!r}: use --stack hf")
-    for layer in spec.layers:
-        if (layer.num_experts or not layer.gated_mlp or layer.parallel_residual or layer.qk_norm != "none"
-                or layer.post_norms or layer.attn_logit_softcap):
-            return "the torchtune formulas cover dense pre-norm layers with a gated MLP: use --stack hf"
+    if not is_dense_prenorm_gated(spec):
+        return "the torchtune formulas cover dense pre-norm layers with a gated MLP: use --stack hf"
     return None
 
 
