@@ -81,6 +81,20 @@ LOSS_COMPILED_SOURCES = {
 """Published torchtitan rows run with a compiled loss (``loss_impl="compiled"``); every other torchtitan
 row predates PR #1033 (the H100 rows of the torchao doc were added on 2025-03-12, pytorch/ao #1793;
 the torchtitan_bench_2024_12 rows ran torchtitan 9dec370, 2024-12)."""
+CUDNN_ATTENTION_RECOMPUTED = {
+    "torchao_float8_training_doc-008": "torchtitan 6fc499f (2025-08-14) on B200",
+    "torchao_float8_training_doc-009": "torchtitan 6fc499f (2025-08-14) on B200",
+    "torchao_float8_training_doc-010": "torchtitan 6fc499f (2025-08-14) on B200",
+    "torchao_float8_training_doc-011": "torchtitan 6fc499f (2025-08-14) on B200",
+    "torchao_float8_training_doc-012": "torchtitan 6fc499f (2025-08-14) on B200",
+}
+"""Published torchtitan rows whose per-op SAC recomputed the attention, which torchtitan 0.3.0 (priced)
+saves: on compute capability 10.0 torchtitan puts SDPA's cuDNN backend first (PR #1196, 2025-05-14,
+``models/attention.py``), and its op-SAC save list held the flash and efficient kernels but not
+``_scaled_dot_product_cudnn_attention`` until PR #2095 (2025-12-01, "add all SDPA backends to
+op_sac_save_list"). The attention output (b s h in bf16) and its statistics are then recomputed, not
+saved: 2.0 GiB less on Llama-3-8B at 8192 tokens; PR #1196's own log reads 46.39 -> 44.59 GiB reserved on
+B200. Checked with ``git merge-base --is-ancestor 6fc499f b39377f`` (false) in pytorch/torchtitan."""
 TORCHTUNE_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
                      "mlp": "gate_proj,up_proj,down_proj", "lm_head": "lm_head"}
 COMPARED = {"allocated-peak": "peak_bytes", "active-peak": "peak_bytes", "reserved-peak": "reserved",
@@ -136,8 +150,83 @@ def _lora_fields(row, stack: str) -> dict:
     return fields
 
 
+# ----------------------------------------------------------------------------- megatron rows (issue 10)
+MEGATRON_FLAGS = {  # technique -> set-up fields (planner.cost.memory.megatron_stack)
+    "distributed-optimizer": {"zero": 1}, "sequence-parallel": {"sequence_parallel": True},
+    "attention-unfused": {"attention": "eager"}, "attention-auto": {}, "attention-flash": {},
+    "attention-fused": {},
+    # what Megatron runs that changes no priced tensor: the overlaps reuse the buckets of the
+    # persistent buffers; without gradient-accumulation fusion each weight gradient is a bf16
+    # transient added into the fp32 buffer (one GEMM's, not priced); the local transformer spec
+    # keeps the same per-layer set with its unfused attention
+    "no-grad-accum-fusion": {}, "overlap-grad-reduce": {}, "overlap-param-gather": {},
+    "transformer-impl-local": {"attention": "eager"},
+    "untied-embeddings": {}, "rope": {}, "no-bias": {},
+}
+
+
+def _megatron_spec(row, names: list[str]):
+    """The model a Megatron row ran: a catalog name, or ``hf_config_like`` sizes on GPT-2's layout
+    (LayerNorm, GeLU MLP, biases, learned positions unless ``pos=0``) with its key/value groups."""
+    import dataclasses
+
+    from planner.specs.catalog import load_model_config
+    from planner.specs.model import model_spec_from_config
+
+    like = row["hf_config_like"]
+    if not isinstance(like, str):
+        return load_spec(str(row["model"]))
+    if "swiglu" in names:
+        raise Unexpressible("SwiGLU on a LayerNorm GPT with learned positions: no config family of the catalog")
+    size = {k: int(v) for k, v in (part.split("=") for part in like.split(";"))}
+    cfg = dict(load_model_config(str(row["model"]))[0])
+    cfg.update(n_embd=size["h"], n_layer=size["L"], n_head=size["a"], n_inner=size["ffn"], vocab_size=size["V"],
+               n_positions=max(size["pos"], 1), n_ctx=max(size["pos"], 1))
+    spec = model_spec_from_config(cfg, f"{row['model']}[{like}]")
+    layer = spec.layers[0]
+    q, kv = layer.q_dim, size["kv"] * layer.head_dim
+    bias = "no-bias" not in names
+    attention = (dataclasses.replace(layer.attention[0], out_features=q + 2 * kv, bias=bias),
+                 dataclasses.replace(layer.attention[1], bias=bias))
+    mlp = tuple(dataclasses.replace(lin, bias=bias) for lin in layer.mlp)
+    layer = dataclasses.replace(layer, num_kv_heads=size["kv"], attention=attention, mlp=mlp)
+    return dataclasses.replace(spec, layers=(layer,) * size["L"], tied_embeddings="untied-embeddings" not in names,
+                               position_embeddings=size["pos"])
+
+
+def _megatron_setup(row) -> tuple[object, TrainingSetup]:
+    """A Megatron row's (spec, set-up): its parallel layout, recompute, distributed optimizer and
+    attention backend from the row's columns and ``techniques``."""
+    names = row["techniques"].split(";") if isinstance(row["techniques"], str) else []
+    fields = {"stack": "megatron", "method": "full", "precision": "bf16-mixed", "optimizer": "adamw"}
+    for name in names:
+        if name.startswith(("vp=", "cp=", "dropout=")):
+            key, value = name.split("=")
+            if key == "vp":
+                fields.update(virtual_stages=int(value), pipeline_schedule="interleaved")
+            elif key == "cp":
+                fields["context_parallel"] = int(value)
+            else:
+                fields["dropout"] = float(value)
+        elif name in MEGATRON_FLAGS:
+            fields.update(MEGATRON_FLAGS[name])
+        elif name != "swiglu":
+            raise Unexpressible(f"megatron technique {name} not priced")
+    spec = _megatron_spec(row, names)
+    fields.update(seq_len=int(_stated(row, "seq_len")), micro_batch=int(_stated(row, "micro_batch")),
+                  grad_accum=int(_stated(row, "grad_accum")), num_gpus=int(_stated(row, "num_gpus")),
+                  tensor_parallel=int(_stated(row, "tp")), pipeline_parallel=int(_stated(row, "pp")),
+                  checkpointing=str(_stated(row, "checkpointing")))
+    try:
+        return spec, TrainingSetup(**fields)
+    except (ValueError, PlannerError) as exc:
+        raise Unexpressible(f"set-up refused: {str(exc).splitlines()[0][:80]}") from None
+
+
 def setup_for(row) -> tuple[object, TrainingSetup]:
     """The (spec, set-up) a published row ran, or ``Unexpressible`` with the reason."""
+    if row["stack"] == "megatron":
+        return _megatron_setup(row)
     stack = STACKS.get(row["stack"])
     if stack is None:
         raise Unexpressible(f"stack {row['stack']} not priced")
@@ -174,6 +263,9 @@ def setup_for(row) -> tuple[object, TrainingSetup]:
         **{**_techniques(row), **({"packed": True} if packed and stack != "torchtitan" else {})},
         **_lora_fields(row, stack),
     )
+    if row["id"] in CUDNN_ATTENTION_RECOMPUTED:
+        raise Unexpressible(f"{CUDNN_ATTENTION_RECOMPUTED[row['id']]}: op-SAC recomputes cuDNN attention (not saved "
+                            "before torchtitan PR #2095), which torchtitan 0.3.0 saves")
     if stack == "torchtitan":  # FSDP2 full shard over every GPU, fused AdamW (its defaults)
         fields.update(zero=3 if fields["num_gpus"] > 1 else 0, optimizer_impl="fused")
         if row["id"] in LOSS_COMPILED_SOURCES and fields.get("compile"):
@@ -191,7 +283,27 @@ def setup_for(row) -> tuple[object, TrainingSetup]:
         raise Unexpressible(f"set-up refused: {str(exc).splitlines()[0][:80]}") from None
 
 
-def predicted_gib(spec, setup: TrainingSetup, metric: str) -> float:
+MEGATRON_MEASURED_RANK = {"megatron_functional_tests": "last", "megatron_pr482": "first"}
+"""Which pipeline rank a Megatron source's counter reads: the functional tests log memory through the
+tensorboard writer, which exists on rank world_size - 1 only (``megatron/training/global_vars.py``), a GPU of
+the last pipeline stage; PR #482's table names rank 0. The estimate's peak is the worst rank's."""
+
+
+def _megatron_rank_peak_gib(spec, setup: TrainingSetup, source_id: str) -> float:
+    """Peak allocated of the pipeline rank the source measured (``megatron_stack.rank_phases_and_components``)."""
+    from planner.cost.memory import megatron_stack as ms
+    from planner.cost.support import require_priced
+
+    require_priced(setup)
+    ranks = ms.ranks(spec, setup)
+    rank = ranks[-1] if MEGATRON_MEASURED_RANK[source_id] == "last" else ranks[0]
+    phases, _ = ms.rank_phases_and_components(spec, setup, rank, setup.micro_batch, setup.seq_len)
+    return max(float(v) for v in phases.values()) / GIB
+
+
+def predicted_gib(spec, setup: TrainingSetup, metric: str, source_id: str = "") -> float:
+    if setup.stack == "megatron" and COMPARED[metric] == "peak_bytes" and source_id in MEGATRON_MEASURED_RANK:
+        return _megatron_rank_peak_gib(spec, setup, source_id)
     result = estimate(spec, setup)
     kind = COMPARED[metric]
     if kind == "peak_bytes":
@@ -206,7 +318,7 @@ def compare_all(table: pd.DataFrame) -> tuple[list[Compared], list[tuple[str, st
     for _, row in table.iterrows():
         try:
             spec, setup = setup_for(row)
-            predicted = predicted_gib(spec, setup, row["metric"])
+            predicted = predicted_gib(spec, setup, row["metric"], row["source_id"])
         except Unexpressible as why:
             skipped.append((row["id"], str(why)))
             continue

@@ -222,3 +222,19 @@ def test_fit_keeps_only_the_set_ups_that_use_the_asked_techniques(capsys):
     assert code == 0 and rows and {(r["method"], r["stack"]) for r in rows} == {("qlora", "hf")}
     code, _, err = run(capsys, "fit", "llama-3.1-8b", "--gpu", "rtx-4090", "--stack", "torchtune", "--kbit-preparation")
     assert code == 2 and "kbit_preparation=True" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fit_lists_galore_where_it_is_priced(capsys):
+    """GaLore-AdamW rows (unsharded only) carry the same peak as `estimate` of that set-up."""
+    from planner.cost.memory.phases import training_memory
+    from planner.specs.catalog import load_spec
+    from planner.specs.setup import TrainingSetup
+
+    code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "rtx-4090", "--seq-len", "2048", "--json")
+    rows = [r for r in json.loads(out)["rows"] if r["optimizer"] == "galore-adamw"]
+    assert code == 0 and {r["checkpointing"] for r in rows} == {"none", "selective", "full"}
+    row = next(r for r in rows if r["checkpointing"] == "full")
+    setup = TrainingSetup(method="full", precision="bf16", optimizer="galore-adamw", checkpointing="full", seq_len=2048)
+    assert row["fits"] and row["peak_bytes"] == float(training_memory(load_spec("llama-3.2-1b"), setup, 1).peak_bytes)
+    code, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "h100-sxm", "--num-gpus", "8", "--zero", "3", "--json")
+    assert code == 0 and not any(r["optimizer"] == "galore-adamw" for r in json.loads(out)["rows"])

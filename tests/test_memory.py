@@ -39,8 +39,9 @@ def test_shared_cache_changes_nothing(llama):
             for name in alone.phases:
                 assert np.array_equal(alone.phases[name], shared.phases[name]), (setup, name)
     # activations: one per method x checkpointing x tensor parallel, full fine-tuning's bf16-mixed twice (autocast
-    # without ZeRO, DeepSpeed's pure bf16 with it: activation_memory.compute_setup)
-    assert sum(key[1] == "activations" for key in caches["cuda"]) == (3 + 1) * 3 * 2
+    # without ZeRO, DeepSpeed's pure bf16 with it) and LoRA's three times (peft's adapters without ZeRO, DeepSpeed's
+    # bf16 ones at ZeRO-1/2, peft's fp32 ones at ZeRO-3: activation_memory.compute_setup)
+    assert sum(key[1] == "activations" for key in caches["cuda"]) == (2 + 3 + 1) * 3 * 2
 
 
 def test_vectorized_sweep_equals_scalar_calls(llama):
@@ -87,9 +88,12 @@ def test_techniques_reduce_memory(llama):
     # LoRA saves gradients and optimizer states but its fp32 input casts add activations: it is
     # lighter than full fine-tuning when states dominate (short sequences), not always
     assert peak(method="lora", micro_batch=1, seq_len=512) < peak(micro_batch=1, seq_len=512)
-    # sharding more of the model states helps where states set the peak (short sequences)
+    # sharding more of the model states helps where states set the peak (short sequences); DeepSpeed's
+    # ZeRO-1 with overlap_comm and no accumulation frees and partitions gradients as ZeRO-2 does (run on
+    # its CPU accelerator, tests/test_zero_lora.py), and keeps them whole across accumulated micro-batches
     small = dict(micro_batch=1, seq_len=512, num_gpus=8)
-    assert peak(**small, zero=3) < peak(**small, zero=2) < peak(**small, zero=1) < peak(micro_batch=1, seq_len=512)
+    assert peak(**small, zero=3) < peak(**small, zero=2) <= peak(**small, zero=1) < peak(micro_batch=1, seq_len=512)
+    assert peak(**small, zero=2, grad_accum=2) < peak(**small, zero=1, grad_accum=2)
 
 
 def test_activations_linear_in_batch_and_eager_quadratic_in_sequence(llama):

@@ -71,7 +71,10 @@ def test_torchtitan_pretraining_is_full_training_under_fsdp(capsys):
     (["--model", "gpt2", "--seq-len", "1024", "--budget-usd", "50", "--stacks", "torchtune"], "torchtune stack is priced"),
     (["--compute", "1e21", "--stacks", "torchtune"], "fine-tuning recipes"),
     (["--model", "llama-3.1-8b", "--budget-usd", "50", "--stacks", "torchtitan", "--methods", "lora"], "full training"),
-    (["--model", "llama-3.2-1b", "--budget-usd", "50", "--stacks", "megatron"], "stacks"),
+    (["--model", "qwen3-30b-a3b", "--budget-usd", "500", "--methods", "full", "--stacks", "megatron"],
+     "mixtures of experts"),
+    (["--model", "llama-3.1-8b", "--budget-usd", "50", "--stacks", "megatron", "--methods", "lora"], "full training"),
+    (["--model", "llama-3.2-1b", "--budget-usd", "50", "--stacks", "nemo"], "stacks"),
 ])
 def test_a_stack_that_cannot_run_the_plan_is_one_line_exit_2(capsys, argv, words):
     code = main(["plan", *argv])
@@ -87,7 +90,7 @@ def test_an_unpriceable_model_is_skipped_when_other_stacks_can_run(capsys):
 
 
 def test_any_means_every_stack():
-    assert PlanRequest(stacks="any").stacks == ("hf", "torchtune", "torchtitan")
+    assert PlanRequest(stacks="any").stacks == ("hf", "torchtune", "torchtitan", "megatron")
     assert PlanRequest(stacks="torchtune, hf, torchtune").stacks == ("torchtune", "hf")
 
 
@@ -233,3 +236,52 @@ def test_activation_offload_only_where_its_twin_on_the_gpu_does_not_fit():
     assert full.recommended.cost_usd == pytest.approx(rec.cost_usd, rel=1e-9)
     short = make_plan(request.model_copy(update={"seq_len": 2048}), continuous_check=False)
     assert not any(c.setup_fields.get("activation_offload") for c in [short.recommended, *short.pareto])
+
+
+# ----------------------------------------------------------------------------- Megatron
+
+def test_megatron_plans_tensor_parallel_with_sequence_parallel_and_its_distributed_optimizer():
+    """A 70B full fine-tune on 64 H100s with --stacks megatron: tensor parallelism with sequence
+    parallelism on, ZeRO 0 or 1 (the distributed optimizer), the candidate's set-up read back exactly,
+    and the pruned search agrees with the exhaustive one."""
+    from planner.cost.memory.phases import training_memory
+    from planner.specs.catalog import load_spec
+
+    request = PlanRequest(models=("llama-3.1-70b",), methods=("full",), gpu="h100-sxm", num_gpus=64, budget_usd=20000.0,
+                          data_pool_tokens=20e9, stacks=("megatron",))
+    plan = make_plan(request, continuous_check=False)
+    rec = plan.recommended
+    setup = candidate_setup(rec)
+    assert setup.stack == "megatron" and setup.zero in (0, 1) and setup.tensor_parallel > 1 and setup.sequence_parallel
+    assert all(c.stack == "megatron" and (c.tensor_parallel == 1 or c.sequence_parallel) for c in plan.pareto)
+    assert float(training_memory(load_spec("llama-3.1-70b"), setup, setup.micro_batch).peak_bytes) == pytest.approx(
+        rec.peak_bytes, rel=1e-9)
+    full = make_plan(request, exhaustive=True, continuous_check=False)
+    assert full.recommended.cost_usd == pytest.approx(rec.cost_usd, rel=1e-9)
+    assert full.recommended.loss == pytest.approx(rec.loss, rel=1e-9)
+
+
+def test_megatron_takes_pipeline_stages_where_tensor_parallelism_alone_does_not_fit():
+    request = PlanRequest(models=("llama-3.1-405b",), methods=("full",), gpu="h100-sxm", num_gpus=256,
+                          budget_usd=500000.0, data_pool_tokens=20e9, stacks=("megatron",), micro_batches=(1,))
+    rec = make_plan(request, continuous_check=False).recommended
+    assert rec.stack == "megatron" and rec.pipeline_parallel > 1 and rec.tensor_parallel == 8 and rec.sequence_parallel
+
+
+def test_fit_lists_megatron_and_its_fix_uses_its_own_sharding(capsys):
+    code = main(["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--stack", "megatron", "--seq-len", "4096", "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0 and {r["stack"] for r in payload["rows"]} == {"megatron"}
+    assert {r["checkpointing"] for r in payload["rows"]} == {"none", "selective", "full"}
+    assert not any(r["fits"] for r in payload["rows"])  # 18 bytes per parameter on one GPU: 134 GiB of states
+    fix = next(f for f in payload["fixes"] if f["change"] == "num_gpus")
+    assert "distributed optimizer" in fix["fix"]
+
+
+@pytest.mark.parametrize("export", ["hf-trainer", "deepspeed", "accelerate", "torchtitan"])
+def test_a_megatron_run_is_not_exported_as_another_stack(capsys, tmp_path, export):
+    code = main(["plan", "--model", "llama-3.1-8b", "--methods", "full", "--gpu", "h100-sxm", "--num-gpus", "8",
+                 "--stacks", "megatron", "--budget-usd", "500", "--export", export, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "stack megatron" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

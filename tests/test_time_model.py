@@ -283,12 +283,12 @@ def test_float8_is_faster_on_h100_and_refused_without_fp8():
 
 def test_float8_all_gather_gathers_the_linears_in_one_byte(llama8b):
     """torchao's enable_fsdp_float8_all_gather: the decoder linears' shards travel in fp8, the
-    rest in bf16 (planner.cost.timing.communication._gathered_weight_bytes)."""
+    rest in bf16 (planner.cost.timing.dp_volume.gathered_weight_bytes)."""
     from planner.cost.spec_facts import param_counts, projection_params
-    from planner.cost.timing.communication import _gathered_weight_bytes
+    from planner.cost.timing.dp_volume import gathered_weight_bytes
 
     f8 = TrainingSetup(stack="torchtitan", precision="bf16", num_gpus=8, zero=3, float8=True)
-    bf16 = _gathered_weight_bytes(llama8b, f8, 1e9, 2.0)
-    fp8 = _gathered_weight_bytes(llama8b, f8.model_copy(update={"float8_all_gather": True}), 1e9, 2.0)
+    bf16 = gathered_weight_bytes(llama8b, f8, 1e9)
+    fp8 = gathered_weight_bytes(llama8b, f8.model_copy(update={"float8_all_gather": True}), 1e9)
     share = projection_params(llama8b) / param_counts(llama8b).total
     assert fp8 == pytest.approx(bf16 * (1 - share / 2))

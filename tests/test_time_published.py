@@ -101,8 +101,10 @@ QWEN_MULTINODE_LORA = {f"qwen1_readme_profiling-0{i}" for i in range(34, 40)}
 def test_leave_one_source_out_targets(tab):
     """What the committed model meets held out (issue 11): median |error| <= 8% (10.8% before the
     measured ceilings), the 80% intervals hold >= 85% of runs, 11 sources, llm-foundry's 216
-    runs within 8% at the median; the worst run apart from Qwen-1's multinode LoRA (an HF + ZeRO-3
-    run at 256 tokens, see benchmarks/README.md) below 75%. A GPU generation seen in one source only (MI300X, in
+    runs within 8% at the median; the worst run apart from Qwen-1's multinode LoRA below 60% (MI300X
+    float8, 54%). Qwen-1's 7B ZeRO-3 run at 256 tokens (031) within 50%: 74% before issue 11's counted
+    ZeRO-3 module fetches (three per module and micro-batch under checkpointing, not two) and gathers
+    (1.5 passes of the weights per micro-batch, not 2), see benchmarks/README.md. A GPU generation seen in one source only (MI300X, in
     torchao's float8 doc) is predicted from its measured matmul ceiling: within 40% (108% with
     a per-generation constant)."""
     result = time_fit.loso(tab)
@@ -113,7 +115,8 @@ def test_leave_one_source_out_targets(tab):
     assert summary["interval_coverage"] >= 0.85
     assert summary["sources"] >= 11
     errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
-    assert max(abs(e) for run, e in errors.items() if run not in QWEN_MULTINODE_LORA) < 0.75
+    assert max(abs(e) for run, e in errors.items() if run not in QWEN_MULTINODE_LORA) < 0.60
+    assert abs(errors["qwen1_readme_profiling-031"]) < 0.50
     # Qwen-1's LoRA on 2 nodes x 2 A100s (ZeRO-2) runs 1.75x slower per GPU than the same table's
     # single-GPU LoRA row at every length: a cost proportional to tokens that no stated field
     # explains (the LoRA gradients' reduce is ~5 ms); priced, held out they stay optimistic

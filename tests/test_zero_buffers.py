@@ -5,6 +5,7 @@ Three kinds of ground truth:
   DeepSpeed 0.19.8) and the hand derivations of what its ZeRO optimizers allocate;
 - ZERO_ORACLE: DeepSpeed 0.19.8 run on the CPU accelerator under PyTorch's MemTracker
   (``benchmarks/zero_oracle_cpu.py``), peak bytes per phase, differences between configurations;
+  ZERO_ORACLE_LORA: its LoRA / DoRA / QLoRA / precision runs (compared in ``tests/test_zero_lora.py``);
 - the published Qwen-1 rows of ``memory.csv`` run with ZeRO (``benchmarks/bench_zero_published.py``).
 No constant is fitted.
 """
@@ -50,6 +51,52 @@ ZERO_ORACLE = {
      .replace("}", ', "stage3_max_live_parameters": 5e6}')): {"before": 121065745, "forward": 160855329},
     (2, 12, 3, 1e6, R0.replace('"stage3_max_reuse_distance": 0', '"stage3_max_reuse_distance": 5e6')):
         {"before": 121065745, "forward": 156133665},
+}
+# LoRA / DoRA / QLoRA and full runs of benchmarks/zero_oracle_cpu.py (4 layers, reduce_bucket_size 65536 =
+# hidden^2 as transformers' "auto" fills it; ZeRO-3 also stage3_prefetch_bucket_size 58982 and
+# stage3_param_persistence_threshold 2560, "auto" for hidden 256): LORA=8 (r 8 on q,k,v,o,gate,up,down,
+# 163,840 adapter elements), DORA=1, QLORA=1, ADAPTER_DTYPE=base. Key: (ranks, stage, precision, mode,
+# reduce_bucket_size); per phase the peak bytes of the third step ("before": live at its start), and the
+# bytes per element DeepSpeed gave the trainable and frozen parameters ("dtypes": from the run's facts).
+# fp16 does not run on DeepSpeed's CPU accelerator ("Type fp16 is not supported on your device").
+ZERO_ORACLE_LORA = {
+    (1, 1, "bf16", "lora", 65536): {"before": 20125596, "forward": 36547500, "backward": 38053800, "optimizer": 22091684,
+                                    "dtypes": (2, 2)},
+    (1, 2, "bf16", "lora", 65536): {"before": 20125596, "forward": 36547500, "backward": 38053800, "optimizer": 22091684,
+                                    "dtypes": (2, 2)},
+    (1, 3, "bf16", "lora", 65536): {"before": 20911905, "forward": 42044209, "backward": 43616045, "optimizer": 22878009,
+                                    "dtypes": (4, 2)},
+    (2, 1, "bf16", "lora", 65536): {"before": 19142556, "forward": 35564460, "backward": 37070760, "optimizer": 20125604,
+                                    "dtypes": (2, 2)},
+    (2, 2, "bf16", "lora", 65536): {"before": 19142556, "forward": 35564460, "backward": 37070760, "optimizer": 20125604,
+                                    "dtypes": (2, 2)},
+    (2, 3, "bf16", "lora", 65536): {"before": 12197921, "forward": 44241969, "backward": 45813805, "optimizer": 12815929,
+                                    "dtypes": (4, 2)},
+    (2, 3, "bf16", "lora-base", 65536): {"before": 11853857, "forward": 39040049, "backward": 40611885,
+                                         "optimizer": 12652089, "dtypes": (2, 2)},
+    (2, 2, "bf16", "dora", 65536): {"before": 19363740, "forward": 43716012, "backward": 45222312, "optimizer": 20414372,
+                                    "dtypes": (2, 2)},
+    (2, 2, "fp32", "lora", 65536): {"before": 37300636, "forward": 56499628, "backward": 59513256, "optimizer": 38283684,
+                                    "dtypes": (4, 4)},
+    (2, 3, "fp32", "lora", 65536): {"before": 22723489, "forward": 63451057, "backward": 66595757, "optimizer": 23336889,
+                                    "dtypes": (4, 4)},
+    (1, 2, "bf16", "qlora", 65536): {"before": 15099340, "forward": 31521244, "backward": 33027544, "optimizer": 17065428,
+                                     "dtypes": (2, None)},
+    (2, 2, "bf16", "qlora", 65536): {"before": 14116300, "forward": 30538204, "backward": 32044504, "optimizer": 15099348,
+                                     "dtypes": (2, None)},
+    (1, 2, "bf16", "full", 65536): {"before": 109085452, "forward": 126171420, "backward": 134760728,
+                                    "optimizer": 200339220, "dtypes": (2, None)},
+    (1, 2, "fp32", "full", 65536): {"before": 126915852, "forward": 147311388, "backward": 177073944,
+                                    "optimizer": 218169620, "dtypes": (4, None)},
+    (2, 1, "bf16", "full", 65536): {"before": 63458572, "forward": 80544540, "backward": 82269464,
+                                    "optimizer": 109085460, "dtypes": (2, None)},
+    (2, 2, "bf16", "full", 65536): {"before": 63458572, "forward": 80544540, "backward": 82116376,
+                                    "optimizer": 109085460, "dtypes": (2, None)},
+    (1, 2, "bf16", "lora", 1e6): {"before": 20125596, "forward": 36547500, "backward": 38053800, "optimizer": 22091684,
+                                  "dtypes": (2, 2)},
+    # DoRA at ZeRO-3 (with transformers' HfDeepSpeedConfig alive, so that peft gathers the base weights it reads)
+    (2, 3, "bf16", "dora", 65536): {"before": 17587233, "forward": 61953073, "backward": 63524909, "optimizer": 18227769,
+                                    "dtypes": (4, 2)},
 }
 # STEP_PROBE=1 on (1, 4, 2, 1e6): live at the forward's start 109.09 MB; at the inner optimizer step
 # 139.50 MB live and 169.92 MB peak so far (the gradient partition, 2 bytes x 7,604,480, live before it)

@@ -5,9 +5,10 @@ hardware (--gpu, --num-gpus), an optional data pool and model, and answers the r
 the Pareto front over loss, cost and time, the binding constraints and the stopping threshold.
 Plans are files: --request reads a JSON/YAML PlanRequest (flags override it), --save writes the
 Plan, --from-plan reads one back, --export writes what an engine launches with (hf-trainer,
-accelerate, deepspeed, a torchtune recipe, torchtitan 0.3.0's overrides and launch line). --cluster
-prices days and dollars on a catalog cluster's network; --stacks, --compile/--no-compile and
---packed choose the training stacks and their techniques (``planner.search.stacks``).
+accelerate, deepspeed, a torchtune recipe, torchtitan 0.3.0's overrides and launch line, Megatron-LM's
+pretrain_gpt.py launch script). --cluster prices days and dollars on a catalog cluster's network;
+--stacks, --compile/--no-compile and --packed choose the training stacks and their techniques
+(``planner.search.stacks``).
 `planner compare` plans named allocations side by side under the same limits; an allocation may
 pin its own stack and techniques (stack=torchtune, compile=false, packed=true).
 
@@ -21,8 +22,9 @@ import argparse
 from planner.cli.plan_text import compare_text, plan_text  # noqa: F401 - re-exported (notebooks, tests)
 from planner.errors import PlannerError
 
-EXPORT_CHOICES = ("hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan")
-"""``planner.search.plan.EXPORT_FORMATS`` (kept here: the parser is built without importing the search)."""
+EXPORT_CHOICES = ("hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan", "megatron")
+"""``planner.search.plan.EXPORT_FORMATS`` (kept here: the parser is built without importing the search;
+``tests/test_exports_megatron.py`` checks they agree)."""
 _LIST_FIELDS = {
     "methods": str, "lora_ranks": int, "optimizers": str, "checkpointing": str, "zero": int,
     "tensor_parallel": int, "micro_batches": int, "gpu_counts": int, "selection": str, "keep_fractions": float,
@@ -73,7 +75,8 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", help="ZeRO stages to try, e.g. 0,3")
     p.add_argument("--tensor-parallel", help="tensor-parallel degrees to try, e.g. 1,8")
     p.add_argument("--micro-batches", help="e.g. 1,2,4,8")
-    p.add_argument("--stacks", help="training stacks to search: hf (default), torchtune, torchtitan, comma-separated, or any")
+    p.add_argument("--stacks", help="training stacks to search: hf (default), torchtune, torchtitan, megatron, "
+                                          "comma-separated, or any")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile on the stacks that price it (torchtune, torchtitan); default: searched, "
                         "--no-compile: eager only")
@@ -109,7 +112,8 @@ def register(subparsers) -> None:
     plan.add_argument("--save", metavar="PLAN", help="write the plan as JSON or YAML")
     plan.add_argument("--export", choices=EXPORT_CHOICES, help="write a launch configuration (torchtune: the recipe "
                       "config of a torchtune run, --stacks torchtune; torchtitan: torchtitan 0.3.0's overrides as TOML "
-                      "and the torchrun line, --stacks torchtitan)")
+                      "and the torchrun line, --stacks torchtitan; megatron: the torchrun script of Megatron-LM's pretrain_gpt.py, "
+                      "--stacks megatron)")
     plan.add_argument("--out", metavar="PATH", help="where --export writes")
     plan.add_argument("--exhaustive", action="store_true", help="evaluate every set-up (no dominance pruning)")
     plan.add_argument("--continuous-check", action="store_true",

@@ -145,7 +145,9 @@ def compare_text(rows: list[dict]) -> str:
 def _stack_text(r) -> str:
     """" on torchtune + chunked CE" for a run on another stack than Hugging Face's, "" otherwise."""
     stack = getattr(r, "stack", "hf")
-    return "" if stack == "hf" else " on " + " + ".join([stack, *getattr(r, "techniques", [])])
+    # the layout's words (sequence parallel, PP) are the set-up line's (``_pipeline_text``)
+    words = [w for w in getattr(r, "techniques", []) if w != "sequence parallel" and not w.startswith("PP ")]
+    return "" if stack == "hf" else " on " + " + ".join([stack, *words])
 
 
 def _pipeline_text(r) -> str:

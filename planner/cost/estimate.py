@@ -143,6 +143,10 @@ def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     from planner.cost.memory.device import leaves_out_note
 
     notes = [leaves_out_note(setup)]
+    if setup.stack == "megatron":
+        from planner.cost.memory.megatron_stack import NOTE as megatron_note
+
+        notes.append(megatron_note)
     if spec.is_moe and setup.method != "full" and lora_expert_targets(spec, setup.lora_targets):
         notes.append(
             "LoRA on stacked experts as peft 0.21 wraps them (lora.ParamWrapper): the merged W + BA of each "

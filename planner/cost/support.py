@@ -81,9 +81,29 @@ MEMORY_PRICED_BY_STACK: dict[str, dict[str, tuple]] = {
         "float8": (False, True),  # planner.cost.memory.float8: torchao float8, torchtitan's rowwise converter
         "float8_all_gather": (False, True),  # FSDP2 gathers the converted weights in fp8 (older torchtitan)
     },
+    "megatron": {
+        # planner.cost.memory.megatron_stack: Megatron-Core + Transformer Engine, priced from the documented
+        # algorithms (Korthikanti et al. 2022; docs/user-guide/features/dist_optimizer.md), not traced
+        **MEMORY_PRICED,
+        "stack": ("megatron",),
+        "precision": ("bf16-mixed", "fp32"),  # --bf16 (bf16 params, fp32 main grads and master) or fp32
+        "method": ("full",),
+        "optimizer": ("adamw",),
+        "optimizer_impl": ("foreach", "fused"),  # both priced as Megatron's own fused multi-tensor Adam
+        "attention": ("sdpa", "eager"),  # flash / cuDNN fused attention, or the unfused core (the 5as/h term)
+        "checkpointing": ("none", "selective", "full"),  # --recompute-granularity (selective: core_attn)
+        "loss_impl": ("standard",),  # the vocab-parallel cross-entropy on fp32 logits
+        "zero": (0, 1),  # 1: --use-distributed-optimizer (master + Adam sharded over dp x cp)
+        "offload_optimizer": (False,),
+        "pipeline_schedule": ("1f1b", "interleaved"),
+        "expert_parallel": (1,),
+        "dora": (False,),
+        "kbit_preparation": (False,),
+        "adapter_dtype": ("auto",),
+    },
 }
 """Stack -> field -> priced values (``planner.cost.memory.torchtune_stack`` for torchtune,
-``planner.cost.memory.torchtitan_stack`` for torchtitan)."""
+``planner.cost.memory.torchtitan_stack`` for torchtitan, ``planner.cost.memory.megatron_stack`` for megatron)."""
 
 _ANY_COUNT = range(1, 2**18 + 1)  # every count a set-up accepts (MAX_NUM_GPUS)
 TIME_PRICED: dict[str, tuple] = {

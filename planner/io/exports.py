@@ -28,6 +28,11 @@ _HF_OPTIM = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "adafactor"
 
 
 def _need_single_node_tp(c: Candidate, engine: str) -> None:
+    """A one-line refusal of what the Hugging Face exports cannot launch: another stack's run, tensor
+    parallelism, pipeline stages."""
+    if c.stack != "hf":
+        raise PlannerError(f"the recommended run is on stack {c.stack}, which {engine} does not launch: "
+                           f"--export {c.stack}, or re-plan with --stacks hf")
     if c.tensor_parallel > 1:
         raise PlannerError(
             f"the plan uses tensor parallelism {c.tensor_parallel}, which {engine} does not launch; "
@@ -215,6 +220,7 @@ def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> l
     when the run uses ZeRO and ``<stem>.peft.json`` for LoRA/QLoRA. accelerate: ``path`` (YAML).
     deepspeed: ``path`` (JSON). torchtune: ``path`` (YAML), for ``tune run <recipe> --config``.
     torchtitan: ``path`` (TOML) and beside it ``<stem>.sh``, the torchrun line torchtitan 0.3.0 launches.
+    megatron: ``<stem>.sh``, the torchrun script of Megatron-LM's ``pretrain_gpt.py``.
     """
     c = plan_or_candidate.recommended if isinstance(plan_or_candidate, Plan) else plan_or_candidate
     path = Path(path)
@@ -223,7 +229,11 @@ def export(plan_or_candidate: Plan | Candidate, fmt: str, path: str | Path) -> l
     if not path.parent.exists():
         raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
     written = []
-    if fmt == "torchtitan":
+    if fmt == "megatron":
+        from planner.io.exports_megatron import megatron_files
+
+        written += megatron_files(c, path)
+    elif fmt == "torchtitan":
         written += torchtitan_files(c, path)
     elif fmt == "torchtune":
         target = path if path.suffix in (".yaml", ".yml") else path.with_suffix(".yaml")

@@ -36,8 +36,9 @@ def usable_allocated_bytes(gpu: GpuSpec, profile=None) -> float:
 
 def default_setups(num_gpus: int = 1, zero: int = 0, include_all: bool = False) -> list[TrainingSetup]:
     """The set-ups `planner fit` compares: full fine-tuning in mixed and pure bf16 with AdamW,
-    8-bit AdamW or Adafactor; LoRA and QLoRA with AdamW; each without, with selective and with
-    full checkpointing. ``include_all`` adds SGD, Lion and fp32."""
+    8-bit AdamW or Adafactor; GaLore-AdamW in bf16 without sharding (galore_torch's default rank 128);
+    LoRA and QLoRA with AdamW; each without, with selective and with full checkpointing.
+    ``include_all`` adds SGD, Lion and fp32."""
     optimizers = ["adamw", "adamw-8bit", "adafactor"] + (["sgd", "lion"] if include_all else [])
     precisions = ["bf16-mixed", "bf16"] + (["fp32"] if include_all else [])
     setups = []
@@ -48,6 +49,9 @@ def default_setups(num_gpus: int = 1, zero: int = 0, include_all: bool = False) 
                     TrainingSetup(method="full", precision=precision, optimizer=optimizer, checkpointing=ckpt,
                                   num_gpus=num_gpus, zero=zero)
                 )
+        if zero == 0:  # GaLore is priced without sharding (planner.cost.memory.galore), in pure bf16 as its paper trains
+            setups.append(TrainingSetup(method="full", precision="bf16", optimizer="galore-adamw", checkpointing=ckpt,
+                                        num_gpus=num_gpus, zero=zero))
         for method in ("lora", "qlora"):
             setups.append(TrainingSetup(method=method, precision="bf16", checkpointing=ckpt, num_gpus=num_gpus, zero=zero))
     return setups
@@ -176,9 +180,9 @@ def cheapest_fixes(
     for n in (2, 4, 8, 16, 32, 64, 128):
         if n % (lightest.tensor_parallel * lightest.pipeline_parallel):
             continue  # the model-parallel group must divide the GPUs (else no data-parallel rank)
-        sharded = lightest.model_copy(update={"num_gpus": n, "zero": 3})
+        sharded, how = _sharded(spec, lightest, n)
         if float(peak_allocated_bytes(spec, sharded, 1, seq_len, profile=profile)) <= budget:
-            fixes.append({"fix": f"{n} x {gpu.name} with ZeRO-3 / FSDP", "change": "num_gpus", "value": n})
+            fixes.append({"fix": f"{n} x {gpu.name} with {how}", "change": "num_gpus", "value": n})
             break
     need = float(peak_allocated_bytes(spec, lightest, 1, seq_len, profile=profile))
     bigger = sorted(
@@ -187,6 +191,18 @@ def cheapest_fixes(
     if bigger:
         fixes.append({"fix": f"a larger GPU: {bigger[0].name}", "change": "gpu", "value": bigger[0].name})
     return fixes
+
+
+def _sharded(spec: ModelSpec, setup: TrainingSetup, num_gpus: int) -> tuple[TrainingSetup, str]:
+    """``setup`` spread over ``num_gpus``, and in words: ZeRO-3 / FSDP, or on Megatron (which does not
+    shard weights over data parallelism) its distributed optimizer with the widest tensor parallelism
+    up to a node of 8 that divides the heads, sequence parallel with it."""
+    if setup.stack != "megatron":
+        return setup.model_copy(update={"num_gpus": num_gpus, "zero": 3}), "ZeRO-3 / FSDP"
+    tp = max(t for t in (1, 2, 4, 8) if t <= num_gpus and num_gpus % t == 0
+             and all(layer.num_heads % t == 0 and layer.num_kv_heads % t == 0 for layer in spec.layers))
+    update = {"num_gpus": num_gpus, "zero": 1, "tensor_parallel": tp, "sequence_parallel": tp > 1}
+    return setup.model_copy(update=update), f"Megatron's distributed optimizer, TP {tp}" + (" + SP" if tp > 1 else "")
 
 
 def inference_fits(spec: ModelSpec, gpu: GpuSpec, context_len: int, setup: InferenceSetup | None = None) -> dict:

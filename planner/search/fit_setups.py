@@ -9,13 +9,16 @@ LoRA and QLoRA with AdamW, each with and without activation checkpointing and wi
 offloading. torchtune trains in one dtype (bf16, or fp32 on a GPU without bf16) and shards with
 FSDP2 only (ZeRO-3). On a GPU without bf16 units (T4, V100) the HF set-ups use fp16 in its place.
 torchtitan (0.3.0, pre-training: full training only) under FSDP2 mixed precision with its
-checkpointing modes, eager and compiled (the compiled ones with the compiled loss). A user who names a stack gets only that stack's set-ups.
+checkpointing modes, eager and compiled (the compiled ones with the compiled loss). Megatron-LM
+(full training, bf16 mixed precision, its distributed optimizer over data parallelism, three recompute
+modes). A user who names a stack gets only that stack's set-ups.
 Techniques asked for by flag (``with_techniques``: k-bit preparation, float8, float8 all-gather, a
 loss implementation) keep only the set-ups that can use them, with them turned on.
 """
 
 from __future__ import annotations
 
+from planner.cost.memory.megatron_tensors import unpriced_reason as megatron_unpriced_reason
 from planner.cost.memory.torchtitan_tensors import unpriced_reason as titan_unpriced_reason
 from planner.cost.memory.torchtune_tensors import unpriced_reason
 from planner.specs.hardware import GpuSpec
@@ -23,7 +26,7 @@ from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
 from planner.specs.vocabulary import STACKS
 
-FIT_STACKS = ("hf", "torchtune", "torchtitan")
+FIT_STACKS = ("hf", "torchtune", "torchtitan", "megatron")
 """Stacks whose memory `fit` prices today (the others are refused by name)."""
 _FP16_TWIN = {"bf16": "fp16", "bf16-mixed": "fp16-mixed"}
 
@@ -40,15 +43,19 @@ def fit_setups(spec: ModelSpec, gpu: GpuSpec, stack: str | None, num_gpus: int, 
         raise PlannerError(f"fit prices the memory of stacks {known}; {stack!r} is not priced yet")
     setups = []
     if stack in (None, "hf"):
+        from planner.cost.memory import galore
+
         every = include_all or precision == "fp32"  # fp32 set-ups are among the extras
-        setups += [_on_gpu(s, gpu) for s in default_setups(num_gpus, zero, every) if _runs_on(s, gpu)]
-    for name, reason_of, make in (("torchtune", unpriced_reason, torchtune_setups),
-                                  ("torchtitan", titan_unpriced_reason, torchtitan_setups)):
+        setups += [_on_gpu(s, gpu) for s in default_setups(num_gpus, zero, every) if _runs_on(s, gpu)
+                   and (s.optimizer != "galore-adamw" or galore.unpriced_reason(spec, s) is None)]
+    for name, reason_of, make, zeros in (("torchtune", unpriced_reason, torchtune_setups, (3,)),
+                                         ("torchtitan", titan_unpriced_reason, torchtitan_setups, (3,)),
+                                         ("megatron", megatron_unpriced_reason, megatron_setups, (0, 1))):
         reason = reason_of(spec)
         if stack == name and reason:
             raise PlannerError(reason)
-        if stack in (None, name) and not reason and (num_gpus == 1 or zero == 3):
-            setups += make(gpu, num_gpus)
+        if stack in (None, name) and not reason and (num_gpus == 1 or zero in zeros):
+            setups += make(gpu, num_gpus, zero)
     if precision is not None:
         gpu.require_precision(precision)
         family = precision.removesuffix("-mixed")
@@ -106,7 +113,7 @@ def _on_gpu(setup: TrainingSetup, gpu: GpuSpec) -> TrainingSetup:
     return setup.model_copy(update={"precision": _FP16_TWIN[setup.precision]})
 
 
-def torchtune_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
+def torchtune_setups(gpu: GpuSpec, num_gpus: int = 1, zero: int = 3) -> list[TrainingSetup]:
     """torchtune 0.6.1's recipes and their common variants (see the module docstring)."""
     dtype = "bf16" if gpu.computes_in("bf16") else "fp32"
     common = {"stack": "torchtune", "precision": dtype, "loss_impl": "chunked", "num_gpus": num_gpus,
@@ -129,7 +136,7 @@ def torchtune_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
     return setups
 
 
-def torchtitan_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
+def torchtitan_setups(gpu: GpuSpec, num_gpus: int = 1, zero: int = 3) -> list[TrainingSetup]:
     """torchtitan's pre-training set-ups: full training under FSDP2 mixed precision (fp32 sharded
     parameters, bf16 compute) with fused AdamW, without, with per-op selective and with full
     activation checkpointing, eager and compiled (its configs' knobs)."""
@@ -141,3 +148,15 @@ def torchtitan_setups(gpu: GpuSpec, num_gpus: int = 1) -> list[TrainingSetup]:
 
     return [TrainingSetup(checkpointing=ckpt, compile=compiled, loss_impl=titan_loss_impl(compiled), **common)
             for ckpt in ("none", "selective", "full") for compiled in (False, True)]
+
+
+def megatron_setups(gpu: GpuSpec, num_gpus: int = 1, zero: int = 1) -> list[TrainingSetup]:
+    """Megatron-LM's set-ups on data parallelism alone (fit asks what fits one GPU; tensor and pipeline
+    layouts are the plan's): full training in bf16 mixed precision with its fused Adam, the distributed
+    optimizer on several GPUs unless ``zero`` is 0, without, with selective (``core_attn``) and with
+    full recompute (``planner.cost.memory.megatron_stack``)."""
+    if not gpu.computes_in("bf16"):
+        return []  # Megatron-Core's fp16 path is not priced
+    common = {"stack": "megatron", "method": "full", "precision": "bf16-mixed", "optimizer_impl": "fused",
+              "num_gpus": num_gpus, "zero": min(zero, 1) if num_gpus > 1 else 0}
+    return [TrainingSetup(checkpointing=ckpt, **common) for ckpt in ("none", "selective", "full")]

@@ -16,7 +16,7 @@ from planner.loss.evidence import TASKS
 from planner.specs.vocabulary import MAX_COUNT, MAX_NUM_GPUS
 
 Objective = Literal["loss", "cost", "time"]
-ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan"]
+ExportFormat = Literal["hf-trainer", "accelerate", "deepspeed", "torchtune", "torchtitan", "megatron"]
 EXPORT_FORMATS: tuple[str, ...] = ExportFormat.__args__
 METHODS_ALL = ("full", "lora", "qlora")
 
@@ -93,7 +93,7 @@ class PlanRequest(_Frozen):
     finetune_law: str | None = Field("zhang2024", description="fine-tuning loss law file; None: the pre-training law")
     finetune_task: str = Field("wmt14-en-de", description="task of the fine-tuning law's constants")
     tokens_per_example: float = Field(512.0, gt=0, description="mean tokens of one fine-tuning example (the law counts examples)")
-    stacks: tuple[Literal["hf", "torchtune", "torchtitan"], ...] = Field(
+    stacks: tuple[Literal["hf", "torchtune", "torchtitan", "megatron"], ...] = Field(
         ("hf",), description="training stacks to search (planner.search.stacks); 'any': every priced stack")
     compile: bool | None = Field(None, description="torch.compile on the stacks that price it (torchtune, torchtitan); "
                                  "None: searched (the compiled twin first, planner.search.stacks)")
@@ -119,9 +119,9 @@ class PlanRequest(_Frozen):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list | tuple) and "any" in value:
-            value = ("hf", "torchtune", "torchtitan")
+            value = ("hf", "torchtune", "torchtitan", "megatron")
         if not value:
-            raise ValueError("stacks is empty: use hf, torchtune, torchtitan or any")
+            raise ValueError("stacks is empty: use hf, torchtune, torchtitan, megatron or any")
         return tuple(dict.fromkeys(value))
 
     @field_validator("lora_ranks", "micro_batches", "tensor_parallel")

@@ -24,9 +24,10 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.search.context import RELAX, Context
-from planner.search.pipelines import fits_states_floor, pipeline_combos, pipeline_fields, wants_pipeline
+from planner.search.pipelines import fits_states_floor, pipeline_combos, wants_pipeline
 from planner.search.stacks import (
     layout_allowed,
+    layout_fields,
     priced,
     stack_variants,
     technique_fields,
@@ -285,7 +286,7 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
             stats["setups_skipped"] += 1
             continue
         setup = grp.base.model_copy(update={"checkpointing": ckpt, "num_gpus": g, "zero": zero, "tensor_parallel": tp,
-                                            **pipeline_fields(tp, pp)})
+                                            **layout_fields(grp.base.stack, tp, pp)})
         ga = grad_accum_for(req.global_batch_tokens, grp.mb, req.seq_len, setup.data_parallel)[:, None]
         if setup.optimizer_in_backward and not (ga == 1).any():  # no micro-batch fills a step alone
             stats["setups_skipped"] += 1
@@ -333,7 +334,7 @@ def evaluate_setups(ctx: Context, models: list, gpu_counts_for, exhaustive: bool
             # the model needs a pipeline where only ZeRO-2/3 (or nothing) fits
             fits = any(bool(((t["peak_bytes"] <= ctx.usable_bytes) & (t["zero"] <= 1)).any()) for t in rows)
             # given layouts (a refinement) carry their own pipeline degrees
-            if layouts_for is None and grp.base.stack == "hf" and wants_pipeline(g, grp.base.method, fits):  # planner.search.pipelines
+            if layouts_for is None and grp.base.stack in ("hf", "megatron") and wants_pipeline(g, grp.base.method, fits):  # planner.search.pipelines
                 pipelined = [c for c in pipeline_combos(combos, g, grp.entry.spec.num_layers)
                              if fits_states_floor(grp.base, grp.entry.total_params, c, ctx.usable_bytes)]
                 rows += _gpu_count_rows(ctx, grp, g, pipelined, exhaustive, stats)

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 from planner.errors import PlannerError
 
-PLAN_STACKS = ("hf", "torchtune", "torchtitan")
-_CHECKPOINTING = {"torchtune": ("none", "full"), "torchtitan": ("none", "selective", "full")}
+PLAN_STACKS = ("hf", "torchtune", "torchtitan", "megatron")
+_CHECKPOINTING = {"torchtune": ("none", "full"), "torchtitan": ("none", "selective", "full"),
+                  "megatron": ("none", "selective", "full")}
+_ZERO = {"torchtune": (3,), "torchtitan": (3,), "megatron": (0, 1)}
+"""Data-parallel sharding each stack runs on several GPUs: FSDP2, or Megatron's distributed optimizer (1)."""
 
 
 def unpriced_reason(stack: str, spec, pretrain: bool) -> str | None:
@@ -43,6 +46,8 @@ def unpriced_reason(stack: str, spec, pretrain: bool) -> str | None:
         if pretrain:
             return "torchtune runs fine-tuning recipes: pre-training plans use --stacks hf or torchtitan"
         from planner.cost.memory.torchtune_tensors import unpriced_reason as reason
+    elif stack == "megatron":
+        from planner.cost.memory.megatron_tensors import unpriced_reason as reason
     else:
         from planner.cost.memory.torchtitan_tensors import unpriced_reason as reason
     return reason(spec)
@@ -56,8 +61,8 @@ def check_stacks(request, models: list) -> None:
     reasons = [unpriced_reason(stack, m.spec, request.pretrain) for m in models]
     if models and all(reasons):
         raise PlannerError(reasons[0].replace("use --stack hf", "use --stacks hf"))
-    if stack == "torchtitan" and "full" not in (request.methods if not request.pretrain else ("full",)):
-        raise PlannerError("torchtitan runs full training only: add --methods full or use --stacks hf,torchtune")
+    if stack in ("torchtitan", "megatron") and "full" not in (request.methods if not request.pretrain else ("full",)):
+        raise PlannerError(f"{stack} runs full training only: add --methods full or use --stacks hf,torchtune")
 
 
 def check_compile(request) -> None:
@@ -93,7 +98,9 @@ def stacks_note(request, gpu) -> str:
 _RECIPES = {"hf": "Trainer defaults",
             "torchtune": "its recipes: one dtype, chunked CE, fused AdamW (8-bit and paged 8-bit in backward when "
                          "asked), checkpointing none/full, FSDP2",
-            "torchtitan": "full training: FSDP2 bf16 mixed precision, fused AdamW, AC none/selective/full"}
+            "torchtitan": "full training: FSDP2 bf16 mixed precision, fused AdamW, AC none/selective/full",
+            "megatron": "full training: bf16 mixed precision, fused Adam, the distributed optimizer, TP with sequence "
+                        "parallelism, 1F1B pipelines, recompute none/selective/full"}
 _TECHNIQUE_KEYS = ("loss_impl", "optimizer_impl", "optimizer_in_backward", "activation_offload", "packed", "compile")
 """The set-up fields a stack variant may set beyond precision and optimizer (``Candidate.setup_fields``)."""
 
@@ -103,7 +110,7 @@ def stack_fields(stack: str, method: str, optimizer: str) -> dict:
     ``Candidate.setup_fields`` existed are read back with these)."""
     if stack == "torchtune":
         return {"stack": stack, "loss_impl": "chunked", **({"optimizer_impl": "fused"} if optimizer == "adamw" else {})}
-    if stack == "torchtitan":
+    if stack in ("torchtitan", "megatron"):
         return {"stack": stack, "optimizer_impl": "fused"}
     return {}
 
@@ -154,7 +161,11 @@ def stack_variants(stack: str, method: str, gpu, request) -> list[dict]:
             return []
         return [{"stack": stack, "precision": "bf16-mixed", "optimizer": "adamw", "optimizer_impl": "fused", "compile": c,
                  "loss_impl": titan_loss_impl(c)} for c in _compile_modes(stack, request)]
-    raise ValueError(f"stack_variants covers torchtune and torchtitan, not {stack!r}")
+    if stack == "megatron":
+        if method != "full" or not gpu.computes_in("bf16") or "adamw" not in request.optimizers or request.compile:
+            return []  # Megatron-LM trains eagerly with its fused kernels (torch.compile not priced)
+        return [{"stack": stack, "precision": "bf16-mixed", "optimizer": "adamw", "optimizer_impl": "fused"}]
+    raise ValueError(f"stack_variants covers torchtune, torchtitan and megatron, not {stack!r}")
 
 
 def titan_loss_impl(compiled: bool) -> str:
@@ -187,11 +198,29 @@ def technique_fields(setup) -> dict:
 
 def layout_allowed(stack: str, num_gpus: int, checkpointing: str, zero: int, tensor_parallel: int,
                    pipeline_parallel: int = 1) -> bool:
-    """Whether a stack runs the layout as the plan prices it: one GPU, or FSDP2 (ZeRO-3), no TP or PP."""
+    """Whether a stack runs the layout as the plan prices it: one GPU, or FSDP2 (ZeRO-3) without TP or
+    PP; Megatron any TP and PP, with or without its distributed optimizer (ZeRO-1)."""
     if stack == "hf":
         return True
-    return (checkpointing in _CHECKPOINTING[stack] and tensor_parallel == 1 and pipeline_parallel == 1
-            and zero == (0 if num_gpus == 1 else 3))
+    if checkpointing not in _CHECKPOINTING[stack]:
+        return False
+    if num_gpus == 1:
+        return zero == 0
+    if stack == "megatron":
+        return zero in _ZERO[stack]
+    return tensor_parallel == 1 and pipeline_parallel == 1 and zero in _ZERO[stack]
+
+
+def layout_fields(stack: str, tensor_parallel: int, pipeline_parallel: int) -> dict:
+    """The layout's ``TrainingSetup`` fields beyond the degrees: the pipeline's
+    (``planner.search.pipelines``), and on Megatron sequence parallelism wherever tensor
+    parallelism is on (``--sequence-parallel``: it only removes replicated activations)."""
+    from planner.search.pipelines import pipeline_fields
+
+    fields = pipeline_fields(tensor_parallel, pipeline_parallel)
+    if stack == "megatron":
+        fields["sequence_parallel"] = tensor_parallel > 1
+    return fields
 
 
 def candidate_setup(c):

@@ -74,7 +74,9 @@ class TrainingSetup(_Frozen):
     num_gpus: int = Field(1, gt=0, le=MAX_NUM_GPUS)
     zero: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO stage: DeepSpeed ZeRO-1/2/3 on stack hf (what the exports launch, its buffers "
-        "priced by planner.cost.memory.zero_buffers); FSDP2 full shard (3) on torchtitan")
+        "priced by planner.cost.memory.zero_buffers); FSDP2 full shard (3) on torchtitan and torchtune; on megatron 1 is "
+        "Megatron's distributed optimizer (--use-distributed-optimizer: fp32 master weights and Adam moments "
+        "sharded over data x context parallel, the fp32 gradient buffer whole)")
     tensor_parallel: int = Field(1, gt=0, le=MAX_NUM_GPUS)
     offload_optimizer: bool = Field(False, description="optimizer states (and fp32 master) in CPU memory")
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT, description="micro-batches per optimizer step")

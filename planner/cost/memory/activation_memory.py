@@ -193,13 +193,19 @@ def compute_setup(setup: TrainingSetup) -> TrainingSetup:
     parameter to bf16 (``engine.py`` ``_cast_module_mixed_precision``; fp32 master copies live in its
     optimizer), LoRA adapters included: activations are those of pure bf16 with adapters in the base
     dtype, and no autocast weight copies (was ~15 GiB over at 8B without checkpointing). Pipeline stages are
-    not DeepSpeed-launched (``zero_buffers.applies``): they keep autocast."""
-    if setup.stack == "hf" and setup.zero > 0 and setup.pipeline_parallel == 1 and setup.precision == "bf16-mixed":
-        update = {"precision": "bf16"}
-        if setup.method == "lora":
-            update["adapter_dtype"] = "base"
-        return setup.model_copy(update=update)
-    return setup
+    not DeepSpeed-launched (``zero_buffers.applies``): they keep autocast. LoRA adapters take the dtype
+    DeepSpeed holds them in (``zero_dtypes.adapter_param_bytes``): the engine's at ZeRO-1/2, peft's fp32 at
+    ZeRO-3 (the HF Trainer's zero.Init model is not cast), where each adapted linear then saves its input
+    cast to fp32. QLoRA's adapters under ZeRO-1/2 (cast to bf16 by the engine) stay priced fp32 here:
+    ``adapter_dtype`` cannot say it for a 4-bit base (``tests/test_zero_lora.py`` marks that gap)."""
+    from planner.cost.memory import zero_dtypes
+
+    if not zero_dtypes.launched_by_deepspeed(setup):
+        return setup
+    update = {"precision": "bf16"} if setup.precision == "bf16-mixed" else {}
+    if setup.method == "lora" and setup.precision in ("bf16-mixed", "bf16"):
+        update["adapter_dtype"] = "base" if zero_dtypes.adapter_param_bytes(setup) == 2.0 else "fp32"
+    return setup.model_copy(update=update) if update else setup
 
 
 def activation_memory(spec: ModelSpec, setup: TrainingSetup, b, s, rank, device: str = "cuda") -> ActivationMemory:

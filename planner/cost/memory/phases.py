@@ -137,6 +137,8 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq
         phases, components = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)
     elif setup.stack == "torchtitan":
         phases, components = _torchtitan(spec, setup, micro_batch, seq_len, device)
+    elif setup.stack == "megatron":
+        phases, components = _megatron(spec, setup, micro_batch, seq_len)
     elif setup.pipeline_parallel > 1:
         phases, components = _pipeline(spec, setup, micro_batch, seq_len, lora_rank, device, cache)
     else:
@@ -156,6 +158,8 @@ def training_peak_bytes(spec: ModelSpec, setup: TrainingSetup, micro_batch=None,
         phases = _torchtune(spec, setup, micro_batch, seq_len, lora_rank)[0]
     elif setup.stack == "torchtitan":
         phases = _torchtitan(spec, setup, micro_batch, seq_len, device)[0]
+    elif setup.stack == "megatron":
+        phases = _megatron(spec, setup, micro_batch, seq_len)[0]
     elif setup.pipeline_parallel > 1:
         phases = _pipeline(spec, setup, micro_batch, seq_len, lora_rank, device, cache, components=False)[0]
     else:
@@ -207,6 +211,15 @@ def _torchtitan(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, dev
     b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
     s = _arr(setup.seq_len if seq_len is None else seq_len)
     return torchtitan_phases_and_components(spec, setup, b, s, 0, device)
+
+
+def _megatron(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len) -> tuple[dict, dict]:
+    """The Megatron stack's phases and components (``planner.cost.memory.megatron_stack``)."""
+    from planner.cost.memory.megatron_stack import megatron_phases_and_components
+
+    b = _arr(setup.micro_batch if micro_batch is None else micro_batch)
+    s = _arr(setup.seq_len if seq_len is None else seq_len)
+    return megatron_phases_and_components(spec, setup, b, s)
 
 
 def _phase_totals(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank, device: str,

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from planner.cost import params, spec_facts
-from planner.cost.memory import dora, galore
+from planner.cost.memory import dora, galore, zero_dtypes
 from planner.cost.memory.parallel import routed_expert_params, sharded_fraction, zero_shard_degree
 from planner.specs.model import ModelSpec
 from planner.specs.setup import TrainingSetup
@@ -68,7 +68,11 @@ def adapter_bytes(setup: TrainingSetup) -> float:
     """Bytes per LoRA adapter element (weight, gradient and optimizer state alike): fp32 as peft
     keeps them by default (``autocast_adapter_dtype=True``); with ``adapter_dtype="base"`` the dtype
     of the layer they adapt, which is 16-bit only under pure bf16/fp16 (a 4-bit QLoRA base is not a
-    floating dtype, so its adapters stay fp32; torchtune's own stack is priced apart)."""
+    floating dtype, so its adapters stay fp32; torchtune's own stack is priced apart). What peft
+    creates: under DeepSpeed ZeRO (stack hf) the states take the dtype DeepSpeed gives the adapters
+    (``zero_dtypes.adapter_param_bytes``: ``model_states``' grad_bytes), and ``zero_buffers`` the
+    difference of their weights. Activations read this function with ``activation_memory.compute_setup``
+    (whose cache key leaves out the ZeRO stage)."""
     base_16bit = setup.method == "lora" and setup.precision in ("bf16", "fp16")
     return 2.0 if setup.adapter_dtype == "base" and base_16bit else 4.0
 
@@ -157,7 +161,7 @@ class ModelStates(NamedTuple):
     states: object  # optimizer states
     master: object  # fp32 master copy (ZeRO with bf16 mixed precision)
     temporaries: object  # the optimizer step's transient
-    grad_bytes: float  # bytes per gradient element
+    grad_bytes: float  # bytes per gradient element (LoRA under DeepSpeed: per adapter element, as it holds them)
 
 
 def fp32_unquantized(setup: TrainingSetup) -> bool:
@@ -184,11 +188,16 @@ def nf4_params(spec: ModelSpec) -> int:
 
 
 def _base_weight_bytes(spec: ModelSpec, setup: TrainingSetup, total: int):
-    """Frozen base weights of LoRA / QLoRA, whole model (peft keeps adapters apart, in fp32)."""
+    """Frozen base weights of LoRA / QLoRA, whole model (peft keeps adapters apart, in fp32); under
+    DeepSpeed ZeRO in the engine's dtype (``zero_dtypes.frozen_weight_bytes``)."""
+    deepspeed = zero_dtypes.launched_by_deepspeed(setup)
     if setup.method == "qlora":
         quantized = nf4_params(spec)
-        rest = (total - quantized) * unquantized_weight_bytes(setup)
+        rest_bytes = zero_dtypes.frozen_weight_bytes(setup) if deepspeed else unquantized_weight_bytes(setup)
+        rest = (total - quantized) * rest_bytes
         return nf4_bytes(quantized, setup.qlora_block_size, setup.qlora_double_quant) + rest
+    if deepspeed:
+        return total * zero_dtypes.frozen_weight_bytes(setup)
     base_dtype_bytes = 4 if setup.precision in ("fp32",) else (4 if setup.precision == "bf16-mixed" else 2)
     return total * base_dtype_bytes
 
@@ -205,15 +214,20 @@ def _state_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, shapes, state
     return elems_full * state_bytes * trainable / largest
 
 
-NOT_READ_BY_STATES = frozenset({"micro_batch", "seq_len", "grad_accum", "checkpointing", "attention", "dropout",
-                                "lora_dropout"})
-"""Set-up fields ``model_states`` does not read (the LoRA ranks come as an array)."""
+NOT_READ_BY_STATES = frozenset({"micro_batch", "seq_len", "checkpointing", "attention", "dropout", "lora_dropout"})
+"""Set-up fields ``model_states`` does not read (the LoRA ranks come as an array; ``grad_accum`` decides
+whether DeepSpeed's ZeRO-1 partitions gradients: ``zero_dtypes.stage1_gradients_partitioned``)."""
 
 
 def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     """Weights, adapters, gradients, optimizer states, master copy and step temporaries of
     ``setup`` per GPU, over an array of LoRA ranks (the optimizer's states and temporaries
     leave the GPU with ``offload_optimizer``)."""
+    reason = zero_dtypes.unpriced_reason(setup)
+    if reason:
+        from planner.errors import PlannerError
+
+        raise PlannerError(reason)
     counts = spec_facts.param_counts(spec)
     layout = dtype_layout(setup)
     dp, tp = zero_shard_degree(setup), setup.tensor_parallel
@@ -221,10 +235,12 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
     # share of the model on this GPU per sharded kind: ZeRO over data x context ranks, routed
     # experts over the expert-parallel ranks (``memory_parallel.sharded_fraction``)
     experts = routed_expert_params(spec)
-    share = {z: sharded_fraction(counts.total - experts, experts, setup.expert_parallel, dp if setup.zero >= z else 1)
+    # DeepSpeed's ZeRO-1 without accumulation partitions gradients as ZeRO-2 does (zero_dtypes)
+    stage = 2 if zero_dtypes.stage1_gradients_partitioned(setup) else setup.zero
+    share = {z: sharded_fraction(counts.total - experts, experts, setup.expert_parallel, dp if stage >= z else 1)
              for z in (1, 2, 3)}
     # LoRA adapters (peft's expert adapters too: not split over expert-parallel GPUs, untraced) shard over ZeRO
-    lora_share = {z: 1.0 / (dp if setup.zero >= z else 1) for z in (1, 2)}
+    lora_share = {z: 1.0 / (dp if stage >= z else 1) for z in (1, 2)}
     per_rank = spec_facts.lora_params_per_rank(spec, setup.lora_targets) + spec_facts.cached(
         spec, ("expert_lora_per_rank", tuple(setup.lora_targets)),
         lambda: params.expert_lora_params_per_rank(spec, setup.lora_targets))
@@ -240,13 +256,16 @@ def model_states(spec: ModelSpec, setup: TrainingSetup, rank) -> ModelStates:
         trainable = adapters
         grad_bytes = state_bytes = adapter_bytes(setup)
         master = 0.0
+        if zero_dtypes.launched_by_deepspeed(setup):  # DeepSpeed's adapter dtype, fp32 partition and states, sharded
+            grad_bytes, state_bytes = zero_dtypes.adapter_param_bytes(setup), zero_dtypes.FP32_BYTES
+            master = adapters * zero_dtypes.master_copy_bytes(setup, grad_bytes) * lora_share[1]
     # full training splits every tensor kind over the tensor-parallel group (the step's
     # temporaries too: each rank steps its own shards); LoRA's adapters are replicated
     split, kind_share = (tp, share) if full else (1, lora_share)
     gradients = trainable * grad_bytes * kind_share[2] / split
     shapes = _tensors(spec, setup, int(np.max(rank)) if not full else 0)
     states = _state_bytes(spec, setup, trainable, shapes, state_bytes) * kind_share[1] / split
-    master = _arr(master) * share[1] / tp
+    master = _arr(master) * share[1] / tp if full else _arr(master)
     temporaries = optimizer_temp_bytes(setup, trainable, shapes, state_bytes) * kind_share[1] / split
     if setup.optimizer == "galore-adamw":  # planner.cost.memory.galore: a projection-update step's transient
         temporaries = _arr(galore.temporary_bytes(spec, setup, state_bytes))

@@ -20,7 +20,11 @@ what its code allocates, read from DeepSpeed 0.19.8 (``deepspeed/runtime/zero/``
   elements; with prefetching, up to ``stage3_max_live_parameters``), and per optimizer sub-group
   (``sub_group_size``) the flattened gradient copy and its fp32 cast.
 - both: the fp32 partition and fp32 optimizer states DeepSpeed keeps under bf16/fp16 even where the
-  planner's layout prices a pure 16-bit step (precision bf16).
+  planner's layout prices a pure 16-bit step (precision bf16), and the fp32 clone ZeRO-1/2 make in fp32.
+- LoRA, DoRA, QLoRA (``zero_dtypes``: the adapters' dtype, their fp32 partition and states are priced by
+  ``states.model_states``): buckets and copies in the adapters' dtype, the adapters' weights as DeepSpeed
+  holds them (the phases count peft's), at stage 3 partitioned like every parameter (those under the
+  persistence threshold kept whole) and a frozen embedding not fetched again in backward.
 
 Checked against DeepSpeed 0.19.8 itself run on the CPU accelerator under PyTorch's MemTracker
 (``benchmarks/zero_oracle_cpu.py``; numbers in ``tests/test_zero_buffers.py``).
@@ -44,10 +48,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from planner.cost import spec_facts
+from planner.cost.memory import zero_dtypes
 from planner.cost.memory.parallel import zero_shard_degree
+from planner.cost.memory.states import adapter_bytes
 
 DEEPSPEED_VERSION = "0.19.8"
-FP32_BYTES = 4.0
+FP32_BYTES = zero_dtypes.FP32_BYTES
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,11 @@ def step_gradient_bytes(partition_elems: float, grad_bytes: float) -> tuple[floa
     """Gradient copies of the optimizer step on this rank's partition of ``partition_elems``
     (stage 1/2 ``DeepSpeedZeroOptimizer.step``; stage 3 ``_prepare_fp32_grad_for_sub_group`` per
     sub-group): ``flatten(averaged_gradients)`` (a model-dtype copy) then ``.to(fp32)``, before the
-    model-dtype gradients are freed; the fp32 gradient then lives through the inner optimizer's step.
+    model-dtype gradients are freed (no second copy when they are fp32 already: ``.to`` returns its
+    input); the fp32 gradient then lives through the inner optimizer's step.
     Returns (bytes while casting, bytes during the inner step)."""
-    return partition_elems * (grad_bytes + FP32_BYTES), partition_elems * FP32_BYTES
+    cast = FP32_BYTES if grad_bytes != FP32_BYTES else 0.0
+    return partition_elems * (grad_bytes + cast), partition_elems * FP32_BYTES
 
 
 def optimizer_sub_group_elems(config: ZeroConfig, partition_elems: float) -> float:
@@ -163,18 +171,20 @@ def persisted_param_elems(shapes, threshold_elems: float) -> float:
     return float(sum(rows * (cols or 1) for rows, cols in shapes if rows * (cols or 1) <= threshold_elems))
 
 
-def reuse_trace(spec, checkpointing: bool) -> list[tuple[str, float]]:
+def reuse_trace(spec, checkpointing: bool, embedding_backward: bool = True) -> list[tuple[str, float]]:
     """The order in which ZeRO-3 fetches parameters over one step, per module group with its elements:
     embedding, the layers, the head in forward; the head, then each layer (recomputed first with
     activation checkpointing), then the embedding in backward (``PartitionedParameterCoordinator``
-    records this trace on the first step). Tied embeddings are the head's tensor: one name."""
+    records this trace on the first step). Tied embeddings are the head's tensor: one name. A frozen
+    embedding (LoRA: ``embedding_backward`` False) has no backward, so it is not fetched again."""
     table = float(spec.vocab_size * spec.hidden_size)
     embed = "head" if spec.tied_embeddings else "embed"
     layers = [(f"layer{i}", float(layer.params)) for i, layer in enumerate(spec.layers)]
     backward = []
     for name, elems in reversed(layers):
         backward += [(name, elems)] * (2 if checkpointing else 1)
-    return [(embed, table), *layers, ("head", table), ("head", table), *backward, (embed, table)]
+    last = [(embed, table)] if embedding_backward else []
+    return [(embed, table), *layers, ("head", table), ("head", table), *backward, *last]
 
 
 def kept_for_reuse_elems(trace: list[tuple[str, float]], turn: int, max_reuse_distance_elems: float) -> float:
@@ -196,21 +206,24 @@ def kept_for_reuse_elems(trace: list[tuple[str, float]], turn: int, max_reuse_di
     return kept
 
 
-def gathered_at_turn_elems(spec, config: ZeroConfig, checkpointing: bool) -> float:
+def gathered_at_turn_elems(spec, config: ZeroConfig, checkpointing: bool, embedding_backward: bool = True) -> float:
     """Whole (gathered) parameter elements live at the turn from forward to backward, where the logits
     and the loss are: what ``kept_for_reuse_elems`` keeps after the head's forward (the head itself,
     whose backward comes next, and any layer reused within the distance); with prefetching on
-    (``stage3_prefetch_bucket_size`` > 0) at least ``stage3_max_live_parameters`` elements (or the whole
-    model if smaller), the limit ``fetch_sub_module`` prefetches up to. The last part is measured, not
-    read: DeepSpeed 0.19.8 run on the CPU accelerator under PyTorch's MemTracker (2 ranks, a 12-layer
-    Llama) held the whole model gathered at the forward peak with any prefetch bucket and the default
-    max live 1e9, and 5.05M elements with max live 5e6 (ZERO_ORACLE in tests/test_zero_buffers.py)."""
-    trace = reuse_trace(spec, checkpointing)
-    kept = kept_for_reuse_elems(trace, len(spec.layers) + 1, config.max_reuse_distance_elems)
+    (``stage3_prefetch_bucket_size`` > 0) at least ``stage3_max_live_parameters`` elements (or all the
+    parameters still to be used in backward if fewer), the limit ``fetch_sub_module`` prefetches up to.
+    The last part is measured, not read: DeepSpeed 0.19.8 run on the CPU accelerator under PyTorch's
+    MemTracker (2 ranks, a 12-layer Llama) held the whole model gathered at the forward peak with any
+    prefetch bucket and the default max live 1e9, and 5.05M elements with max live 5e6 (ZERO_ORACLE in
+    tests/test_zero_buffers.py); with LoRA (a frozen embedding, no backward) the model without its
+    embedding table (ZERO_ORACLE_LORA: ADAPTER_DTYPE=base run)."""
+    trace = reuse_trace(spec, checkpointing, embedding_backward)
+    turn = len(spec.layers) + 1
+    kept = kept_for_reuse_elems(trace, turn, config.max_reuse_distance_elems)
     if config.prefetch_bucket_elems <= 0:
         return kept
-    total = sum(dict(trace).values())
-    return max(kept, min(total, config.max_live_elems))
+    future = sum(dict(trace[turn + 1:]).values())
+    return max(kept, min(future, config.max_live_elems))
 
 
 # ----------------------------------------------------------------------------- one set-up's phases
@@ -226,10 +239,8 @@ def priced_config(setup, hidden_size: int) -> ZeroConfig:
 
 
 def applies(setup) -> bool:
-    """DeepSpeed ZeRO runs the Hugging Face stack's ZeRO set-ups (``hf_trainer_kwargs`` and
-    ``accelerate_config`` launch them through DeepSpeed); torchtitan's ``zero`` is FSDP2 and Megatron's
-    its distributed optimizer, priced elsewhere. Pipeline stages are not DeepSpeed-launched here."""
-    return setup.stack == "hf" and setup.zero > 0 and setup.pipeline_parallel == 1
+    """``zero_dtypes.launched_by_deepspeed``: stack hf, ZeRO >= 1, no pipeline stages."""
+    return zero_dtypes.launched_by_deepspeed(setup)
 
 
 def _zeros(like) -> dict:
@@ -256,15 +267,18 @@ def zero_buffer_bytes(spec, setup, states, config: ZeroConfig | None = None) -> 
         return _zeros(st.gradients)
     cfg = config or priced_config(setup, spec.hidden_size)
     shard, tp = zero_shard_degree(setup), setup.tensor_parallel
-    element = FP32_BYTES if setup.precision == "fp32" else 2.0  # DeepSpeed casts the model to bf16/fp16
     counts = spec_facts.param_counts(spec)
     full = setup.method == "full"
+    # gradient (and IPG bucket) dtype: the model's (DeepSpeed casts it to bf16/fp16), the adapters' (zero_dtypes)
+    element = zero_dtypes.engine_dtype_bytes(setup) if full else st.grad_bytes
     trainable = np.asarray(counts.total / tp if full else st.adapters, dtype=np.float64)
     partition = trainable / shard
     # DeepSpeed's fp32 partition (and fp32 states) where the layout priced a pure-16-bit step
     master, master_temps = fp32_partition_bytes(partition, np.asarray(st.states, dtype=np.float64),
                                                 np.asarray(st.temporaries, dtype=np.float64), setup.precision) \
         if full and setup.optimizer != "adamw-8bit" and not setup.offload_optimizer else (0.0, 0.0)
+    if full and setup.precision == "fp32" and cfg.stage < 3 and not setup.offload_optimizer:
+        master = master + fp32_clone_bytes(partition)  # ZeRO-1/2 clone the fp32 partition even in fp32
     ipg = ipg_bucket_bytes(cfg, element)
     reduce_copy = np.minimum(cfg.reduce_bucket_elems, trainable) * element
     # the optimizer step's copies, against the states' gradients (G) and temporaries (T)
@@ -282,11 +296,14 @@ def zero_buffer_bytes(spec, setup, states, config: ZeroConfig | None = None) -> 
         else:  # the model-dtype gradients are freed before the inner step
             inner_extra = inner + inner_temps - temps - grads
         optimizer = np.maximum(0.0, np.maximum(casting - temps, inner_extra))
+    if not full:  # the phases count peft's adapters (states.adapter_bytes); DeepSpeed holds them in its dtype
+        master = master + trainable * (st.grad_bytes - adapter_bytes(setup))
     if cfg.stage < 3:
         backward = ipg + reduce_copy
         if setup.offload_optimizer:  # temp_grad_buffer_for_gpu_offload: the largest parameter, all phases
             largest = max(r * (c or 1) for r, c in spec_facts.full_tensor_shapes(spec)) * element / tp
-            return {"forward": largest + 0 * grads, "backward": backward + largest, "optimizer": optimizer + largest}
+            return {"forward": master + largest + 0 * grads, "backward": master + backward + largest,
+                    "optimizer": master + optimizer + largest}
         return {"forward": master + 0 * grads, "backward": master + backward + 0 * grads,
                 "optimizer": master + optimizer}
     stored = float(np.asarray(st.weights).max()) * shard / max(counts.total, 1)  # base weight bytes per element
@@ -296,10 +313,50 @@ def zero_buffer_bytes(spec, setup, states, config: ZeroConfig | None = None) -> 
                                                                   cfg.persistence_threshold_elems))
     persistent = ipg + small_elems * stored * (1.0 - 1.0 / shard) / tp
     recompute = setup.checkpointing != "none"
-    gathered = spec_facts.cached(spec, ("zero_gathered_elems", cfg, recompute),
-                                 lambda: gathered_at_turn_elems(spec, cfg, recompute)) * stored / tp
+    gathered_elems = spec_facts.cached(spec, ("zero_gathered_elems", cfg, recompute, full),
+                                       lambda: gathered_at_turn_elems(spec, cfg, recompute, embedding_backward=full))
+    # one rank gathers nothing: its partition is the whole parameter (measured, ZERO_ORACLE_LORA 1-rank ZeRO-3)
+    gathered = gathered_elems * stored / tp if shard > 1 else 0.0
     grads_in_forward = grads if setup.grad_accum == 1 else 0.0 * grads
     persistent = persistent + master
+    if not full:  # ZeRO-3 partitions the adapters too: the phases count them whole
+        whole = trainable * st.grad_bytes
+        kept = persisted_adapter_elems(spec, setup, trainable, cfg.persistence_threshold_elems) * st.grad_bytes
+        persistent = persistent - (whole - kept) * (1.0 - 1.0 / shard)
+        gathered = gathered + (whole - kept) * (1.0 - 1.0 / shard) * min(1.0, gathered_elems / counts.total)
     return {"forward": persistent + gathered + grads_in_forward,
             "backward": persistent + gathered + reduce_copy,
             "optimizer": persistent + optimizer}
+
+
+def fp32_clone_bytes(partition_elems):
+    """ZeRO-1/2 in fp32 (no bf16/fp16 block): ``single_partition_of_fp32_groups`` is still a ``.clone()``
+    of this rank's flat partition (``stage_1_and_2.py``, DeepSpeed 0.19.8), a second fp32 copy that
+    ``states.dtype_layout`` (fp32: no master) does not count. ZeRO-3 reuses the flat group instead."""
+    return partition_elems * FP32_BYTES
+
+
+def persisted_adapter_elems(spec, setup, adapter_elems, threshold_elems: float):
+    """Adapter elements ZeRO-3 keeps whole (``ds_persist``: at most ``stage3_param_persistence_threshold``
+    elements): LoRA A (rank x in) and B (out x rank) of each adapted linear and DoRA's magnitude vectors
+    under the threshold. Vectorized over the ranks (recovered from ``adapter_elems``); peft's expert
+    adapters are left out (counted partitioned)."""
+    from collections import Counter
+
+    from planner.cost import params
+    from planner.cost.memory import dora
+
+    targets = tuple(setup.lora_targets)
+    linears = spec_facts.lora_linears(spec, targets)
+    per_rank = spec_facts.lora_params_per_rank(spec, targets) + spec_facts.cached(
+        spec, ("expert_lora_per_rank", targets), lambda: params.expert_lora_params_per_rank(spec, targets))
+    magnitudes = float(dora.magnitude_elems(spec, setup))
+    rank = np.maximum(np.asarray(adapter_elems, dtype=np.float64) - magnitudes, 0.0) / max(per_rank, 1)
+    sides = spec_facts.cached(spec, ("lora_sides", targets), lambda: tuple(Counter(
+        side for _, lin in linears for side in (lin.in_features, lin.out_features)).items()))
+    kept = 0.0 * rank
+    for side, count in sides:
+        kept = kept + count * np.where(rank * side <= threshold_elems, rank * side, 0.0)
+    if setup.dora:
+        kept = kept + sum(lin.out_features for _, lin in linears if lin.out_features <= threshold_elems)
+    return kept

@@ -3,14 +3,14 @@ activations, over ring collectives.
 
 Bandwidths per GPU come from a ``planner.specs.cluster.ClusterSpec`` (``--cluster NAME``; without
 one ``default_cluster(gpu)``: 8 GPUs per node on the GPU's own link, 400 Gb/s per GPU between
-nodes), at NCCL's achieved share of the line rate (``bandwidths``: the one place they enter). Data parallel (ZeRO-0): one gradient
-all-reduce per step, hidden behind the last micro-batch's backward except its last bucket
-(PyTorch DDP, Li et al. 2020, ``bucket_cap_mb=25``). ZeRO-1/2: reduce-scatter of gradients
-(hidden like DDP's; ZeRO-2 does it every micro-batch as DeepSpeed does) and all-gather of the
-updated weights after the step (exposed); the volume equals DDP's (Rajbhandari et al. 2020,
-sec. 7.2). ZeRO-3 / FSDP: every micro-batch all-gathers the weights in forward and again in
-backward and reduce-scatters the gradients, 1.5x DDP's volume (same paper, sec. 7.2.2),
-prefetched behind compute except one layer's share. Tensor parallel (Megatron, Shoeybi et al.
+nodes), at NCCL's achieved share of the line rate (``bandwidths``: the one place they enter). Data
+parallel: the volumes are what each stack's code issues (``planner.cost.timing.dp_volume``, counted
+by ``benchmarks/comm_oracle_cpu.py``: DDP one all-reduce per step, DeepSpeed ZeRO-1 one bf16 all-reduce
+per step and ZeRO-2 one per micro-batch plus a gather of the weights after the step, ZeRO-3 and FSDP2
+gathers per micro-batch and a reduce-scatter per micro-batch); ``_data_parallel_s`` hides them: DDP's
+and ZeRO-1's reduction behind the last backward except its last bucket (PyTorch DDP, Li et al. 2020,
+``bucket_cap_mb=25``), ZeRO-2's behind each backward, ZeRO-3/FSDP's gathers prefetched behind compute
+except one layer's share. Tensor parallel (Megatron, Shoeybi et al.
 2019 sec. 3; Narayanan et al. 2021 sec. 3.3): per layer and micro-batch two all-reduces of the
 ``b x s x h`` activations in forward and two in backward (two more in the recompute), on the
 critical path (exposed). Expert parallel (``expert_parallel_s``): the token all-to-alls of the
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost import spec_facts
-from planner.cost.memory.states import dtype_layout
+from planner.cost.timing.dp_volume import data_parallel_volume
 from planner.specs.cluster import ClusterSpec, default_cluster
 from planner.specs.hardware import GpuSpec
 from planner.specs.model import ModelSpec
@@ -69,44 +68,31 @@ def bandwidths(setup: TrainingSetup, gpu: GpuSpec, cluster: ClusterSpec | None =
     return tp_bw, dp_bw
 
 
-def _gathered_weight_bytes(spec: ModelSpec, setup: TrainingSetup, trainable, weight_b: float):
-    """Weights ZeRO-3 all-gathers per GPU: the trained ones, or the frozen base (in its storage
-    dtype) and the fp32 adapters. With torchao's ``enable_fsdp_float8_all_gather`` the decoder
-    linears' shards are cast to float8 before the all-gather (1 byte each; torchao float8 README)."""
-    if setup.method == "full":
-        if setup.float8 and setup.float8_all_gather:  # torchao: the float8 linears' shards gathered in fp8
-            share = spec_facts.projection_params(spec) / max(spec_facts.param_counts(spec).total, 1)
-            return trainable * (weight_b * (1.0 - share) + 1.0 * share)
-        return trainable * weight_b
-    base_b = 4.0 if setup.precision in ("fp32", "bf16-mixed") else 2.0
-    return _arr(spec_facts.param_counts(spec).total) * base_b / setup.tensor_parallel + trainable * 4.0
-
-
 def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bwd_s, bandwidth: float):
-    """Exposed seconds of the data-parallel collectives of one step (ZeRO stage by stage)."""
-    dp, ga = setup.data_parallel, setup.grad_accum
-    layout = dtype_layout(setup) if setup.method == "full" else None
-    grad_b = layout.grad if layout else 4.0
-    # the weights travel in the compute dtype: FSDP MixedPrecision(param_dtype) casts the shard
-    # before its all-gather, DeepSpeed ZeRO and Megatron's distributed optimizer gather 16-bit params
-    weight_b = 4.0 if setup.precision == "fp32" else 2.0
-    layers = max(spec.num_layers, 1)
-    grads = trainable * grad_b  # per GPU (already divided by tp)
-    if setup.zero == 0 or setup.zero == 1:
-        comm = (ring_all_reduce_s(grads, dp, bandwidth) if setup.zero == 0 else ring_gather_s(grads, dp, bandwidth))
-        last = comm * np.minimum(1.0, DDP_BUCKET_BYTES / np.maximum(grads, 1.0))
+    """Exposed seconds of the data-parallel collectives of one step: the volumes the stacks' code issues
+    (``dp_volume.data_parallel_volume``, counted by ``benchmarks/comm_oracle_cpu.py``), hidden as follows.
+    DDP / ZeRO-1: the step's one reduction overlaps the last backward except its last 25 MB bucket;
+    ZeRO-2: each micro-batch's reduction overlaps its backward but for one layer's share; ZeRO-1/2's
+    gather of the updated weights after the step is exposed; ZeRO-3 / FSDP: each micro-batch's forward
+    gathers are prefetched behind its forward, its backward gathers and reduce-scatters behind its
+    backward, one layer's share exposed (the hiding is unchanged by issue 11: only the volumes moved)."""
+    volume = data_parallel_volume(spec, setup, trainable)
+    layers, dp = max(spec.num_layers, 1), setup.data_parallel
+    reduce = ring_all_reduce_s if volume.all_reduce else ring_gather_s
+    if setup.zero in (0, 1):
+        comm = reduce(volume.reduce_bytes, dp, bandwidth)
+        last = comm * np.minimum(1.0, DDP_BUCKET_BYTES / np.maximum(volume.reduce_bytes, 1.0))
         exposed = np.maximum(comm - bwd_s, last)
-        if setup.zero == 1:
-            exposed = exposed + ring_gather_s(trainable * weight_b, dp, bandwidth)
-        return exposed
+        return exposed + ring_gather_s(volume.step_gather_bytes, dp, bandwidth)
+    rs = reduce(volume.reduce_bytes, dp, bandwidth)
     if setup.zero == 2:
-        rs = ring_gather_s(grads, dp, bandwidth)
-        return ga * np.maximum(rs - bwd_s, rs / layers) + ring_gather_s(trainable * weight_b, dp, bandwidth)
-    gather = ring_gather_s(_gathered_weight_bytes(spec, setup, trainable, weight_b), dp, bandwidth)
-    rs = ring_gather_s(grads, dp, bandwidth)
-    exposed_f = np.maximum(gather - fwd_s, gather / layers)
-    exposed_b = np.maximum(gather + rs - bwd_s, (gather + rs) / layers)
-    return ga * (exposed_f + exposed_b)
+        return (volume.reductions * np.maximum(rs - bwd_s, rs / layers)
+                + ring_gather_s(volume.step_gather_bytes, dp, bandwidth))
+    gather_f = ring_gather_s(volume.forward_gather_bytes, dp, bandwidth)
+    gather_b = ring_gather_s(volume.backward_gather_bytes, dp, bandwidth)
+    exposed_f = np.maximum(gather_f - fwd_s, gather_f / layers)
+    exposed_b = np.maximum(gather_b + rs - bwd_s, (gather_b + rs) / layers)
+    return setup.grad_accum * (exposed_f + exposed_b)
 
 
 def _tensor_parallel_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: float):

@@ -26,8 +26,8 @@ differently). ``ground`` applies, per set-up:
 - **selective recompute** (``selective_recompute``): the share of the forward matmuls a
   stack's selective checkpointing reruns (torchtitan's op-level SAC reruns some matmuls).
 - **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): seconds per module
-  fetch (two per linear per micro-batch), the Python-side cost that makes HF + ZeRO-3 runs
-  several times slower than their FLOPs at short sequences (issue 11).
+  fetch (two per linear per micro-batch, three under full checkpointing: counted), the
+  Python-side cost that makes HF + ZeRO-3 runs several times slower than their FLOPs at short sequences (issue 11).
 - **QLoRA dequantization** (``qlora_dequant_factor``): the NF4 -> bf16 passes of
   ``qlora.dequantization_s`` (forward, backward, recompute) times the traffic an
   implementation moves over the fused kernel's.
@@ -120,13 +120,16 @@ def head_share(spec) -> float:
 
 
 def zero3_module_visits(spec, setup) -> float:
-    """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: every linear of this
-    stage is gathered by a Python hook in forward and again in backward, every micro-batch (its
-    ``PartitionedParameterCoordinator``); 0 for other stacks and stages."""
+    """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: ``fetch_sub_module`` (its
+    ``PartitionedParameterCoordinator``, a Python hook) runs before every module's forward and again
+    before its backward, and before its recompute under full checkpointing, every micro-batch (counted
+    by ``benchmarks/comm_oracle_cpu.py``: per decoder layer 13 forward, 13 backward and 12 recompute
+    fetches; the linears stand for them); 0 for other stacks and stages."""
     if setup.stack != "hf" or setup.zero != 3:
         return 0.0
     linears = sum(len(layer.linears) for layer in spec.layers) / setup.pipeline_parallel
-    return 2.0 * linears * setup.grad_accum
+    passes = 3.0 if setup.checkpointing == "full" else 2.0
+    return passes * linears * setup.grad_accum
 
 
 def features(spec, setup, gpu) -> dict:
