@@ -194,19 +194,14 @@ def run_fsdp2(method: str, ckpt: bool, nosync: bool, pure_bf16: bool, ids) -> di
             layers[i] = layer = checkpoint_wrapper(layer, preserve_rng_state=False)
         fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for step in range(STEPS):
-        for mb in range(GRAD_ACCUM):
-            if nosync:
-                model.set_requires_gradient_sync(mb == GRAD_ACCUM - 1)
-            STATE["phase"] = f"s{step}/forward{mb}"
-            loss = model(input_ids=ids, labels=ids).loss / GRAD_ACCUM
-            STATE["phase"] = f"s{step}/backward{mb}"
-            loss.backward()
-        STATE["phase"] = f"s{step}/step{GRAD_ACCUM - 1}"
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+    import contextlib
+
+    def micro_batch(mb: int):
+        if nosync:
+            model.set_requires_gradient_sync(mb == GRAD_ACCUM - 1)
+        return contextlib.nullcontext()
+
+    _train(model, model, ids, micro_batch)
     return facts
 
 
@@ -228,21 +223,30 @@ def run_ddp(method: str, ckpt: bool, ids) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     ddp.register_comm_hook(None, allreduce_hook)
+    _train(model, ddp, ids, lambda mb: contextlib.nullcontext() if mb == GRAD_ACCUM - 1 else ddp.no_sync(),
+           autocast=True)
+    return facts
+
+
+def _train(model, forward, ids, micro_batch_context, autocast: bool = False) -> None:
+    """``STEPS`` optimizer steps of ``GRAD_ACCUM`` micro-batches through ``forward`` (the wrapped model),
+    each micro-batch inside ``micro_batch_context(mb)`` (DDP's no_sync; FSDP2's gradient-sync switch),
+    labelling the phases the counters group by; torch AdamW with gradient clipping, as the HF Trainer."""
+    import contextlib
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for step in range(STEPS):
         for mb in range(GRAD_ACCUM):
-            sync = contextlib.nullcontext() if mb == GRAD_ACCUM - 1 else ddp.no_sync()
-            with sync:
+            with micro_batch_context(mb):
                 STATE["phase"] = f"s{step}/forward{mb}"
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = ddp(input_ids=ids, labels=ids).loss / GRAD_ACCUM
+                with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                    loss = forward(input_ids=ids, labels=ids).loss / GRAD_ACCUM
                 STATE["phase"] = f"s{step}/backward{mb}"
                 loss.backward()
         STATE["phase"] = f"s{step}/step{GRAD_ACCUM - 1}"
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-    return facts
 
 
 def _facts(model) -> dict:
