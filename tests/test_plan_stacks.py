@@ -285,3 +285,13 @@ def test_a_megatron_run_is_not_exported_as_another_stack(capsys, tmp_path, expor
     err = capsys.readouterr().err
     assert code == 2 and "stack megatron" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_pins_an_allocation_to_megatron(capsys):
+    code = main(["compare", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--num-gpus", "8", "--budget-usd", "500",
+                 "--alloc", "a:method=full,stack=megatron,zero=1", "--alloc", "b:method=full,stack=torchtitan,zero=3",
+                 "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = {r["name"]: r for r in json.loads(out.out)["rows"]}
+    assert rows["a"]["stack"] == "megatron" and rows["a"]["zero"] == 1 and rows["b"]["stack"] == "torchtitan"

@@ -185,7 +185,7 @@ class Allocation(_Frozen):
     tensor_parallel: int | None = Field(None, gt=0)
     micro_batch: int | None = Field(None, gt=0)
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd", "lion"] | None = None
-    stack: Literal["hf", "torchtune", "torchtitan"] | None = None
+    stack: Literal["hf", "torchtune", "torchtitan", "megatron"] | None = None
     compile: bool | None = None
     packed: bool | None = None
     selection: str | None = None
