@@ -295,3 +295,17 @@ def test_compare_pins_an_allocation_to_megatron(capsys):
     assert code == 0, out.err
     rows = {r["name"]: r for r in json.loads(out.out)["rows"]}
     assert rows["a"]["stack"] == "megatron" and rows["a"]["zero"] == 1 and rows["b"]["stack"] == "torchtitan"
+
+
+def test_torchtitan_can_replicate_its_fsdp2_module():
+    """torchtitan runs data_parallel_replicate_degree = GPUs with shard degree 1 (``zero=0``): searched when the
+    request allows ZeRO-0, and exported as the replicate degree."""
+    from planner.io.exports_torchtitan import _parallelism
+
+    assert layout_allowed("torchtitan", 8, "none", 0, 1) and not layout_allowed("torchtune", 8, "none", 0, 1)
+    request = PlanRequest(compute_flops=1e20, gpu="h100-sxm", num_gpus=8, gpu_counts=(8,), stacks=("torchtitan",),
+                          zero=(0,))
+    rec = make_plan(request, continuous_check=False).recommended
+    assert rec.stack == "torchtitan" and rec.zero == 0 and rec.num_gpus == 8
+    parallelism = _parallelism(candidate_setup(rec))
+    assert parallelism["data_parallel_replicate_degree"] == 8 and parallelism["data_parallel_shard_degree"] == 1

@@ -34,8 +34,9 @@ from planner.errors import PlannerError
 PLAN_STACKS = ("hf", "torchtune", "torchtitan", "megatron")
 _CHECKPOINTING = {"torchtune": ("none", "full"), "torchtitan": ("none", "selective", "full"),
                   "megatron": ("none", "selective", "full")}
-_ZERO = {"torchtune": (3,), "torchtitan": (3,), "megatron": (0, 1)}
-"""Data-parallel sharding each stack runs on several GPUs: FSDP2, or Megatron's distributed optimizer (1)."""
+_ZERO = {"torchtune": (3,), "torchtitan": (0, 3), "megatron": (0, 1)}
+"""Data-parallel sharding each stack runs on several GPUs: FSDP2 (3; torchtitan also replicates its FSDP2
+module over the GPUs, data_parallel_replicate_degree: 0), or Megatron's distributed optimizer (1)."""
 
 
 def unpriced_reason(stack: str, spec, pretrain: bool) -> str | None:
@@ -198,8 +199,9 @@ def technique_fields(setup) -> dict:
 
 def layout_allowed(stack: str, num_gpus: int, checkpointing: str, zero: int, tensor_parallel: int,
                    pipeline_parallel: int = 1) -> bool:
-    """Whether a stack runs the layout as the plan prices it: one GPU, or FSDP2 (ZeRO-3) without TP or
-    PP; Megatron any TP and PP, with or without its distributed optimizer (ZeRO-1)."""
+    """Whether a stack runs the layout as the plan prices it: one GPU, or FSDP2 (ZeRO-3; torchtitan also
+    replicated, ZeRO-0) without TP or PP; Megatron any TP and PP, with or without its distributed
+    optimizer (ZeRO-1)."""
     if stack == "hf":
         return True
     if checkpointing not in _CHECKPOINTING[stack]:
