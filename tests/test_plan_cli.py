@@ -206,7 +206,7 @@ def test_compare_file(capsys, tmp_path):
         (["compare", "--budget-usd", "10", "--alloc", "x:model=qwen2.5-0.5b,colour=red"], "colour"),
         (["plan", "--compute", "1e21", "--cluster", "dgx-h900"], "unknown cluster"),
         (["compare", "--budget-usd", "10", "--cluster", "nope", "--alloc", "x:model=qwen2.5-0.5b"], "unknown cluster"),
-        (["compare", "--budget-usd", "10", "--alloc", "x:model=qwen2.5-0.5b,stack=megatron"], "stack"),
+        (["compare", "--budget-usd", "10", "--alloc", "x:model=qwen2.5-0.5b,stack=nemo"], "stack"),
         (["plan", "--model", "qwen2.5-0.5b", "--budget-usd", "10", "--compile"], "priced eager only"),
     ],
 )
