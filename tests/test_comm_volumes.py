@@ -170,3 +170,29 @@ def test_fsdp2_without_gradient_sync_reduces_once(method):
     synced, nosync = counted_bytes(f"fsdp2-{method}-none"), counted_bytes(f"fsdp2-{method}-none-nosync")
     assert nosync["all_gather"] == pytest.approx(synced["all_gather"])
     assert nosync["reduce_scatter"] == pytest.approx(synced["reduce_scatter"] / ORACLE["model"]["grad_accum"], rel=0.01)
+
+
+def test_megatron_distributed_optimizer_reduce_scatters_and_gathers():
+    """Megatron's distributed optimizer (zero=1 on stack megatron): one reduce-scatter of the fp32 gradient
+    buffer per step and one all-gather of the bf16 parameters (Megatron-LM dist_optimizer.md), not
+    DeepSpeed's all-reduce."""
+    from planner.cost.timing.dp_volume import bytes_per_step, data_parallel_volume
+    from planner.specs.catalog import load_spec
+
+    spec, n = load_spec("llama-3.1-8b"), 8e9
+    setup = TrainingSetup(stack="megatron", precision="bf16-mixed", num_gpus=8, zero=1, grad_accum=4)
+    per_step = bytes_per_step(data_parallel_volume(spec, setup, n), setup.grad_accum)
+    assert float(per_step["reduce_scatter"]) == 4.0 * n and float(per_step["all_reduce"]) == 0.0
+    assert float(per_step["all_gather"]) == 2.0 * n
+
+
+def test_zero3_gathers_adapters_in_the_dtype_deepspeed_holds():
+    from planner.cost.memory import zero_dtypes
+    from planner.cost.timing.dp_volume import gathered_weight_bytes
+    from planner.specs.catalog import load_spec
+
+    spec = load_spec("llama-3.1-8b")
+    auto = TrainingSetup(method="lora", precision="bf16", num_gpus=8, zero=3)
+    base = auto.model_copy(update={"adapter_dtype": "base"})
+    assert zero_dtypes.adapter_param_bytes(auto) == 4.0 and zero_dtypes.adapter_param_bytes(base) == 2.0
+    assert float(gathered_weight_bytes(spec, auto, 1e6) - gathered_weight_bytes(spec, base, 1e6)) == 2.0 * 1e6

@@ -137,12 +137,12 @@ def _check_request_fits_model(spec, request: PlanRequest) -> None:
     context = spec.max_position_embeddings
     if context and request.seq_len > context:
         check_setup(spec, TrainingSetup(seq_len=request.seq_len))  # raises, saying what would work
-    if "tensor_parallel" in request.model_fields_set and not any(_divides_heads(spec, tp) for tp in request.tensor_parallel):
+    if "tensor_parallel" in request.model_fields_set and not any(divides_heads(spec, tp) for tp in request.tensor_parallel):
         check_setup(spec, TrainingSetup(seq_len=min(request.seq_len, context or request.seq_len),
                                         num_gpus=max(request.tensor_parallel), tensor_parallel=max(request.tensor_parallel)))
 
 
-def _divides_heads(spec, tp: int) -> bool:
+def divides_heads(spec, tp: int) -> bool:
     """Megatron-style tensor parallelism gives each GPU whole query and key/value heads."""
     return all(layer.num_heads % tp == 0 and layer.num_kv_heads % tp == 0 for layer in spec.layers)
 
@@ -259,7 +259,7 @@ def layouts(request: PlanRequest, num_gpus: int, method: str, spec=None) -> list
         zeros = tuple(z for z in zeros if z in (0, 3)) or zeros
     out = []
     for tp in sorted(tps):
-        if tp > min(num_gpus, MAX_TENSOR_PARALLEL) or num_gpus % tp or (spec is not None and not _divides_heads(spec, tp)):
+        if tp > min(num_gpus, MAX_TENSOR_PARALLEL) or num_gpus % tp or (spec is not None and not divides_heads(spec, tp)):
             continue
         for z in sorted(zeros):
             out.append((z, tp))

@@ -199,8 +199,10 @@ def _sharded(spec: ModelSpec, setup: TrainingSetup, num_gpus: int) -> tuple[Trai
     up to a node of 8 that divides the heads, sequence parallel with it."""
     if setup.stack != "megatron":
         return setup.model_copy(update={"num_gpus": num_gpus, "zero": 3}), "ZeRO-3 / FSDP"
-    tp = max(t for t in (1, 2, 4, 8) if t <= num_gpus and num_gpus % t == 0
-             and all(layer.num_heads % t == 0 and layer.num_kv_heads % t == 0 for layer in spec.layers))
+    from planner.search.candidates import MAX_TENSOR_PARALLEL, divides_heads
+
+    tp = max(t for t in (1, 2, 4, 8) if t <= min(num_gpus, MAX_TENSOR_PARALLEL) and num_gpus % t == 0
+             and divides_heads(spec, t))
     update = {"num_gpus": num_gpus, "zero": 1, "tensor_parallel": tp, "sequence_parallel": tp > 1}
     return setup.model_copy(update=update), f"Megatron's distributed optimizer, TP {tp}" + (" + SP" if tp > 1 else "")
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost import spec_facts
+from planner.cost.memory import zero_dtypes
 
 ZERO3_REUSE_WINDOW_ELEMS = 1e9
 """``stage3_max_reuse_distance`` of HF's example ZeRO-3 config (``"auto"`` leaves it at 1e9)."""
@@ -89,7 +90,7 @@ def gradient_bytes(setup) -> float:
     DDP and the other stacks: fp32 master gradients under ``bf16-mixed``, 16-bit in pure ``bf16``."""
     if setup.precision == "fp32":
         return 4.0
-    if setup.stack == "hf" and setup.zero > 0:
+    if zero_dtypes.launched_by_deepspeed(setup):
         return 2.0
     if setup.stack == "torchtitan" and setup.zero == 3:
         return 4.0
@@ -119,8 +120,16 @@ def gathered_weight_bytes(spec, setup, trainable):
             share = spec_facts.projection_params(spec) / max(spec_facts.param_counts(spec).total, 1)
             return _arr(trainable) * (w * (1.0 - share) + 1.0 * share)
         return _arr(trainable) * w
-    adapter_b = 4.0 if setup.stack == "hf" else w
-    return _base_elems(spec, setup) * w + _arr(trainable) * adapter_b
+    return _base_elems(spec, setup) * w + _arr(trainable) * _adapter_bytes(setup)
+
+
+def _adapter_bytes(setup) -> float:
+    """Bytes of a gathered LoRA adapter element: the dtype DeepSpeed holds it in
+    (``zero_dtypes.adapter_param_bytes``: peft's fp32 at ZeRO-3 unless ``adapter_dtype="base"``), else
+    FSDP2's ``param_dtype``."""
+    if zero_dtypes.launched_by_deepspeed(setup):
+        return zero_dtypes.adapter_param_bytes(setup)
+    return weight_bytes(setup)
 
 
 def zero3_released_share(spec, setup, elements) -> np.ndarray:
@@ -146,7 +155,7 @@ def zero3_backward_gather_bytes(spec, setup, trainable):
     layers_b = _layer_base_elems(spec, setup) * w
     recompute = layers_b if setup.method != "full" and ckpt else 0.0
     if setup.method != "full":  # the adapters travel in their own dtype
-        layers_b = layers_b + _arr(trainable) * (4.0 if setup.stack == "hf" else w)
+        layers_b = layers_b + _arr(trainable) * _adapter_bytes(setup)
     matrices, share = ZERO3_RELEASED_EXTRA[("full" if setup.method == "full" else "lora", ckpt)]
     extra = matrices * spec.vocab_size * spec.hidden_size * w / split + share * layers_b
     return recompute + zero3_released_share(spec, setup, elements) * extra
@@ -158,11 +167,15 @@ def data_parallel_volume(spec, setup, trainable) -> DataParallelVolume:
     grads = _arr(trainable) * gradient_bytes(setup)
     if setup.zero == 0:
         return DataParallelVolume(zero, zero, grads, 1, True, zero)
-    if setup.zero in (1, 2):  # DeepSpeed's use_multi_rank_bucket_allreduce (default True): all-reduced buckets
+    if setup.zero in (1, 2):
         step_gather = _arr(trainable) * weight_bytes(setup)
+        if setup.stack == "megatron":  # distributed optimizer: reduce-scatter the (fp32) gradient buffer once per
+            # step, all-gather the updated 16-bit parameters (Megatron-LM docs/.../dist_optimizer.md)
+            return DataParallelVolume(zero, zero, grads, 1, False, step_gather)
+        # DeepSpeed's use_multi_rank_bucket_allreduce (default True): all-reduced buckets
         return DataParallelVolume(zero, zero, grads, setup.grad_accum if setup.zero == 2 else 1, True, step_gather)
     forward = gathered_weight_bytes(spec, setup, trainable)
-    if setup.stack == "hf":  # DeepSpeed ZeRO-3
+    if zero_dtypes.launched_by_deepspeed(setup):  # DeepSpeed ZeRO-3
         backward = zero3_backward_gather_bytes(spec, setup, trainable)
     else:  # FSDP2 full shard (torchtitan, torchtune) and Megatron's sharded data parallel
         backward = forward
