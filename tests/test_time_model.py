@@ -250,6 +250,11 @@ def test_ceilings_come_from_the_shipped_tables():
     rtx = matmul_ceiling(load_gpu("rtx-4090"))
     assert rtx[1] != "measured" and rtx[0] == pytest.approx(fallback_fraction("nvidia", "bf16"))
     assert attention_ceiling(H100)[0] < attention_ceiling(A100)[0]  # FA2 on H100: ~35% of peak
+    mi300x = load_gpu("mi300x")  # CK's FA2 on MI300X: ~18% of peak; its fp8 GEMM from AMD's fp8/bf16 ratio
+    assert attention_ceiling(mi300x) == (pytest.approx(0.1767, abs=1e-3), "measured")
+    assert matmul_ceiling(mi300x, "fp8") == (pytest.approx(1155.2e12 / mi300x.peak_flops_for("fp8")), "measured")
+    b200 = attention_ceiling(load_gpu("b200"))  # no benchmark: NVIDIA's ratios, not MI300X's
+    assert "nvidia" in b200[1] and b200[0] > attention_ceiling(H100)[0]
     for row in (*ceiling_rows(), *attention_rows()):
         assert row["url"].startswith("https://") and 0 < row["fraction"] <= 1
 

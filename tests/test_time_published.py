@@ -36,7 +36,7 @@ def test_left_out_by_name(runs):
     reasons = {key: reason for key, _, reason in runs[1]}
     assert "llmfoundry_bench-076" not in reasons  # amp_fp8 (TransformerEngine) is priced as float8 now
     assert "rowwise" in reasons["torchao_float8_training_doc-003"]  # only tensorwise scaling is priced
-    assert "not in the catalog" in reasons["torchtitan_bench_2024_12-001"]  # the 500 W Grand Teton H100
+    assert "torchtitan_bench_2024_12-001" not in reasons  # the 500 W Grand Teton H100: priced as its chip, capped
     assert "GPTQ" in reasons["qwen1_readme_profiling-007"]
     assert "implausible" in reasons["torchtune_readme_2024_09-007"]  # 70B LoRA at 3.3x the A100's peak
 
@@ -49,6 +49,26 @@ def test_megatron_tflops_are_inverted_with_the_papers_count(runs):
     per_token = 96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))  # Narayanan et al. 2021 eq. 3
     assert run.tokens_per_s_per_gpu == pytest.approx(value * 1e12 / per_token)
     assert run.setup.pipeline_parallel == 12 and run.setup.tensor_parallel == 8
+
+
+def test_power_capped_part_is_its_chip_under_a_fitted_factor(runs, tab):
+    """Meta's 500 W H100 takes the H100 SXM's measured ceilings; only its runs read the fitted
+    ``power_cap.h100-500w``, and held out, each of its two sources gets it from the other."""
+    from planner.cost.timing.ceiling import matmul_ceiling
+
+    run = next(r for r in runs[0] if r.id == "torchtitan_bench_2024_12-002")
+    assert run.gpu.name == "h100-500w-grand-teton"
+    h100 = next(r for r in runs[0] if r.id == "torchao_float8_training_doc-001").gpu
+    assert matmul_ceiling(run.gpu) == matmul_ceiling(h100)
+    capped = tab["features"]["power_capped"]
+    assert set(tab["source"][capped]) == {"torchtitan_bench_2024_12", "torchtitan_perf_doc_2024",
+                                          "torchtitan_asynctp_2025_06"}
+    values = load_constants()["values"]
+    doubled = {**values, "power_cap.h100-500w": 2 * values["power_cap.h100-500w"]}
+    moved = time_fit.predict(tab, doubled) != time_fit.predict(tab, values)
+    assert np.array_equal(moved, capped)
+    fits = time_fit.loso(tab)["fits"]
+    assert fits["torchtitan_bench_2024_12"]["power_cap.h100-500w"] != fits["torchtitan_perf_doc_2024"]["power_cap.h100-500w"]
 
 
 def test_unknown_stack_is_refused():
@@ -100,27 +120,39 @@ QWEN_MULTINODE_LORA = {f"qwen1_readme_profiling-0{i}" for i in range(34, 40)}
 
 def test_leave_one_source_out_targets(tab):
     """What the committed model meets held out (issue 11): median |error| <= 8% (10.8% before the
-    measured ceilings), the 80% intervals hold >= 85% of runs, 11 sources, llm-foundry's 216
-    runs within 8% at the median; the worst run apart from Qwen-1's multinode LoRA below 60% (MI300X
-    float8, 54%). Qwen-1's 7B ZeRO-3 run at 256 tokens (031) within 50%: 74% before issue 11's counted
-    ZeRO-3 module fetches (three per module and micro-batch under checkpointing, not two) and gathers
-    (1.5 passes of the weights per micro-batch, not 2), see benchmarks/README.md. A GPU generation seen in one source only (MI300X, in
-    torchao's float8 doc) is predicted from its measured matmul ceiling: within 40% (108% with
-    a per-generation constant)."""
+    measured ceilings), the 80% intervals hold >= 85% of runs, 14 sources, llm-foundry's 216
+    runs within 8% at the median, every run within 45% (Qwen-1's 7B ZeRO-3 run at 256 tokens, 031,
+    is the worst: 74% before issue 11's counted ZeRO-3 module fetches and gathers, see
+    benchmarks/README.md). A GPU generation seen in one source only (MI300X, in torchao's float8
+    doc) is predicted from its measured matmul and attention ceilings: within 25% (108% with a
+    per-generation constant, 34% and 54% with NVIDIA's attention/matmul ratio)."""
     result = time_fit.loso(tab)
     scores = time_fit.summary(tab, result)
     summary = scores["overall"]
     assert scores["by_source"]["llmfoundry_bench"]["median_abs_error"] <= 0.08
     assert summary["median_abs_error"] <= 0.08
     assert summary["interval_coverage"] >= 0.85
-    assert summary["sources"] >= 11
+    assert summary["sources"] >= 14
     errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
-    assert max(abs(e) for run, e in errors.items() if run not in QWEN_MULTINODE_LORA) < 0.60
-    assert abs(errors["qwen1_readme_profiling-031"]) < 0.50
-    # Qwen-1's LoRA on 2 nodes x 2 A100s (ZeRO-2) runs 1.75x slower per GPU than the same table's
-    # single-GPU LoRA row at every length: a cost proportional to tokens that no stated field
-    # explains (the LoRA gradients' reduce is ~5 ms); priced, held out they stay optimistic
-    assert all(0.5 < errors[run] < 1.6 for run in QWEN_MULTINODE_LORA if run != "qwen1_readme_profiling-034")
-    assert abs(errors["torchao_float8_training_doc-004"]) < 0.40  # MI300X, bf16
+    assert max(abs(e) for e in errors.values()) < 0.45
+    assert abs(errors["qwen1_readme_profiling-031"]) < 0.45
+    assert abs(errors["torchao_float8_training_doc-005"]) < 0.25  # MI300X, float8 tensorwise
+    assert abs(errors["torchao_float8_training_doc-004"]) < 0.20  # MI300X, bf16
     assert abs(errors["torchao_float8_training_doc-001"]) < 0.25  # H100, bf16
     assert abs(errors["torchao_float8_training_doc-002"]) < 0.25  # H100, float8 tensorwise
+
+
+def test_qwen_multinode_rows_are_listed_with_their_reason(runs):
+    """Qwen-1's LoRA on 2 nodes x 2 A100s ran code that was not published (finetune.py at the row's
+    commit cannot run distributed): listed, not priced. Priced as the README states them they
+    would run 1.4-2.3x slower per GPU than the same table's single-GPU LoRA physics gives, at every
+    length (a cost proportional to tokens no stated field explains); kept here so the reason
+    stays checked."""
+    reasons = {key: reason for key, _, reason in runs[1]}
+    assert all("not published" in reasons[run] for run in QWEN_MULTINODE_LORA)
+    text = catalog_root().joinpath("measurements", "throughput.csv").read_text(encoding="utf-8")
+    rows = [r for r in csv.DictReader(text.splitlines()) if r["id"] in QWEN_MULTINODE_LORA]
+    stated = [map_row({**r, "notes": r["notes"].split(" NOT THE PUBLISHED CODE")[0]}) for r in rows]
+    tab = time_fit.table(stated)
+    ratio = tab["measured_step_s"] / time_fit.predict(tab, load_constants()["values"])
+    assert len(rows) == 6 and all(1.2 < r < 2.5 for r in ratio) and np.median(ratio) > 1.5

@@ -54,6 +54,20 @@ def ceiling_rows() -> tuple[dict, ...]:
     return tuple(out)
 
 
+POWER_CAPPED: dict[str, str] = {"h100-500w-grand-teton": "h100-sxm"}
+"""Parts that carry a catalogued chip under a lower power limit -> that chip. Meta's Grand Teton
+H100 (96 GB HBM2e, 500 W limit; the GPU of torchtitan's published H100 benchmarks) has no
+published sustained clock or GEMM benchmark: its ceilings are its chip's, and the time model's
+fitted ``power_cap.h100-500w`` (``planner.cost.timing.grounding``) says how much slower its device
+time runs. Only the published runs use it (``planner.cost.timing.published``); it is not in the
+catalog, whose every figure has a source."""
+
+
+def chip_of(gpu) -> str:
+    """The catalogued chip whose measured ceilings a GPU takes (itself, or what it caps)."""
+    return POWER_CAPPED.get(gpu.name, gpu.name)
+
+
 def _dtype(precision: str) -> str:
     return "fp8" if precision in ("fp8", "float8") else "bf16"
 
@@ -73,7 +87,7 @@ def matmul_ceiling(gpu, precision: str = "bf16") -> tuple[float, str]:
     """(share of ``gpu``'s dense peak of ``precision`` the best GEMMs reach, where it comes
     from: ``"measured"`` or the fallback used)."""
     dtype = _dtype(precision)
-    rows = {r["dtype"]: r for r in ceiling_rows() if r["gpu"] == gpu.name}
+    rows = {r["dtype"]: r for r in ceiling_rows() if r["gpu"] == chip_of(gpu)}
     if dtype in rows:
         peak = gpu.peak_flops_for(dtype)
         return min(rows[dtype]["mamf_tflops"] * 1e12 / peak, 1.0), "measured"
@@ -116,16 +130,26 @@ def combined_fraction(forward_fraction, backward_fraction):
 def attention_ceiling(gpu, precision: str = "bf16") -> tuple[float, str]:
     """(share of ``gpu``'s bf16 peak a flash-attention-2 forward + backward reaches at long
     sequences, where it comes from). A GPU without a benchmark takes its matmul ceiling times
-    the median, over the benchmarked GPUs, of attention ceiling / matmul ceiling (the kernel
-    falls further behind the GEMMs on each newer generation: on H100 the exponentials of the
-    softmax, not the tensor cores, bound it, Shah et al. 2024 sec. 1; so the fallback is a
-    middle guess, not a bound). Attention runs in bf16 under float8 training too."""
-    rows = [r for r in attention_rows() if r["gpu"] == gpu.name]
+    the median, over the benchmarked GPUs of its vendor (NVIDIA's when its vendor has none), of
+    attention ceiling / matmul ceiling (the kernel falls further behind the GEMMs on each newer
+    generation: on H100 the exponentials of the softmax, not the tensor cores, bound it, Shah et
+    al. 2024 sec. 1; so the fallback is a middle guess, not a bound). Attention runs in bf16
+    under float8 training too."""
+    rows = [r for r in attention_rows() if r["gpu"] == chip_of(gpu)]
     if rows:
         return rows[0]["fraction"], "measured"
+    vendor = getattr(gpu, "vendor", "nvidia") or "nvidia"
+    if not _attention_ratios(vendor):
+        vendor = "nvidia"
+    ratio = float(median(_attention_ratios(vendor)))
+    return matmul_ceiling(gpu, "bf16")[0] * ratio, f"matmul ceiling x the median attention/matmul ratio of the {vendor} rows"
+
+
+def _attention_ratios(vendor: str) -> list[float]:
+    """Attention ceiling / bf16 matmul ceiling of each benchmarked GPU of ``vendor``."""
     ratios = []
     for row in attention_rows():
         mm = [r for r in ceiling_rows() if r["gpu"] == row["gpu"] and r["dtype"] == "bf16"]
-        if mm:
+        if mm and row["vendor"] == vendor:
             ratios.append(row["fraction"] / mm[0]["fraction"])
-    return matmul_ceiling(gpu, "bf16")[0] * float(median(ratios)), "matmul ceiling x the median attention/matmul ratio"
+    return ratios

@@ -19,6 +19,10 @@ differently). ``ground`` applies, per set-up:
   FlashAttention-3 paper's FA2 bars on H100, which reach half the share A100 does) x
   ``efficiency.attention``, fitted across sources; eager attention at the matmul ceiling; times
   ``attention_core`` (derived, see ``DERIVED``).
+- **a power-capped part** (``power_cap.h100-500w``): Meta's 500 W Grand Teton H100, on which
+  torchtitan measured its H100 benchmarks, runs its chip's kernels (``ceiling.POWER_CAPPED``) at a
+  sustained clock nobody publishes; one factor on its device time, fitted on the sources that
+  ran it (held out, each is priced with the factor the others give).
 - **memory-bound work** per kind of stack (``memory.eager``: one kernel per op, HF/torchtune/
   torchtitan without compile; ``memory.fused``: Megatron's fused kernels, or ``--compile``).
 - **framework time** per stack (``framework.<stack>``): a factor on the device time (Python,
@@ -57,7 +61,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost.timing.ceiling import attention_ceiling, matmul_ceiling
+from planner.cost.timing.ceiling import POWER_CAPPED, attention_ceiling, matmul_ceiling
 from planner.cost.timing.efficiency import DEFAULT_MAX_EFFICIENCY
 from planner.errors import PlannerError
 
@@ -82,6 +86,9 @@ PRIOR: dict[str, float] = {
     "selective_recompute": 0.1,  # torchtitan's per-op SAC reruns about every other matmul's input op
     "zero3_s_per_module_visit.hf": 3e-4,  # guess: a few hundred microseconds of hooks, launches, syncs
     "qlora_dequant_factor": 1.0,  # bitsandbytes' fused kernel: one read of NF4, one bf16 write per pass
+    # device time of the 500 W Grand Teton H100 over the 700 W SXM's: with power ~ clock x voltage^2
+    # and voltage ~ clock, 5/7 of the power sustains ~(5/7)^(1/3) = 0.89 of the clock
+    "power_cap.h100-500w": 1.12,
 }
 """Constant -> value before any fit (guesses with the reason; the fit moves them)."""
 DERIVED: tuple[str, ...] = ("attention_core",)
@@ -140,6 +147,7 @@ def features(spec, setup, gpu) -> dict:
         "ceiling": matmul_ceiling(gpu, setup.precision)[0],
         "attention_ceiling": attention_ceiling(gpu)[0],
         "flash": setup.attention == "sdpa",
+        "power_capped": gpu.name in POWER_CAPPED,
         "stack": setup.stack,
         "fused": bool(setup.stack == "megatron" or setup.compile),
         "selective": setup.checkpointing == "selective",
@@ -161,16 +169,18 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
     ``dequantization_s``, ``offload_s``) of a set-up whose
     ``features`` are ``feats`` (scalars, or arrays over many set-ups for a fit), with the
     constants ``values``. Returns the same keys plus ``pipeline_bubble_s``; their sum is the step."""
-    scale = DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["ceiling"]) * values["efficiency.step"])
+    # a power-capped part (ceiling.POWER_CAPPED) runs its chip's kernels at a lower sustained clock
+    capped = np.where(feats["power_capped"], values["power_cap.h100-500w"], 1.0)
+    scale = capped * DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["ceiling"]) * values["efficiency.step"])
     compute = parts["compute_s"] * scale
     # flash kernels at their own ceiling; eager attention is two batched GEMMs, priced as the matmuls
-    flash_scale = DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"])
+    flash_scale = capped * DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"])
     attention = parts["attention_s"] * np.where(feats["flash"], flash_scale * values["attention_core"], scale)
     # op-level selective checkpointing (HF, torchtitan) reruns some matmuls; Megatron's selective
     # mode reruns only the attention core's softmax and dropout (Korthikanti et al. 2022 sec. 4.2)
     op_level = np.asarray(feats["selective"]) & (np.asarray(feats["stack"]) != "megatron")
     recompute = parts["recompute_s"] * scale + np.where(op_level, values["selective_recompute"] / 3.0, 0.0) * compute
-    memory = parts["memory_s"] * np.where(feats["fused"], values["memory.fused"], values["memory.eager"])
+    memory = capped * parts["memory_s"] * np.where(feats["fused"], values["memory.fused"], values["memory.eager"])
     # each stage runs 1/pp of the layers; the last one also the head (Megatron's layout: the
     # slowest stage sets the pace of the pipeline)
     share = feats["head_share"]

@@ -35,11 +35,14 @@ GPUS: dict[str, str] = {
     "h100": "h100-sxm", "h100-80gb": "h100-sxm", "h200": "h200", "b200": "b200", "mi300x": "mi300x",
     "rtx-4090": "rtx-4090", "rtx-a6000": "rtx-a6000",
 }
-"""GPU of the CSV -> catalog GPU. Left out: Meta's Grand Teton H100s (HBM2e, 500 W power cap;
-``h100-96gb-hbm2e-500w``, ``h100-95gb-hbm2e-lowtdp``) run slower clocks than the catalog's
-700 W H100 SXM and have no catalog entry (their sustained clock is not published, so no peak
-can be sourced); V100 16GB and TPUs are not in the catalog (the V100 16GB rows are BERT
-sequence-classification runs, which the notes exclusions would refuse too)."""
+"""GPU of the CSV -> catalog GPU. Left out: V100 16GB and TPUs are not in the catalog (the V100
+16GB rows are BERT sequence-classification runs, which the notes exclusions would refuse too)."""
+POWER_CAPPED_GPUS: dict[str, str] = {"h100-96gb-hbm2e-500w": "h100-500w-grand-teton",
+                                     "h100-95gb-hbm2e-lowtdp": "h100-500w-grand-teton"}
+"""GPU of the CSV -> a part of ``ceiling.POWER_CAPPED``: Meta's Grand Teton H100s (HBM2e, 500 W
+limit), on which torchtitan's own H100 benchmarks ran. Priced as their chip (the catalog's H100
+SXM) times the fitted ``power_cap.h100-500w``; outside the catalog because their clock, memory
+bandwidth and price are not published."""
 CLUSTERS: dict[str, str] = {
     "RoCE 1600 Gbps per node": "mosaicml-a100-roce", "Omni-Path (4 links per node)": "jean-zay-a100",
     "RDMA 400 Gb/s per GPU (Grand Teton backend network)": "roce-400g-h100", "IB 8x200G HDR (Selene)": "dgx-a100",
@@ -47,6 +50,10 @@ CLUSTERS: dict[str, str] = {
     "RDMA 400 Gb/s per GPU (Mellanox CX-7)": "roce-400g-h100",
 }
 """Network column -> catalog cluster; an unstated network takes the GPU's default cluster."""
+ATTENTIONS: dict[str, str] = {"unfused (materialized scores, fused softmax; before FlashAttention)": "eager"}
+"""Attention column -> the set-up's attention; any other (flash-attn-2, triton-flash, SDPA, blank) is
+``sdpa``: a flash kernel. The Megatron papers' and BLOOM's runs predate FlashAttention in Megatron
+(d693034, 2022-12-08): their scores were materialised."""
 EXTRA_ARCHITECTURES: dict[str, str] = {
     # Qwen (v1) configs, Hugging Face Qwen/Qwen-*/config.json (intermediate_size there is 2 x ffn)
     "qwen-1.8b": "L=24;h=2048;a=16;kv=16;ffn=5504;V=151936",
@@ -60,6 +67,8 @@ NOTE_EXCLUSIONS: tuple[tuple[str, str], ...] = (
     ("settings not stated", "optimizer / DeepSpeed offload settings not stated"),
     ("Unpacked rows use alpaca", "unpacked short samples padded per batch: the tokens per step are not stated"),
     ("limit not stated", "GPU power limit not stated"),
+    ("NOT THE PUBLISHED CODE", "measured with code that was not published (the source's script at the row's commit "
+     "cannot run distributed): its set-up is not stated"),
     ("CPU offload", "FSDP CPU offload of parameters: not priced by the time model"),
     ("Encoder-only model", "encoder-only sequence classification (BERT): the time model prices causal LMs with their "
      "output head over the vocabulary"),
@@ -229,6 +238,7 @@ def _setup_fields(row: dict) -> dict | str:
     if ckpt is None:
         return f"activation checkpointing {row['checkpointing'] or 'not stated'!r}: its recompute cannot be priced"
     fields = dict(stack=stack, precision=precision, checkpointing=ckpt, method=row["method"],
+                  attention=ATTENTIONS.get((row.get("attention") or "").strip(), "sdpa"),
                   compile=row.get("compile", "").strip().lower() == "true", float8=float8)
     recipe = f"{row.get('location', '')} {row.get('notes', '')}".lower()
     if float8 and ("float8 all-gather" in recipe or "f8 all-gather" in recipe):
@@ -249,11 +259,10 @@ def _setup_fields(row: dict) -> dict | str:
 def map_row(row: dict) -> Run | str:
     """A ``Run`` for one CSV row, or the reason it cannot be stated."""
     from planner.cost.timing.grounding import regime
-    from planner.specs.catalog import load_gpu
     from planner.specs.cluster import load_cluster, resolve_cluster
     from planner.specs.setup import TrainingSetup
 
-    gpu_name = GPUS.get(row.get("gpu") or "")
+    gpu_name = GPUS.get(row.get("gpu") or "") or POWER_CAPPED_GPUS.get(row.get("gpu") or "")
     if gpu_name is None:
         return f"GPU {row.get('gpu') or 'not stated'!r} is not in the catalog"
     fields = _setup_fields(row)
@@ -269,7 +278,7 @@ def map_row(row: dict) -> Run | str:
         setup = TrainingSetup(**fields, **layout)
     except (PlannerError, ValueError) as exc:
         return f"set-up not expressible: {str(exc).splitlines()[0]}"
-    gpu = load_gpu(gpu_name)
+    gpu = _gpu(gpu_name)
     network = row.get("network") or ""
     cluster = load_cluster(CLUSTERS[network]) if network in CLUSTERS else resolve_cluster(None, gpu)
     per_node = _float(row, "gpus_per_node")
@@ -285,6 +294,20 @@ def map_row(row: dict) -> Run | str:
                 "other than the one stated?)")
     return Run(row["id"], row["source_id"], spec, setup, gpu, cluster, regime(setup.num_gpus, cluster.gpus_per_node),
                tokens, row["metric"])
+
+
+def _gpu(name: str):
+    """The catalog GPU, or a power-capped part as its chip under its own name, with its own memory:
+    96 GB of HBM2e at 2.4 TB/s (torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``,
+    'Hardware'); its price is not published."""
+    from planner.cost.timing.ceiling import POWER_CAPPED
+    from planner.specs.catalog import load_gpu
+
+    if name not in POWER_CAPPED:
+        return load_gpu(name)
+    chip = load_gpu(POWER_CAPPED[name])
+    return chip.model_copy(update={"name": name, "aliases": (), "memory_bytes": 96 * 10**9,
+                                   "memory_bandwidth_bytes_per_s": 2.4e12, "price_usd_per_hour": None})
 
 
 def _plausible_share(gpu, setup) -> float:
