@@ -125,7 +125,9 @@ def test_step_decomposition_matches_direct_step_time():
         setup = TrainingSetup(method=method, precision="bf16", num_gpus=g, zero=zero, tensor_parallel=tp)
         per_mb, per_step, _ = setups._affine_step(ctx, spec, setup, mb, 2048, rank)
         # affine in the accumulation, except the exposed tail of a cross-node DDP / ZeRO-1 all-reduce
-        tol = 3e-2 if (g > 8 and zero < 2) else 1e-9
+        # and the host time's smooth exposure (grounding.exposed_host_s) over a device time whose
+        # gradient-accumulation traffic is averaged over the micro-batches (within 1e-4)
+        tol = 3e-2 if (g > 8 and zero < 2) else 5e-4
         for ga in (1, 3, 8, 32):
             direct = step_time(spec, setup.model_copy(update={"grad_accum": ga}), ctx.gpu, mb, 2048, rank)["step_time_s"]
             np.testing.assert_allclose(ga * per_mb + per_step, direct, rtol=tol)

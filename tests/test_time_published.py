@@ -121,9 +121,9 @@ QWEN_MULTINODE_LORA = {f"qwen1_readme_profiling-0{i}" for i in range(34, 40)}
 def test_leave_one_source_out_targets(tab):
     """What the committed model meets held out (issue 11): median |error| <= 8% (10.8% before the
     measured ceilings), the 80% intervals hold >= 85% of runs, 14 sources, llm-foundry's 216
-    runs within 8% at the median, every run within 45% (Qwen-1's 7B ZeRO-3 run at 256 tokens, 031,
+    runs within 8% at the median, every run within 40% (Qwen-1's 7B ZeRO-3 run at 256 tokens, 031,
     is the worst: 74% before issue 11's counted ZeRO-3 module fetches and gathers, see
-    benchmarks/README.md). A GPU generation seen in one source only (MI300X, in torchao's float8
+    benchmarks/README.md), single-GPU runs within 25%. A GPU generation seen in one source only (MI300X, in torchao's float8
     doc) is predicted from its measured matmul and attention ceilings: within 25% (108% with a
     per-generation constant, 34% and 54% with NVIDIA's attention/matmul ratio)."""
     result = time_fit.loso(tab)
@@ -134,8 +134,9 @@ def test_leave_one_source_out_targets(tab):
     assert summary["interval_coverage"] >= 0.85
     assert summary["sources"] >= 14
     errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
-    assert max(abs(e) for e in errors.values()) < 0.45
-    assert abs(errors["qwen1_readme_profiling-031"]) < 0.45
+    assert max(abs(e) for e in errors.values()) < 0.40
+    assert abs(errors["qwen1_readme_profiling-031"]) < 0.40
+    assert scores["by_regime"]["single-gpu"]["max_abs_error"] < 0.25
     assert abs(errors["torchao_float8_training_doc-005"]) < 0.25  # MI300X, float8 tensorwise
     assert abs(errors["torchao_float8_training_doc-004"]) < 0.20  # MI300X, bf16
     assert abs(errors["torchao_float8_training_doc-001"]) < 0.25  # H100, bf16

@@ -23,6 +23,9 @@ differently). ``ground`` applies, per set-up:
   torchtitan measured its H100 benchmarks, runs its chip's kernels (``ceiling.POWER_CAPPED``) at a
   sustained clock nobody publishes; one factor on its device time, fitted on the sources that
   ran it (held out, each is priced with the factor the others give).
+- **host time** (``host_overlap_p``): the host's ops of a step (``host.host_ops_per_micro_batch``)
+  meet the grounded device time in a smooth maximum (``exposed_host_s``), not the roofline's
+  exposure against its own faster device time.
 - **memory-bound work** per kind of stack (``memory.eager``: one kernel per op, HF/torchtune/
   torchtitan without compile; ``memory.fused``: Megatron's fused kernels, or ``--compile``).
 - **framework time** per stack (``framework.<stack>``): a factor on the device time (Python,
@@ -63,6 +66,7 @@ import numpy as np
 
 from planner.cost.timing.ceiling import POWER_CAPPED, attention_ceiling, matmul_ceiling
 from planner.cost.timing.efficiency import DEFAULT_MAX_EFFICIENCY
+from planner.cost.timing.host import HOST_OVERHEAD_S_PER_OP, host_ops_per_micro_batch, is_cpu
 from planner.errors import PlannerError
 
 CONSTANTS_FILE = ("time_model", "constants.json")
@@ -89,6 +93,9 @@ PRIOR: dict[str, float] = {
     # device time of the 500 W Grand Teton H100 over the 700 W SXM's: with power ~ clock x voltage^2
     # and voltage ~ clock, 5/7 of the power sustains ~(5/7)^(1/3) = 0.89 of the clock
     "power_cap.h100-500w": 1.12,
+    # how sharply a step goes from device-bound to host-bound: 4 puts a step whose host and device
+    # times are equal 19% above either (a hard max would put it at either)
+    "host_overlap_p": 4.0,
 }
 """Constant -> value before any fit (guesses with the reason; the fit moves them)."""
 DERIVED: tuple[str, ...] = ("attention_core",)
@@ -139,6 +146,12 @@ def zero3_module_visits(spec, setup) -> float:
     return passes * linears * setup.grad_accum
 
 
+def host_s(spec, setup) -> float:
+    """Host seconds of a step's micro-batches on one pipeline stage (``host.host_ops_per_micro_batch``
+    at ``host.HOST_OVERHEAD_S_PER_OP``; a stage dispatches its share of the layers' ops)."""
+    return HOST_OVERHEAD_S_PER_OP * host_ops_per_micro_batch(spec, setup) * setup.grad_accum / setup.pipeline_parallel
+
+
 def features(spec, setup, gpu) -> dict:
     """What ``ground`` reads of a set-up and its GPU, as plain values (one row of a fit's table)."""
     return {
@@ -148,6 +161,8 @@ def features(spec, setup, gpu) -> dict:
         "attention_ceiling": attention_ceiling(gpu)[0],
         "flash": setup.attention == "sdpa",
         "power_capped": gpu.name in POWER_CAPPED,
+        "cpu": is_cpu(gpu),
+        "host_s": host_s(spec, setup),
         "stack": setup.stack,
         "fused": bool(setup.stack == "megatron" or setup.compile),
         "selective": setup.checkpointing == "selective",
@@ -199,10 +214,23 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
         "dequantization_s": parts["dequantization_s"] * values["qlora_dequant_factor"] * framework,
         "offload_s": parts["offload_s"],  # PCIe copies beyond the roofline compute they overlap, as priced
     }
-    out["overhead_s"] = out["overhead_s"] + values["zero3_s_per_module_visit.hf"] * feats["zero3_module_visits"]
     device = out["compute_s"] + out["attention_s"] + out["memory_s"] + out["recompute_s"]
+    out["overhead_s"] = (exposed_host_s(device, feats, values)
+                         + values["zero3_s_per_module_visit.hf"] * feats["zero3_module_visits"])
     out["pipeline_bubble_s"] = device * feats["bubble"]
     return out
+
+
+def exposed_host_s(device_s, feats: dict, values: dict):
+    """Host time of a step not hidden behind its grounded device time: the smooth maximum
+    ``(host^p + device^p)^(1/p)`` less the device time, ``p = host_overlap_p``. The host runs ahead
+    of the device (a host-bound step takes its host time, not host plus device time), but not
+    perfectly: synchronisations (loss ``.item()``, gradient-norm clipping, checkpointing's RNG
+    state) stall the queue, most where the two are close. On a CPU device the host adds."""
+    host, p = feats["host_s"], values["host_overlap_p"]
+    device = np.maximum(device_s, 1e-12)
+    smooth = device * (1.0 + (host / device) ** p) ** (1.0 / p)
+    return np.where(feats["cpu"], host, smooth - device)
 
 
 @lru_cache(maxsize=1)
