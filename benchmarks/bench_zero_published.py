@@ -99,6 +99,9 @@ def zero_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def row_setup(row) -> tuple[object, TrainingSetup, zb.ZeroConfig, float]:
     """(spec, set-up, DeepSpeed config, measured GiB per GPU) of a row, or ValueError with the reason."""
+    if "NOT THE PUBLISHED CODE" in str(row["notes"]):
+        raise ValueError("measured with code that was not published (the source's script at the row's commit cannot "
+                         "run it): its set-up is not stated")
     if _stated(row["offload"]) and row["offload"] != "none":
         raise ValueError(f"ZeRO-3 with {row['offload']} offloaded to the CPU: parameter offload is not priced")
     run = ROW_RUNS.get((row["source_id"], row["model"], row["method"], int(row["num_gpus"])))

@@ -10,7 +10,7 @@ import pytest
 
 from planner.cost.spec_facts import param_counts
 from planner.cost.timing import dp_volume
-from planner.cost.timing.step_time import _trainable_per_gpu
+from planner.cost.timing.gradient_traffic import trainable_per_gpu
 from planner.specs.catalog import load_spec
 from planner.specs.model import model_spec_from_config
 from planner.specs.setup import TrainingSetup
@@ -62,7 +62,7 @@ def counted_bytes(case: str) -> dict:
 
 
 def planned_bytes(spec, setup) -> dict:
-    trainable = _trainable_per_gpu(spec, setup, setup.lora_rank)
+    trainable = trainable_per_gpu(spec, setup, setup.lora_rank)
     volume = dp_volume.data_parallel_volume(spec, setup, trainable)
     return {k: float(v) for k, v in dp_volume.bytes_per_step(volume, setup.grad_accum).items()}
 
@@ -129,7 +129,7 @@ def _units(spec, setup) -> dict:
     """What each counted volume is a multiple of: one gather of the sharded weights, the decoder layers'
     frozen weights (LoRA's recompute), the trained weights (ZeRO-1/2's gather after the step), the
     trained elements (the reductions)."""
-    trainable = float(_trainable_per_gpu(spec, setup, setup.lora_rank))
+    trainable = float(trainable_per_gpu(spec, setup, setup.lora_rank))
     counts = param_counts(spec)
     return {"weights": float(dp_volume.gathered_weight_bytes(spec, setup, trainable)),
             "layers": (counts.attention + counts.mlp) * dp_volume.weight_bytes(setup),

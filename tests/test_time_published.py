@@ -64,11 +64,12 @@ def test_power_capped_part_is_its_chip_under_a_fitted_factor(runs, tab):
     assert set(tab["source"][capped]) == {"torchtitan_bench_2024_12", "torchtitan_perf_doc_2024",
                                           "torchtitan_asynctp_2025_06"}
     values = load_constants()["values"]
-    doubled = {**values, "power_cap.h100-500w": 2 * values["power_cap.h100-500w"]}
+    doubled = {**values, "power_cap.h100-500w": 2 * values["power_cap.h100-500w"]}  # only its runs move
     moved = time_fit.predict(tab, doubled) != time_fit.predict(tab, values)
     assert np.array_equal(moved, capped)
-    fits = time_fit.loso(tab)["fits"]
-    assert fits["torchtitan_bench_2024_12"]["power_cap.h100-500w"] != fits["torchtitan_perf_doc_2024"]["power_cap.h100-500w"]
+    # with every source that ran the part left out, no run informs the factor: it stays at its prior
+    others = ~np.isin(tab["source"], list(set(tab["source"][capped])))
+    assert time_fit.fit(tab, others)["power_cap.h100-500w"] == pytest.approx(PRIOR["power_cap.h100-500w"], rel=1e-6)
 
 
 def test_unknown_stack_is_refused():
@@ -143,17 +144,27 @@ def test_leave_one_source_out_targets(tab):
     assert abs(errors["torchao_float8_training_doc-002"]) < 0.25  # H100, float8 tensorwise
 
 
-def test_qwen_multinode_rows_are_listed_with_their_reason(runs):
-    """Qwen-1's LoRA on 2 nodes x 2 A100s ran code that was not published (finetune.py at the row's
-    commit cannot run distributed): listed, not priced. Priced as the README states them they
-    would run 1.4-2.3x slower per GPU than the same table's single-GPU LoRA physics gives, at every
-    length (a cost proportional to tokens no stated field explains); kept here so the reason
-    stays checked."""
+QWEN_72B_LORA_ZERO3 = {f"qwen1_readme_profiling-0{i}" for i in range(52, 58)}
+
+
+def test_qwen_rows_run_with_unpublished_code_are_listed_with_their_reason(runs):
+    """Qwen-1's LoRA on 2 nodes x 2 A100s and its 72B LoRA with ZeRO-3 on 4 A100s ran code that was
+    not published (finetune.py at the rows' commits set device_map="auto", with which neither a
+    distributed run nor ZeRO-3 loads): listed, not priced. Priced as the README states them, the
+    multinode runs would be 1.4-2.1x slower per GPU than predicted at every length (a cost
+    proportional to tokens no stated field explains) and the 72B runs 18-23% off; kept here so the
+    reason stays checked."""
     reasons = {key: reason for key, _, reason in runs[1]}
-    assert all("not published" in reasons[run] for run in QWEN_MULTINODE_LORA)
+    assert all("not published" in reasons[run] for run in QWEN_MULTINODE_LORA | QWEN_72B_LORA_ZERO3)
     text = catalog_root().joinpath("measurements", "throughput.csv").read_text(encoding="utf-8")
-    rows = [r for r in csv.DictReader(text.splitlines()) if r["id"] in QWEN_MULTINODE_LORA]
-    stated = [map_row({**r, "notes": r["notes"].split(" NOT THE PUBLISHED CODE")[0]}) for r in rows]
-    tab = time_fit.table(stated)
-    ratio = tab["measured_step_s"] / time_fit.predict(tab, load_constants()["values"])
-    assert len(rows) == 6 and all(1.2 < r < 2.5 for r in ratio) and np.median(ratio) > 1.5
+    rows = {r["id"]: r for r in csv.DictReader(text.splitlines())}
+    values = load_constants()["values"]
+
+    def ratios(ids):
+        stated = [map_row({**rows[i], "notes": rows[i]["notes"].split(" NOT THE PUBLISHED CODE")[0]}) for i in sorted(ids)]
+        tab = time_fit.table(stated)
+        return tab["measured_step_s"] / time_fit.predict(tab, values)
+
+    multinode, large = ratios(QWEN_MULTINODE_LORA), ratios(QWEN_72B_LORA_ZERO3)
+    assert all(1.2 < r < 2.5 for r in multinode) and np.median(multinode) > 1.5
+    assert all(0.7 < r < 1.4 for r in large)

@@ -5,7 +5,8 @@ shapes reach, measured independently of any training run.
 FLOPS" (MAMF) table (ml-engineering, ``compute/accelerator/README.md``, commit 744d01e, Aug 2026;
 measured with its ``benchmarks/mamf-finder.py``: a sweep of ``torch.matmul`` shapes, the mean of
 100 iterations after 50 warm-up ones, the best shape kept), one row per GPU and input dtype
-(bf16, fp8 e4m3). The grounded time model (``planner.cost.timing.grounding``) prices a step's
+(bf16, fp8 e4m3); one row is derived, not his: MI300X fp8, his MI300X bf16 MAMF times AMD's
+own fp8/bf16 ratio of max-achievable FLOPs (the row's source says where). The grounded time model (``planner.cost.timing.grounding``) prices a step's
 matmuls at ``peak x ceiling x a whole-step factor shared by every GPU``, so a GPU generation
 seen in one published training run only is still predicted from its own GEMM ceiling, not from
 a constant fitted on that run.
@@ -13,7 +14,7 @@ a constant fitted on that run.
 A GPU without a row (consumer cards, L4/L40S, V100, A6000...) takes the median ceiling of the
 table's distinct measurements of its vendor and dtype (``fallback_fraction``); a dtype without
 a row on a GPU that has a bf16 row takes that bf16 ceiling times the vendor's median ratio of
-the two dtypes (MI300X's fp8 row is empty in the table).
+the two dtypes.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ POWER_CAPPED: dict[str, str] = {"h100-500w-grand-teton": "h100-sxm"}
 """Parts that carry a catalogued chip under a lower power limit -> that chip. Meta's Grand Teton
 H100 (96 GB HBM2e, 500 W limit; the GPU of torchtitan's published H100 benchmarks) has no
 published sustained clock or GEMM benchmark: its ceilings are its chip's, and the time model's
-fitted ``power_cap.h100-500w`` (``planner.cost.timing.grounding``) says how much slower its device
-time runs. Only the published runs use it (``planner.cost.timing.published``); it is not in the
+fitted ``power_cap.h100-500w`` (``planner.cost.timing.grounding``) slows its matmuls and
+attention. Only the published runs use it (``planner.cost.timing.published``); it is not in the
 catalog, whose every figure has a source."""
 
 
@@ -77,7 +78,7 @@ def fallback_fraction(vendor: str, dtype: str) -> float:
     ``vendor`` and ``dtype``; NVIDIA's when the vendor has none."""
     def distinct(v):
         return {(r["mamf_tflops"], r["best_shape_mnk"]): r["fraction"] for r in ceiling_rows()
-                if r["vendor"] == v and r["dtype"] == dtype}
+                if r["vendor"].lower() == v.lower() and r["dtype"] == dtype}
 
     values = distinct(vendor) or distinct("nvidia")
     return float(median(values.values()))
@@ -138,11 +139,12 @@ def attention_ceiling(gpu, precision: str = "bf16") -> tuple[float, str]:
     rows = [r for r in attention_rows() if r["gpu"] == chip_of(gpu)]
     if rows:
         return rows[0]["fraction"], "measured"
-    vendor = getattr(gpu, "vendor", "nvidia") or "nvidia"
+    vendor = (getattr(gpu, "vendor", "nvidia") or "nvidia").lower()
     if not _attention_ratios(vendor):
         vendor = "nvidia"
     ratio = float(median(_attention_ratios(vendor)))
-    return matmul_ceiling(gpu, "bf16")[0] * ratio, f"matmul ceiling x the median attention/matmul ratio of the {vendor} rows"
+    origin = f"matmul ceiling x the median attention/matmul ratio of the {vendor} rows"
+    return matmul_ceiling(gpu, "bf16")[0] * ratio, origin
 
 
 def _attention_ratios(vendor: str) -> list[float]:
@@ -150,6 +152,6 @@ def _attention_ratios(vendor: str) -> list[float]:
     ratios = []
     for row in attention_rows():
         mm = [r for r in ceiling_rows() if r["gpu"] == row["gpu"] and r["dtype"] == "bf16"]
-        if mm and row["vendor"] == vendor:
+        if mm and row["vendor"].lower() == vendor.lower():
             ratios.append(row["fraction"] / mm[0]["fraction"])
     return ratios

@@ -68,21 +68,24 @@ def bandwidths(setup: TrainingSetup, gpu: GpuSpec, cluster: ClusterSpec | None =
     return tp_bw, dp_bw
 
 
-def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bwd_s, bandwidth: float):
+def _data_parallel_s(spec: ModelSpec, setup: TrainingSetup, trainable, fwd_s, bwd_s, bandwidth: float,
+                     last_bwd_s=None):
     """Exposed seconds of the data-parallel collectives of one step: the volumes the stacks' code issues
     (``dp_volume.data_parallel_volume``, counted by ``benchmarks/comm_oracle_cpu.py``), hidden as follows.
     DDP / ZeRO-1: the step's one reduction overlaps the last backward except its last 25 MB bucket;
     ZeRO-2: each micro-batch's reduction overlaps its backward but for one layer's share; ZeRO-1/2's
     gather of the updated weights after the step is exposed; ZeRO-3 / FSDP: each micro-batch's forward
     gathers are prefetched behind its forward, its backward gathers and reduce-scatters behind its
-    backward, one layer's share exposed (the hiding is unchanged by issue 11: only the volumes moved)."""
+    backward, one layer's share exposed (the hiding is unchanged by issue 11: only the volumes moved).
+    ``last_bwd_s``: the backward of the step's last micro-batch, which the DDP / ZeRO-1 reduction
+    overlaps (it adds its gradients into the accumulated ones; ``bwd_s`` when not given)."""
     volume = data_parallel_volume(spec, setup, trainable)
     layers, dp = max(spec.num_layers, 1), setup.data_parallel
     reduce = ring_all_reduce_s if volume.all_reduce else ring_gather_s
     if setup.zero in (0, 1):
         comm = reduce(volume.reduce_bytes, dp, bandwidth)
         last = comm * np.minimum(1.0, DDP_BUCKET_BYTES / np.maximum(volume.reduce_bytes, 1.0))
-        exposed = np.maximum(comm - bwd_s, last)
+        exposed = np.maximum(comm - (bwd_s if last_bwd_s is None else last_bwd_s), last)
         return exposed + ring_gather_s(volume.step_gather_bytes, dp, bandwidth)
     rs = reduce(volume.reduce_bytes, dp, bandwidth)
     if setup.zero == 2:
@@ -136,9 +139,10 @@ def expert_parallel_s(spec: ModelSpec, setup: TrainingSetup, tokens, bandwidth: 
 
 
 def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens, trainable, fwd_s, bwd_s, corr,
-                    cluster: ClusterSpec | None = None):
+                    cluster: ClusterSpec | None = None, last_bwd_s=None):
     """Exposed communication seconds of one step: ``trainable`` elements per GPU, ``fwd_s`` and
-    ``bwd_s`` the compute one micro-batch's forward and backward can hide it behind."""
+    ``bwd_s`` the compute one micro-batch's forward and backward can hide it behind (``last_bwd_s``:
+    the last micro-batch's backward, see ``_data_parallel_s``)."""
     tp_bw, dp_bw = bandwidths(setup, gpu, cluster)
     total = _arr(0.0) * tokens
     if setup.pipeline_parallel > 1:
@@ -146,7 +150,7 @@ def communication_s(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, tokens,
         stride = setup.tensor_parallel * setup.context_parallel  # neighbouring stages are tp x cp ranks apart
         total = total + pipeline_p2p_s(spec, setup, tokens, cluster.group_bytes_per_s(gpu, 2, stride))
     if setup.data_parallel > 1:
-        total = total + _data_parallel_s(spec, setup, trainable, fwd_s, bwd_s, dp_bw)
+        total = total + _data_parallel_s(spec, setup, trainable, fwd_s, bwd_s, dp_bw, last_bwd_s)
     if setup.tensor_parallel > 1:
         total = total + _tensor_parallel_s(spec, setup, tokens, tp_bw)
     if setup.expert_parallel > 1:  # EP ranks are data-parallel ranks, tp x pp x cp apart

@@ -21,8 +21,9 @@ differently). ``ground`` applies, per set-up:
   ``attention_core`` (derived, see ``DERIVED``).
 - **a power-capped part** (``power_cap.h100-500w``): Meta's 500 W Grand Teton H100, on which
   torchtitan measured its H100 benchmarks, runs its chip's kernels (``ceiling.POWER_CAPPED``) at a
-  sustained clock nobody publishes; one factor on its device time, fitted on the sources that
-  ran it (held out, each is priced with the factor the others give).
+  sustained clock nobody publishes; one factor on its matmul and attention time, fitted on the
+  sources that ran it (held out, each is priced with the factor the others give). Every run on
+  that part is a torchtitan run, so the factor also absorbs whatever else those sources share.
 - **host time** (``host_overlap_p``): the host's ops of a step (``host.host_ops_per_micro_batch``)
   meet the grounded device time in a smooth maximum (``exposed_host_s``), not the roofline's
   exposure against its own faster device time.
@@ -149,7 +150,8 @@ def zero3_module_visits(spec, setup) -> float:
 def host_s(spec, setup) -> float:
     """Host seconds of a step's micro-batches on one pipeline stage (``host.host_ops_per_micro_batch``
     at ``host.HOST_OVERHEAD_S_PER_OP``; a stage dispatches its share of the layers' ops)."""
-    return HOST_OVERHEAD_S_PER_OP * host_ops_per_micro_batch(spec, setup) * setup.grad_accum / setup.pipeline_parallel
+    ops = host_ops_per_micro_batch(spec, setup) * setup.grad_accum / setup.pipeline_parallel
+    return HOST_OVERHEAD_S_PER_OP * ops
 
 
 def features(spec, setup, gpu) -> dict:
@@ -180,22 +182,25 @@ def _lookup(values: dict, prefix: str, keys) -> np.ndarray:
 
 def ground(parts: dict, feats: dict, values: dict) -> dict:
     """The grounded parts of one step from the roofline ``parts`` (``compute_s``, ``memory_s``,
-    ``attention_s``, ``recompute_s``, ``overhead_s``, ``optimizer_s``, ``communication_s``,
-    ``dequantization_s``, ``offload_s``) of a set-up whose
+    ``attention_s``, ``recompute_s``, ``optimizer_s``, ``communication_s``, ``dequantization_s``,
+    ``offload_s``; the roofline's ``overhead_s`` is replaced by ``exposed_host_s`` of the
+    grounded device time) of a set-up whose
     ``features`` are ``feats`` (scalars, or arrays over many set-ups for a fit), with the
     constants ``values``. Returns the same keys plus ``pipeline_bubble_s``; their sum is the step."""
-    # a power-capped part (ceiling.POWER_CAPPED) runs its chip's kernels at a lower sustained clock
+    # a power-capped part (ceiling.POWER_CAPPED) runs its chip's matmul and attention kernels at a lower
+    # sustained clock (its own memory bandwidth is in the roofline's memory-bound time already)
     capped = np.where(feats["power_capped"], values["power_cap.h100-500w"], 1.0)
     scale = capped * DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["ceiling"]) * values["efficiency.step"])
     compute = parts["compute_s"] * scale
     # flash kernels at their own ceiling; eager attention is two batched GEMMs, priced as the matmuls
-    flash_scale = capped * DEFAULT_MAX_EFFICIENCY / (np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"])
+    flash_rate = np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"]
+    flash_scale = capped * DEFAULT_MAX_EFFICIENCY / flash_rate
     attention = parts["attention_s"] * np.where(feats["flash"], flash_scale * values["attention_core"], scale)
     # op-level selective checkpointing (HF, torchtitan) reruns some matmuls; Megatron's selective
     # mode reruns only the attention core's softmax and dropout (Korthikanti et al. 2022 sec. 4.2)
     op_level = np.asarray(feats["selective"]) & (np.asarray(feats["stack"]) != "megatron")
     recompute = parts["recompute_s"] * scale + np.where(op_level, values["selective_recompute"] / 3.0, 0.0) * compute
-    memory = capped * parts["memory_s"] * np.where(feats["fused"], values["memory.fused"], values["memory.eager"])
+    memory = parts["memory_s"] * np.where(feats["fused"], values["memory.fused"], values["memory.eager"])
     # each stage runs 1/pp of the layers; the last one also the head (Megatron's layout: the
     # slowest stage sets the pace of the pipeline)
     share = feats["head_share"]
@@ -208,14 +213,13 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
         "attention_s": attention * framework,
         "memory_s": memory * framework,
         "recompute_s": recompute * framework,
-        "overhead_s": parts["overhead_s"],
         "optimizer_s": parts["optimizer_s"],
         "communication_s": parts["communication_s"] * exposure,
         "dequantization_s": parts["dequantization_s"] * values["qlora_dequant_factor"] * framework,
         "offload_s": parts["offload_s"],  # PCIe copies beyond the roofline compute they overlap, as priced
     }
     device = out["compute_s"] + out["attention_s"] + out["memory_s"] + out["recompute_s"]
-    out["overhead_s"] = (exposed_host_s(device, feats, values)
+    out["overhead_s"] = (exposed_host_s(device + out["dequantization_s"], feats, values)
                          + values["zero3_s_per_module_visit.hf"] * feats["zero3_module_visits"])
     out["pipeline_bubble_s"] = device * feats["bubble"]
     return out
@@ -224,12 +228,14 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
 def exposed_host_s(device_s, feats: dict, values: dict):
     """Host time of a step not hidden behind its grounded device time: the smooth maximum
     ``(host^p + device^p)^(1/p)`` less the device time, ``p = host_overlap_p``. The host runs ahead
-    of the device (a host-bound step takes its host time, not host plus device time), but not
-    perfectly: synchronisations (loss ``.item()``, gradient-norm clipping, checkpointing's RNG
-    state) stall the queue, most where the two are close. On a CPU device the host adds."""
-    host, p = feats["host_s"], values["host_overlap_p"]
-    device = np.maximum(device_s, 1e-12)
-    smooth = device * (1.0 + (host / device) ** p) ** (1.0 / p)
+    of the device, so a host-bound step takes about its host time, not host plus device time; the
+    smooth maximum charges more where the two are close (fitted on Qwen-1's single-GPU runs; what
+    stalls the queue there, synchronisations such as the loss's ``.item()`` or gradient clipping,
+    is a hypothesis). On a CPU device the host adds."""
+    host, p = np.asarray(feats["host_s"], dtype=np.float64), values["host_overlap_p"]
+    device = np.asarray(device_s, dtype=np.float64)
+    high, low = np.maximum(host, device), np.minimum(host, device)
+    smooth = high * (1.0 + (low / np.maximum(high, 1e-300)) ** p) ** (1.0 / p)
     return np.where(feats["cpu"], host, smooth - device)
 
 

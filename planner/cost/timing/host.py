@@ -2,7 +2,9 @@
 
 Each op costs ``HOST_OVERHEAD_S_PER_OP`` of Python, dispatcher and launch overhead. On a GPU the
 host runs ahead of the device, so only the part above the device time is exposed (the step time
-decides); on a CPU device it adds. The counts follow what eager PyTorch with peft runs; a training
+decides): the bare roofline exposes ``max(host - device, 0)``, the grounded default the smooth
+maximum of host and grounded device time (``planner.cost.timing.grounding.exposed_host_s``); on a
+CPU device it adds. The counts follow what eager PyTorch with peft runs; a training
 stack that fuses or compiles its step (torch.compile, Megatron's fused kernels) dispatches fewer
 ops and changes this module.
 """
@@ -17,8 +19,8 @@ from planner.specs.setup import TrainingSetup
 HOST_OVERHEAD_S_PER_OP = 10e-6
 """Host time per eager op: ~10 us of Python, dispatcher and launch overhead (H. He, "Making Deep
 Learning Go Brrrr From First Principles", 2022: eager PyTorch runs on the order of 100k ops
-per second). A guess that calibration corrects; exposed on a GPU only when it exceeds the
-device time."""
+per second). A guess that calibration corrects; on a GPU it shows where it nears or exceeds the
+device time (``grounding.exposed_host_s``)."""
 BACKWARD_OPS_PER_FORWARD_OP = 1.5
 """Autograd nodes run about 1.5 kernels per forward op (two matmuls per linear, one or two
 elementwise kernels per elementwise op). A guess that calibration absorbs."""

@@ -306,8 +306,13 @@ def _gpu(name: str):
     if name not in POWER_CAPPED:
         return load_gpu(name)
     chip = load_gpu(POWER_CAPPED[name])
+    source = ("pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md, 'Hardware': H100 with 96 GB HBM2e "
+              "at 2.4 TB/s, 500 W power limit (the chip's peaks and links: the H100 SXM's, catalog sources)")
     return chip.model_copy(update={"name": name, "aliases": (), "memory_bytes": 96 * 10**9,
-                                   "memory_bandwidth_bytes_per_s": 2.4e12, "price_usd_per_hour": None})
+                                   "memory_bandwidth_bytes_per_s": 2.4e12, "price_usd_per_hour": None,
+                                   "sources": {**chip.sources, "memory_bytes": source,
+                                               "memory_bandwidth_bytes_per_s": source,
+                                               "price_usd_per_hour": "not published"}})
 
 
 def _plausible_share(gpu, setup) -> float:

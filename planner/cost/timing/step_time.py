@@ -31,9 +31,10 @@ calibration corrects), each in its own module:
 - **dequantization_s** -- QLoRA's NF4 -> bf16 passes (``dequantization_s``), memory-bound.
 - **offload_s** -- activation offloading's PCIe copies beyond the compute they overlap
   (``planner.cost.timing.offload``).
-- **overhead_s** -- host-side cost per micro-batch (``planner.cost.timing.host``): exposed on a GPU only
-  above the device time, added on a CPU. (The optimizer step's own host ops are part of
-  ``optimizer_s``, so that ``overhead_s`` stays per micro-batch.)
+- **overhead_s** -- host-side cost per micro-batch (``planner.cost.timing.host``): in the bare
+  roofline exposed on a GPU only above its device time, added on a CPU; grounded, the smooth
+  maximum of host and grounded device time (``grounding.exposed_host_s``). (The optimizer step's
+  own host ops are part of ``optimizer_s``, so that ``overhead_s`` stays per micro-batch.)
 
 ``step_time_s`` is the sum of those terms (compute, memory, recompute and overhead already
 summed over the ``grad_accum`` micro-batches). Without a calibration profile the terms are then
@@ -54,12 +55,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost import spec_facts
 from planner.cost.estimate import recompute_fraction, training_flops
 from planner.cost.flops import StepFlops
 from planner.cost.memory import activations as act
 from planner.cost.memory.activation_memory import layer_activations
-from planner.cost.memory.states import dtype_layout
 from planner.cost.spec_facts import setup_key, shared
 from planner.cost.timing.communication import (
     DDP_BUCKET_BYTES,
@@ -82,6 +81,7 @@ from planner.cost.timing.efficiency import (
     matmul_time_s,
 )
 from planner.cost.timing.float8 import cast_seconds
+from planner.cost.timing.gradient_traffic import accumulation_bytes, gradient_traffic_bytes, trainable_per_gpu
 from planner.cost.timing.host import (
     BACKWARD_OPS_PER_FORWARD_OP,
     CHECKPOINT_HOST_FACTOR,
@@ -251,34 +251,6 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
 # ------------------------------------------------------------------------------- the step
 
 
-def _trainable_per_gpu(spec: ModelSpec, setup: TrainingSetup, rank):
-    """Trainable elements a GPU holds before ZeRO sharding: split over the tensor-parallel group
-    and over the pipeline stages."""
-    if setup.method == "full":  # the routed experts are split over the expert-parallel group
-        counts = spec_facts.param_counts(spec)
-        return _arr(counts.total - counts.experts * (1 - 1 / setup.expert_parallel)) / (
-            setup.tensor_parallel * setup.pipeline_parallel)
-    return _arr(spec_facts.lora_params_per_rank(spec, setup.lora_targets) * rank) / setup.pipeline_parallel
-
-
-def _gradient_traffic(spec: ModelSpec, setup: TrainingSetup, rank):
-    """Memory-bound gradient work of one micro-batch beyond the matmuls, per GPU: the embedding
-    backward writes a V x h gradient (``embedding_dense_backward`` zero-fills it and adds rows)
-    and with tied embeddings autograd sums it with the head's (read 2, write 1); with gradient
-    accumulation each micro-batch after the first adds its gradients into ``.grad`` (read 2,
-    write 1), spread here over the micro-batches."""
-    tp = setup.tensor_parallel
-    traffic = 0.0
-    grad_b = dtype_layout(setup).grad if setup.method == "full" else 4.0
-    if setup.method == "full":
-        table = spec.vocab_size * spec.hidden_size * grad_b / tp
-        traffic = table * (1 + (3 if spec.tied_embeddings else 0))
-    if setup.grad_accum > 1:
-        share = (setup.grad_accum - 1) / setup.grad_accum
-        traffic = traffic + share * 3.0 * _trainable_per_gpu(spec, setup, rank) * grad_b
-    return _arr(traffic)
-
-
 FP16_TWINS = {"fp16": "bf16", "fp16-mixed": "bf16-mixed"}
 """fp16 moves the bytes of bf16 (``planner.cost.memory.phases.SAME_BYTES_AS``) at the fp16 tensor peak;
 the GradScaler's unscale is one in-place pass over the gradients, left out."""
@@ -359,17 +331,22 @@ def _step(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, work: MicroBatchW
     traffic, host overhead, optimizer, communication."""
     ga = setup.grad_accum
     bandwidth = gpu.memory_bandwidth_bytes_per_s * MEMORY_BANDWIDTH_EFFICIENCY
-    memory = work.elementwise_layers_s + work.elementwise_head_s + _gradient_traffic(spec, setup, rank) / bandwidth * (
+    memory = work.elementwise_layers_s + work.elementwise_head_s + gradient_traffic_bytes(spec, setup, rank) / bandwidth * (
         corr.memory_time_factor)
     device_mb = work.compute_s + memory + work.recompute_s
     host_mb = corr.host_overhead_s_per_op * work.host_ops + 0.0 * tokens
     overhead_mb = host_mb if is_cpu(gpu) else np.maximum(host_mb - device_mb, 0.0)
-    trainable = _trainable_per_gpu(spec, setup, rank) + 0.0 * tokens
+    trainable = trainable_per_gpu(spec, setup, rank) + 0.0 * tokens
     split = setup.pipeline_parallel * setup.context_parallel  # the share of a micro-batch's work one GPU runs
     fwd_s = (work.compute_forward_s + 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * memory) / split
     bwd_s = device_mb / split - fwd_s
+    # the step's last micro-batch adds all its gradients into the accumulated ones (the average above
+    # spreads the ga - 1 additions over ga micro-batches): the backward a DDP / ZeRO-1 reduction overlaps
+    last_extra = accumulation_bytes(spec, setup, rank) / ga / bandwidth * corr.memory_time_factor
+    last_bwd_s = bwd_s + last_extra / split
     optimizer = optimizer_step_s(spec, setup, gpu, trainable, rank, corr, bwd_s)
-    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, bwd_s, corr, cluster)
+    communication = communication_s(spec, setup, gpu, tokens, trainable, fwd_s, bwd_s, corr, cluster,
+                                    last_bwd_s)
     return {
         "compute_s": ga * (work.compute_s - work.attention_s) + 0.0 * tokens,
         "attention_s": ga * work.attention_s + 0.0 * tokens,
