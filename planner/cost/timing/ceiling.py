@@ -140,9 +140,10 @@ def attention_ceiling(gpu, precision: str = "bf16") -> tuple[float, str]:
     if rows:
         return rows[0]["fraction"], "measured"
     vendor = (getattr(gpu, "vendor", "nvidia") or "nvidia").lower()
-    if not _attention_ratios(vendor):
-        vendor = "nvidia"
-    ratio = float(median(_attention_ratios(vendor)))
+    ratios = _attention_ratios(vendor)
+    if not ratios:
+        vendor, ratios = "nvidia", _attention_ratios("nvidia")
+    ratio = float(median(ratios))
     origin = f"matmul ceiling x the median attention/matmul ratio of the {vendor} rows"
     return matmul_ceiling(gpu, "bf16")[0] * ratio, origin
 
