@@ -263,15 +263,31 @@ def test_host_time_hides_behind_the_grounded_device_time():
     """A host-bound step takes about its host time (not host plus device time, as exposing the host
     against the faster roofline did: Qwen-1 7B LoRA at 256 tokens was 27% pessimistic); where the
     two are equal it pays 2^(1/p) of either; a device-bound step pays almost nothing."""
-    values = {**time_model.load_constants()["values"], "host_overlap_p": 4.0}
-    device = np.array([1.0, 1.0, 1.0])
-    feats = {"host_s": np.array([3.0, 1.0, 0.25]), "cpu": np.array([False, False, False])}
-    exposed = time_model.exposed_host_s(device, feats, values)
+    device, host = np.array([1.0, 1.0, 1.0]), np.array([3.0, 1.0, 0.25])
+    exposed = time_model.exposed_host_s(device, host, np.array([False] * 3), 4.0)
     assert device[0] + exposed[0] == pytest.approx(3.0, rel=0.01)
     assert device[1] + exposed[1] == pytest.approx(2 ** 0.25)
     assert exposed[2] < 0.001
-    on_cpu = time_model.exposed_host_s(device, {**feats, "cpu": np.array([True] * 3)}, values)
-    assert on_cpu == pytest.approx(feats["host_s"])  # the host and the compute share the cores
+    on_cpu = time_model.exposed_host_s(device, host, np.array([True] * 3), 4.0)
+    assert on_cpu == pytest.approx(host)  # the host and the compute share the cores
+
+
+def test_zero3_fetches_are_counted_as_the_engine_counts_them():
+    """``zero3_module_visits`` of the comm oracle's 4-layer Llama (DeepSpeed ZeRO-3, HF checkpointing)
+    equals the ``fetch_sub_module`` calls recorded there: forward, backward and recompute."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    oracle = json.loads((Path(__file__).parent / "data" / "comm_oracle.json").read_text())
+    case = oracle["cases"]["ds3-full-ckpt"]
+    ga = oracle["model"]["grad_accum"]
+    counted = sum(calls[0] for phase, counts in case["phases"].items() if phase.startswith(("forward", "backward"))
+                  for name, calls in counts.items() if name.startswith("fetch_sub_module/"))
+    full = load_spec("llama-3.1-8b")
+    spec = dataclasses.replace(full, layers=full.layers[:case["layers"]])
+    setup = TrainingSetup(stack="hf", zero=3, num_gpus=2, checkpointing="full", grad_accum=ga)
+    assert time_model.zero3_module_visits(spec, setup) == counted
 
 
 def test_grounded_matmuls_follow_the_ceiling():

@@ -33,9 +33,13 @@ differently). ``ground`` applies, per set-up:
   launch gaps, hooks, synchronisations that the roofline does not see).
 - **selective recompute** (``selective_recompute``): the share of the forward matmuls a
   stack's selective checkpointing reruns (torchtitan's op-level SAC reruns some matmuls).
-- **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): seconds per module
-  fetch (two per linear per micro-batch, three under full checkpointing: counted), the
-  Python-side cost that makes HF + ZeRO-3 runs several times slower than their FLOPs at short sequences (issue 11).
+- **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): host seconds per module
+  fetch (``zero3_module_visits``: every module of every layer in forward, backward and recompute,
+  as counted on the real engine), the Python that makes HF + ZeRO-3 runs several times slower than
+  their FLOPs at short sequences (issue 11). It is host time: it joins the host's ops in the smooth
+  maximum with the device time, so it hides behind long sequences' compute (Qwen-1 7B on 2 GPUs
+  takes 4.0 s at 256 and 512 tokens, 4.5 s at 1024). Prior: measured on CPU by
+  ``benchmarks/zero3_hook_cpu.py``.
 - **QLoRA dequantization** (``qlora_dequant_factor``): the NF4 -> bf16 passes of
   ``qlora.dequantization_s`` (forward, backward, recompute) times the traffic an
   implementation moves over the fused kernel's.
@@ -89,7 +93,10 @@ PRIOR: dict[str, float] = {
     "communication.native": 1.0,
     "attention_core": 3.5 / 3.0,  # derived, not fitted: see DERIVED
     "selective_recompute": 0.1,  # torchtitan's per-op SAC reruns about every other matmul's input op
-    "zero3_s_per_module_visit.hf": 3e-4,  # guess: a few hundred microseconds of hooks, launches, syncs
+    # measured: DeepSpeed 0.19.8's fetch_sub_module on this project's 2-core CPU machine, a 32-layer Llama
+    # (benchmarks/zero3_hook_cpu.py: 0.51 ms at 8 layers, 0.54 at 16, 0.57 at 32); a GPU host also waits on
+    # CUDA events, and a faster host core takes less
+    "zero3_s_per_module_visit.hf": 5.7e-4,
     "qlora_dequant_factor": 1.0,  # bitsandbytes' fused kernel: one read of NF4, one bf16 write per pass
     # device time of the 500 W Grand Teton H100 over the 700 W SXM's: with power ~ clock x voltage^2
     # and voltage ~ clock, 5/7 of the power sustains ~(5/7)^(1/3) = 0.89 of the clock
@@ -134,17 +141,27 @@ def head_share(spec) -> float:
     return head / max(layers + head, 1)
 
 
+ZERO3_FETCHES_PER_LAYER = {"forward": 13, "backward": 13, "recompute": 12}
+"""DeepSpeed ZeRO-3 ``fetch_sub_module`` calls per decoder layer and micro-batch, counted on HF Llama by
+``benchmarks/comm_oracle_cpu.py`` (``tests/data/comm_oracle.json``, case ``ds3-full-ckpt``): one per module
+(the layer, its attention and MLP blocks, 7 linears, the activation, 2 norms) in forward and backward,
+all but the checkpointed layer itself in the recompute. Qwen-1's block has as many modules."""
+ZERO3_FETCHES_ROOT = 11
+"""The same outside the layers per micro-batch (6 forward, 5 backward: the model, embedding, final norm,
+head, rotary embedding; same count)."""
+
+
 def zero3_module_visits(spec, setup) -> float:
     """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: ``fetch_sub_module`` (its
     ``PartitionedParameterCoordinator``, a Python hook) runs before every module's forward and again
-    before its backward, and before its recompute under full checkpointing, every micro-batch (counted
-    by ``benchmarks/comm_oracle_cpu.py``: per decoder layer 13 forward, 13 backward and 12 recompute
-    fetches; the linears stand for them); 0 for other stacks and stages."""
+    before its backward, and before its recompute under full checkpointing, every micro-batch
+    (``ZERO3_FETCHES_PER_LAYER``); 0 for other stacks and stages."""
     if setup.stack != "hf" or setup.zero != 3:
         return 0.0
-    linears = sum(len(layer.linears) for layer in spec.layers) / setup.pipeline_parallel
-    passes = 3.0 if setup.checkpointing == "full" else 2.0
-    return passes * linears * setup.grad_accum
+    passes = ("forward", "backward", "recompute") if setup.checkpointing == "full" else ("forward", "backward")
+    per_layer = sum(ZERO3_FETCHES_PER_LAYER[name] for name in passes)
+    layers = spec.num_layers / setup.pipeline_parallel
+    return (per_layer * layers + ZERO3_FETCHES_ROOT) * setup.grad_accum
 
 
 def host_s(spec, setup) -> float:
@@ -219,24 +236,26 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
         "offload_s": parts["offload_s"],  # PCIe copies beyond the roofline compute they overlap, as priced
     }
     device = out["compute_s"] + out["attention_s"] + out["memory_s"] + out["recompute_s"]
-    out["overhead_s"] = (exposed_host_s(device + out["dequantization_s"], feats, values)
-                         + values["zero3_s_per_module_visit.hf"] * feats["zero3_module_visits"])
+    # DeepSpeed ZeRO-3's fetch hooks are Python on the host: they run ahead of the device like any host op
+    host = np.asarray(feats["host_s"], dtype=np.float64) + values["zero3_s_per_module_visit.hf"] * np.asarray(
+        feats["zero3_module_visits"], dtype=np.float64)
+    out["overhead_s"] = exposed_host_s(device + out["dequantization_s"], host, feats["cpu"], values["host_overlap_p"])
     out["pipeline_bubble_s"] = device * feats["bubble"]
     return out
 
 
-def exposed_host_s(device_s, feats: dict, values: dict):
+def exposed_host_s(device_s, host_s, cpu, p: float):
     """Host time of a step not hidden behind its grounded device time: the smooth maximum
     ``(host^p + device^p)^(1/p)`` less the device time, ``p = host_overlap_p``. The host runs ahead
     of the device, so a host-bound step takes about its host time, not host plus device time; the
     smooth maximum charges more where the two are close (fitted on Qwen-1's single-GPU runs; what
     stalls the queue there, synchronisations such as the loss's ``.item()`` or gradient clipping,
-    is a hypothesis). On a CPU device the host adds."""
-    host, p = np.asarray(feats["host_s"], dtype=np.float64), values["host_overlap_p"]
-    device = np.asarray(device_s, dtype=np.float64)
+    is a hypothesis). ``host_s``: the host's seconds (its ops and ZeRO-3's fetch hooks); ``cpu``: the
+    device is the CPU, where the host adds."""
+    host, device = np.asarray(host_s, dtype=np.float64), np.asarray(device_s, dtype=np.float64)
     high, low = np.maximum(host, device), np.minimum(host, device)
     smooth = high * (1.0 + (low / np.maximum(high, 1e-300)) ** p) ** (1.0 / p)
-    return np.where(feats["cpu"], host, smooth - device)
+    return np.where(cpu, host, smooth - device)
 
 
 @lru_cache(maxsize=1)
