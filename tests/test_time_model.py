@@ -154,6 +154,23 @@ def test_estimate_json_contract(capsys):
     assert "tokens/s (whole job)" in out and "per million tokens" in out
 
 
+def test_time_says_what_it_leaves_out_and_warns_near_the_memory_limit(capsys):
+    """Every timed estimate lists what its time leaves out; a set-up that leaves under 5% of the GPU's
+    memory free is warned of allocator retries, in the JSON notes and under the time table."""
+    args = ("estimate", "--model", "qwen2.5-7b", "--gpu", "a100-80gb", "--num-gpus", "8", "--zero", "3",
+            "--micro-batch", "2")
+    _, out, _ = run(capsys, *args, "--seq-len", "2048", "--json")
+    roomy = json.loads(out)
+    assert any(n.startswith("time leaves out") for n in roomy["notes"])
+    assert not any(n.startswith("time: only") for n in roomy["notes"])
+    _, out, _ = run(capsys, *args, "--seq-len", "3840", "--json")
+    tight = json.loads(out)
+    assert tight["gpu"]["fits"] and tight["gpu"]["headroom_bytes"] < 0.05 * tight["gpu"]["memory_bytes"]
+    assert any(n.startswith("time: only") for n in tight["notes"])
+    _, out, _ = run(capsys, *args, "--seq-len", "3840")
+    assert "warning: only" in out and "num_alloc_retries" in out
+
+
 def test_estimate_cluster_flag(capsys):
     code, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--num-gpus", "32",
                        "--zero", "3", "--cluster", "dgx-a100", "--json")

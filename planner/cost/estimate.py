@@ -104,7 +104,9 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
 
         timing = time_fields(spec, setup, gpu, cluster, profile)
         result.update(timing)
-        result["notes"] = result["notes"] + time_notes(timing)
+        verdict = result.get("gpu", {})
+        headroom = verdict["headroom_bytes"] / verdict["memory_bytes"] if verdict.get("fits") else None
+        result["notes"] = result["notes"] + time_notes(timing, headroom)
     if profile is not None:
         result["calibrated_fields"] = calibrated_fields(result)
     return result

@@ -148,6 +148,8 @@ def _time_lines(result: dict) -> list[str]:
                      f"at {fmt_usd(r['price_usd_per_gpu_hour'])} per GPU-hour")
     if "reserved_bytes" in r:
         lines.append(f"  calibrated reserved memory {fmt_bytes(r['reserved_bytes'])}")
+    # the near-capacity warning of intervals.time_notes: the one time note a reader of the table needs
+    lines += [f"  warning: {note.removeprefix('time: ')}" for note in r.get("notes", []) if note.startswith("time: only")]
     return lines
 
 

@@ -77,13 +77,28 @@ def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None)
     return out
 
 
-def time_notes(fields: dict) -> list[str]:
-    """What the time answer assumes, in words."""
+NEAR_CAPACITY_HEADROOM_SHARE = 0.05
+"""Headroom (share of the GPU's memory) below which the time answer warns of allocator retries: when a
+``cudaMalloc`` fails, PyTorch's caching allocator frees its cached blocks and tries again, a device
+synchronisation each time (``torch.cuda.memory_stats()["num_alloc_retries"]``). 5% is about twice the
+memory model's median error against published peaks (2.4%, benchmarks/README.md)."""
+TIME_LEAVES_OUT = ("time leaves out: data loading (assumed hidden behind the step), evaluation, checkpoint saving, "
+                   "start-up and torch.compile warm-up, stragglers, failures and restarts")
+
+
+def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
+    """What the time answer assumes and leaves out, in words; ``headroom_share``: the GPU's memory left
+    free by the estimate (a warning below ``NEAR_CAPACITY_HEADROOM_SHARE``)."""
     if "time_not_priced" in fields:
         return [f"time: {fields['time_not_priced']}"]
     t = fields["time"]
     notes = [f"time: {'calibrated' if t['calibrated'] else 'grounded default model'}; "
-             f"{t['interval']:.0%} interval from the {t['interval_basis']}"]
+             f"{t['interval']:.0%} interval from the {t['interval_basis']}", TIME_LEAVES_OUT]
+    if headroom_share is not None and 0.0 <= headroom_share < NEAR_CAPACITY_HEADROOM_SHARE:
+        notes.append(f"time: only {headroom_share:.1%} of the GPU's memory is left free; this close to the limit "
+                     "PyTorch's allocator may free its cache and retry allocations (num_alloc_retries), which slows "
+                     "steps and is not priced; a smaller micro-batch (or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+                     "which cuts fragmentation) makes it less likely")
     if t["cluster"] == "default":
         notes.append(f"cluster: none named (--cluster): {t['cluster_description']}")
     return notes
