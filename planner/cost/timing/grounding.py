@@ -141,11 +141,13 @@ def head_share(spec) -> float:
     return head / max(layers + head, 1)
 
 
-ZERO3_FETCHES_PER_LAYER = {"forward": 13, "backward": 13, "recompute": 12}
-"""DeepSpeed ZeRO-3 ``fetch_sub_module`` calls per decoder layer and micro-batch, counted on HF Llama by
-``benchmarks/comm_oracle_cpu.py`` (``tests/data/comm_oracle.json``, case ``ds3-full-ckpt``): one per module
-(the layer, its attention and MLP blocks, 7 linears, the activation, 2 norms) in forward and backward,
-all but the checkpointed layer itself in the recompute. Qwen-1's block has as many modules."""
+ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS = 6
+"""DeepSpeed ZeRO-3 ``fetch_sub_module`` calls per decoder layer and pass besides one per linear: the layer,
+its attention and MLP blocks, the activation and the 2 norms (one fewer in the recompute: the checkpointed
+layer itself is not re-entered). Counted on HF Llama by ``benchmarks/comm_oracle_cpu.py``
+(``tests/data/comm_oracle.json``, case ``ds3-full-ckpt``): 13 forward, 13 backward, 12 recompute with its 7
+linears. Qwen-1's block has as many modules. Stacked experts (transformers 5) are one module; older
+transformers ran one module per expert, which this count does not price."""
 ZERO3_FETCHES_ROOT = 11
 """The same outside the layers per micro-batch (6 forward, 5 backward: the model, embedding, final norm,
 head, rotary embedding; same count)."""
@@ -155,13 +157,12 @@ def zero3_module_visits(spec, setup) -> float:
     """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: ``fetch_sub_module`` (its
     ``PartitionedParameterCoordinator``, a Python hook) runs before every module's forward and again
     before its backward, and before its recompute under full checkpointing, every micro-batch
-    (``ZERO3_FETCHES_PER_LAYER``); 0 for other stacks and stages."""
+    (``ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS`` plus one per linear); 0 for other stacks and stages."""
     if setup.stack != "hf" or setup.zero != 3:
         return 0.0
-    passes = ("forward", "backward", "recompute") if setup.checkpointing == "full" else ("forward", "backward")
-    per_layer = sum(ZERO3_FETCHES_PER_LAYER[name] for name in passes)
-    layers = spec.num_layers / setup.pipeline_parallel
-    return (per_layer * layers + ZERO3_FETCHES_ROOT) * setup.grad_accum
+    per_pass = sum(ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS + len(layer.linears) for layer in spec.layers)
+    passes = 2.0 * per_pass + (per_pass - spec.num_layers if setup.checkpointing == "full" else 0.0)
+    return (passes / setup.pipeline_parallel + ZERO3_FETCHES_ROOT) * setup.grad_accum
 
 
 def host_s(spec, setup) -> float:

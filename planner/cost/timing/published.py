@@ -24,6 +24,7 @@ STACKS: dict[str, str] = {
     "megatron": "megatron", "nemo": "megatron", "megatron-deepspeed": "megatron",
     "torchtitan": "torchtitan", "torchtune": "torchtune",
     "hf-trainer": "hf", "llama-factory": "hf", "other:qwen-finetune-hf-trainer": "hf",
+    "other:ms-swift-hf-trainer": "hf", "other:megatron-swift": "megatron",
     # PyTorch-native FSDP trainers with their own model code and flash attention, no HF Trainer:
     # priced as torchtitan (FSDP, native model code)
     "llm-foundry": "torchtitan", "other:fms-fsdp": "torchtitan", "other:olmo-core": "torchtitan",
@@ -34,6 +35,7 @@ GPUS: dict[str, str] = {
     "a100-80gb": "a100-80gb", "a100-40gb": "a100-40gb", "a100": "a100-80gb", "h100-sxm": "h100-sxm",
     "h100": "h100-sxm", "h100-80gb": "h100-sxm", "h200": "h200", "b200": "b200", "mi300x": "mi300x",
     "rtx-4090": "rtx-4090", "rtx-a6000": "rtx-a6000",
+    "a800-80gb": "a100-80gb",  # the A100's silicon, memory and clocks; its capped NVLink is the a800-8gpu cluster's
 }
 """GPU of the CSV -> catalog GPU. Left out: V100 16GB and TPUs are not in the catalog (the V100
 16GB rows are BERT sequence-classification runs, which the notes exclusions would refuse too)."""
@@ -47,7 +49,7 @@ CLUSTERS: dict[str, str] = {
     "RoCE 1600 Gbps per node": "mosaicml-a100-roce", "Omni-Path (4 links per node)": "jean-zay-a100",
     "RDMA 400 Gb/s per GPU (Grand Teton backend network)": "roce-400g-h100", "IB 8x200G HDR (Selene)": "dgx-a100",
     "IB HDR (Selene, full fat tree)": "dgx-a100", "IB 8x200G HDR": "dgx-a100", "RoCE 400 Gbps per GPU": "roce-400g-h100",
-    "RDMA 400 Gb/s per GPU (Mellanox CX-7)": "roce-400g-h100",
+    "RDMA 400 Gb/s per GPU (Mellanox CX-7)": "roce-400g-h100", "NVLink 400 GB/s (A800), one node": "a800-8gpu",
 }
 """Network column -> catalog cluster; an unstated network takes the GPU's default cluster."""
 ATTENTIONS: dict[str, str] = {"unfused (materialized scores, fused softmax; before FlashAttention)": "eager"}
@@ -72,6 +74,10 @@ NOTE_EXCLUSIONS: tuple[tuple[str, str], ...] = (
     ("CPU offload", "FSDP CPU offload of parameters: not priced by the time model"),
     ("Encoder-only model", "encoder-only sequence classification (BERT): the time model prices causal LMs with their "
      "output head over the vocabulary"),
+    ("MOE DEEPSPEED COMMAND NOT PUBLISHED", "the DeepSpeed command of these MoE runs is not published: their "
+     "micro-batch, accumulation and model are assumed"),
+    ("DOCUMENT LENGTHS NOT STATED", "packed bins attended per document, whose lengths are not stated: the attention "
+     "work and the tokens per bin are not known"),
     ("a single iteration (the 2nd)", "one early iteration (the 2nd) of a topology search, not a steady-state step "
      "(and the candidates' vocabulary is not stated)"),
 )
