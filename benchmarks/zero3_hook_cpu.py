@@ -1,18 +1,19 @@
-"""Host seconds per DeepSpeed ZeRO-3 module fetch, measured on this machine's CPU: the prior of the
-time model's ``zero3_s_per_module_visit.hf`` (``planner.cost.timing.grounding``).
+"""Host seconds per DeepSpeed ZeRO-3 module fetch, measured on this machine: the prior of the time
+model's ``zero3_s_per_module_visit.hf`` (``planner.cost.timing.grounding``).
 
-    DS_ACCELERATOR=cpu .venv/bin/torchrun --nproc_per_node 1 benchmarks/zero3_hook_cpu.py [--layers 32]
+    DS_ACCELERATOR=cpu .venv/bin/torchrun --nproc_per_node 1 benchmarks/zero3_hook_cpu.py [--layers 32] [--lora]
     DS_ACCELERATOR=cuda torchrun --nproc_per_node 1 benchmarks/zero3_hook_cpu.py --layers 32   (a GPU host)
 
 One process (no collective crosses a wire), a small HF Llama (hidden 64: its matmuls take microseconds),
-bf16, HF's gradient checkpointing, the bucket sizes transformers' ``"auto"`` fills: the same optimizer
-steps are timed under ZeRO-3 and under ZeRO-2, whose engine has no per-module hooks. The difference over
-the number of ``fetch_sub_module`` calls (counted) is what the coordinator's Python costs per module: its
-trace, prefetch and release bookkeeping and the gather's launch. On a GPU the same call also records and
-waits on CUDA events, so on CPU this is a floor of the host cost there, and a faster or slower host CPU
-scales it; with ``DS_ACCELERATOR=cuda`` (NCCL, one GPU) the same difference is a GPU host's own cost.
-Prints one JSON line. Needs torch, transformers and deepspeed; the planner's analytic path never imports
-this file.
+bf16, HF's gradient checkpointing, the bucket sizes transformers' ``"auto"`` fills; ``--lora``: peft LoRA
+r=16 on every linear. The same optimizer steps are timed under ZeRO-3 and under ZeRO-2, whose engine has
+no per-module hooks, each on two fresh engines after two warm-up steps. The difference over the number of
+``fetch_sub_module`` calls (counted in a separate step) is ZeRO-3's extra host cost per counted fetch: the
+coordinator's gather, prefetch and release bookkeeping, its per-module autograd functions, its gradient
+partitioning and partitioned optimizer step, the quantity the time model prices per fetch. A faster or
+slower host core scales it; on a GPU host the same calls also record and wait on CUDA events
+(``DS_ACCELERATOR=cuda``, NCCL, one GPU, measures that host's own cost). Prints one JSON line. Needs
+torch, transformers, peft and deepspeed; the planner's analytic path never imports this file.
 """
 
 import argparse
@@ -25,11 +26,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-HIDDEN, INTERMEDIATE, VOCAB, TOKENS, GRAD_ACCUM = 64, 192, 512, 16, 4
+HIDDEN, INTERMEDIATE, VOCAB, TOKENS, GRAD_ACCUM, LORA_RANK, WARMUP_STEPS = 64, 192, 512, 16, 4, 16, 2
 
 
-def engine(stage: int, layers: int):
+def _lora(model):
+    import peft.import_utils
+    import peft.tuners.lora.torchao as lora_torchao
+    from peft import LoraConfig, get_peft_model
+
+    # peft probes torchao for every adapted linear and refuses the installed 0.11 (torchtune's pin): no torchao layers
+    peft.import_utils.is_torchao_available = lora_torchao.is_torchao_available = lambda: False
+    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def engine(stage: int, layers: int, lora: bool):
     import deepspeed
+    import peft  # noqa: F401  (imported before zero.Init patches Parameter.__new__)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
@@ -44,22 +56,54 @@ def engine(stage: int, layers: int):
     llama = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
     torch.manual_seed(0)
-    if stage == 3:
+    if stage == 3:  # transformers builds under zero.Init; peft wraps the model afterwards
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = LlamaForCausalLM(llama)
     else:
         model = LlamaForCausalLM(llama)
+    model = _lora(model) if lora else model
     model.gradient_checkpointing_enable()
-    eng, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    if lora:
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=params)
     return eng
 
 
-def count_fetches() -> list:
-    """Wrap ZeRO-3's ``fetch_sub_module`` with a counter (one list append: negligible next to the call)."""
+def run_steps(eng, steps: int) -> float:
+    """Seconds of ``steps`` optimizer steps of ``GRAD_ACCUM`` micro-batches each."""
+    ids = torch.randint(0, VOCAB, (1, TOKENS), device=eng.device)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        for _ in range(GRAD_ACCUM):
+            eng.backward(eng(input_ids=ids, labels=ids).loss)
+            eng.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_seconds(stage: int, layers: int, lora: bool, steps: int) -> float:
+    """The faster of two fresh engines' seconds per step, each timed after ``WARMUP_STEPS`` steps."""
+    best = float("inf")
+    for _ in range(2):
+        eng = engine(stage, layers, lora)
+        run_steps(eng, WARMUP_STEPS)
+        best = min(best, run_steps(eng, steps) / steps)
+    return best
+
+
+def fetches_per_step(layers: int, lora: bool) -> int:
+    """``fetch_sub_module`` calls of one step (after a warm-up step), counted by wrapping the coordinator's
+    method for that step only."""
     from deepspeed.runtime.zero.partitioned_param_coordinator import (
         PartitionedParameterCoordinator as Coordinator,
     )
 
+    eng = engine(3, layers, lora)
+    run_steps(eng, 1)
     calls: list = []
     fetch = Coordinator.fetch_sub_module
 
@@ -68,45 +112,33 @@ def count_fetches() -> list:
         return fetch(self, *args, **kwargs)
 
     Coordinator.fetch_sub_module = counted
-    return calls
-
-
-def timed_steps(eng, steps: int) -> float:
-    """Seconds per optimizer step (``GRAD_ACCUM`` micro-batches and the step), after one warm-up step."""
-    ids = torch.randint(0, VOCAB, (1, TOKENS), device=eng.device)
-    for step in range(steps + 1):
-        if step == 1:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        for _ in range(GRAD_ACCUM):
-            eng.backward(eng(input_ids=ids, labels=ids).loss)
-            eng.step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    try:
+        run_steps(eng, 1)
+    finally:
+        Coordinator.fetch_sub_module = fetch
+    return len(calls)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lora", action="store_true", help="peft LoRA r=16 on every linear")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = min(timed_steps(engine(2, args.layers), args.steps) for _ in range(2))
-    calls = count_fetches()
-    eng3 = engine(3, args.layers)
-    timed_steps(eng3, 1)
-    per_step = len(calls) / 2  # the counted run above: a warm-up step and one timed step
-    zero3 = min(timed_steps(eng3, args.steps) for _ in range(2))
+    zero2 = step_seconds(2, args.layers, args.lora, args.steps)
+    zero3 = step_seconds(3, args.layers, args.lora, args.steps)
+    fetches = fetches_per_step(args.layers, args.lora)
     import deepspeed
+    import peft
     import transformers
 
     print(json.dumps({
-        "accelerator": os.environ["DS_ACCELERATOR"], "layers": args.layers, "fetches_per_step": per_step, "zero2_step_s": base, "zero3_step_s": zero3,
-        "host_s_per_fetch": (zero3 - base) / per_step,
+        "accelerator": os.environ["DS_ACCELERATOR"], "layers": args.layers, "lora": args.lora,
+        "fetches_per_step": fetches, "zero2_step_s": zero2, "zero3_step_s": zero3,
+        "host_s_per_fetch": (zero3 - zero2) / fetches,
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__, "peft": peft.__version__},
     }), flush=True)
 
 

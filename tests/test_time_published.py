@@ -122,9 +122,10 @@ QWEN_MULTINODE_LORA = {f"qwen1_readme_profiling-0{i}" for i in range(34, 40)}
 def test_leave_one_source_out_targets(tab):
     """What the committed model meets held out (issue 11): median |error| <= 8% (10.8% before the
     measured ceilings), the 80% intervals hold >= 85% of runs, 14 sources, llm-foundry's 216
-    runs within 8% at the median, every run within 40% (Qwen-1's 7B ZeRO-3 run at 256 tokens, 031,
-    is the worst: 74% before issue 11's counted ZeRO-3 module fetches and gathers, see
-    benchmarks/README.md), single-GPU runs within 25%. A GPU generation seen in one source only (MI300X, in torchao's float8
+    runs within 8% at the median, every run within 35% (llm-foundry's MPT-70B on 64 A100-40GB, 140a, is
+    the worst at 31%; Qwen-1's 7B ZeRO-3 run at 256 tokens, 031, was 74% before issue 11 counted ZeRO-3's
+    fetches and gathers and is within 25% since the fetches are host time priced with a measured prior,
+    see benchmarks/README.md), single-GPU runs within 25%. A GPU generation seen in one source only (MI300X, in torchao's float8
     doc) is predicted from its measured matmul and attention ceilings: within 25% (108% with a
     per-generation constant, 34% and 54% with NVIDIA's attention/matmul ratio)."""
     result = time_fit.loso(tab)
@@ -135,8 +136,8 @@ def test_leave_one_source_out_targets(tab):
     assert summary["interval_coverage"] >= 0.85
     assert summary["sources"] >= 14
     errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
-    assert max(abs(e) for e in errors.values()) < 0.40
-    assert abs(errors["qwen1_readme_profiling-031"]) < 0.40
+    assert max(abs(e) for e in errors.values()) < 0.35
+    assert max(abs(errors[f"qwen1_readme_profiling-03{i}"]) for i in (1, 2, 3)) < 0.25
     assert scores["by_regime"]["single-gpu"]["max_abs_error"] < 0.25
     assert abs(errors["torchao_float8_training_doc-005"]) < 0.25  # MI300X, float8 tensorwise
     assert abs(errors["torchao_float8_training_doc-004"]) < 0.20  # MI300X, bf16
@@ -152,8 +153,8 @@ def test_qwen_rows_run_with_unpublished_code_are_listed_with_their_reason(runs):
     not published (finetune.py at the rows' commits set device_map="auto", with which neither a
     distributed run nor ZeRO-3 loads): listed, not priced. Priced as the README states them, the
     multinode runs would be 1.4-2.1x slower per GPU than predicted at every length (a cost
-    proportional to tokens no stated field explains) and the 72B runs within 23% (measured /
-    predicted 0.81-1.19); kept here so the reason stays checked."""
+    proportional to tokens no stated field explains) and the 72B runs within 21% (measured /
+    predicted 0.79-1.13, with LoRA's ZeRO-3 fetches counted); kept here so the reason stays checked."""
     reasons = {key: reason for key, _, reason in runs[1]}
     assert all("not published" in reasons[run] for run in QWEN_MULTINODE_LORA | QWEN_72B_LORA_ZERO3)
     text = catalog_root().joinpath("measurements", "throughput.csv").read_text(encoding="utf-8")
@@ -167,7 +168,7 @@ def test_qwen_rows_run_with_unpublished_code_are_listed_with_their_reason(runs):
 
     multinode, large = ratios(QWEN_MULTINODE_LORA), ratios(QWEN_72B_LORA_ZERO3)
     assert all(1.2 < r < 2.5 for r in multinode) and np.median(multinode) > 1.5
-    assert all(0.7 < r < 1.4 for r in large)
+    assert all(0.75 < r < 1.2 for r in large)
 
 
 SWIFT = [f"swift_megatron_benchmark-00{i}" for i in range(1, 7)]

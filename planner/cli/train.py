@@ -277,7 +277,8 @@ def run_fit(args) -> int:
         "zero": zero,
         "seq_len": args.seq_len,
         "usable_bytes": result["usable_bytes"],
-        "rows": [{**row.as_dict(), **fit_row_times(spec, row.as_dict(), row.setup, gpu, args.cluster, profile)}
+        "rows": [{**row.as_dict(), **fit_row_times(spec, row.as_dict(), row.setup, gpu, args.seq_len, args.cluster,
+                                                    profile)}
                  for row in result["rows"]],
         "short_by_bytes": result.get("short_by_bytes"),
         "fixes": result["fixes"],

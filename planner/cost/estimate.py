@@ -100,12 +100,14 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
     result.update(memory_verdict(peak, gpu or (profile.device_spec() if profile is not None else None), profile,
                                  setup.stack))
     if gpu is not None:
-        from planner.cost.timing.intervals import time_fields, time_notes
+        from planner.cost.timing.intervals import near_capacity, time_fields, time_notes
 
         timing = time_fields(spec, setup, gpu, cluster, profile)
         result.update(timing)
         verdict = result.get("gpu", {})
         headroom = verdict["headroom_bytes"] / verdict["memory_bytes"] if verdict.get("fits") else None
+        if "time" in timing:
+            timing["time"].update(headroom_share=headroom, near_capacity=near_capacity(headroom))
         result["notes"] = result["notes"] + time_notes(timing, headroom)
     if profile is not None:
         result["calibrated_fields"] = calibrated_fields(result)

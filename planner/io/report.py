@@ -148,8 +148,9 @@ def _time_lines(result: dict) -> list[str]:
                      f"at {fmt_usd(r['price_usd_per_gpu_hour'])} per GPU-hour")
     if "reserved_bytes" in r:
         lines.append(f"  calibrated reserved memory {fmt_bytes(r['reserved_bytes'])}")
-    # the near-capacity warning of intervals.time_notes: the one time note a reader of the table needs
-    lines += [f"  warning: {note.removeprefix('time: ')}" for note in r.get("notes", []) if note.startswith("time: only")]
+    if t.get("near_capacity"):  # intervals.time_notes: the one time note a reader of the table needs
+        lines.append(f"  warning: only {t['headroom_share']:.1%} of the GPU's memory is left free: allocator retries "
+                     "may slow the step (not priced); a smaller micro-batch avoids it")
     return lines
 
 
@@ -157,8 +158,9 @@ def _fit_time_cells(r: dict) -> dict:
     """`planner fit`'s time columns: at the row's largest fitting micro-batch, with the 80% interval."""
     if "step_time_s" not in r:
         return {"step (80%)": "-", "tokens/s": "-", "MFU": "-", "$/M tokens": "-"}
+    mark = "*" if r.get("near_capacity") else ""
     cells = {
-        "step (80%)": f"{fmt_seconds(r['step_time_s'])} {_span(r['step_time_s_low'], r['step_time_s_high'], fmt_seconds)}",
+        "step (80%)": f"{fmt_seconds(r['step_time_s'])} {_span(r['step_time_s_low'], r['step_time_s_high'], fmt_seconds)}{mark}",
         "tokens/s": f"{fmt_count(r['tokens_per_s'])} {_span(r['tokens_per_s_low'], r['tokens_per_s_high'], fmt_count)}",
         "MFU": f"{fmt_percent(r['mfu'])}",
     }
@@ -199,6 +201,11 @@ def fit_text(payload: dict) -> str:
         + ("; every number calibrated by the profile" if payload.get("calibrated_fields") else "")
     )
     lines = [head, render_table(rows)]
+    if any(r.get("near_capacity") for r in payload["rows"]):
+        from planner.cost.timing.intervals import NEAR_CAPACITY_HEADROOM_SHARE
+
+        lines.append(f"* timed at a micro-batch that leaves under {NEAR_CAPACITY_HEADROOM_SHARE:.0%} of the GPU's memory "
+                     "free: allocator retries may slow it (not priced); one micro-batch less avoids it")
     best = _best_fit_words(payload["rows"])
     if best:
         lines.append(best)

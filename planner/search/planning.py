@@ -210,6 +210,9 @@ def _standing_assumptions(ctx: Context) -> list[str]:
     else:
         out.append(f"GPU count: all {req.num_gpus} (--gpu-counts to try fewer)")
     out.append(f"global batch about {req.global_batch_tokens} tokens (gradient accumulation fills it)")
+    from planner.cost.timing.intervals import TIME_LEAVES_OUT
+
+    out.append(TIME_LEAVES_OUT)
     if req.stacks != ("hf",):
         out.append(stacks_note(req, ctx.gpu))
     return out

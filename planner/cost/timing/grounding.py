@@ -34,12 +34,12 @@ differently). ``ground`` applies, per set-up:
 - **selective recompute** (``selective_recompute``): the share of the forward matmuls a
   stack's selective checkpointing reruns (torchtitan's op-level SAC reruns some matmuls).
 - **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): host seconds per module
-  fetch (``zero3_module_visits``: every module of every layer in forward, backward and recompute,
-  as counted on the real engine), the Python that makes HF + ZeRO-3 runs several times slower than
+  fetch of full fine-tuning (``zero3_hooks``: every module of every layer in forward, backward and
+  recompute, as counted on the real engine; a LoRA run's fetch costs a measured 0.67 of one), the Python that makes HF + ZeRO-3 runs several times slower than
   their FLOPs at short sequences (issue 11). It is host time: it joins the host's ops in the smooth
   maximum with the device time, so it hides behind long sequences' compute (Qwen-1 7B on 2 GPUs
-  takes 4.0 s at 256 and 512 tokens, 4.5 s at 1024). Prior: measured on CPU by
-  ``benchmarks/zero3_hook_cpu.py``.
+  takes 4.0 s at 256 and 512 tokens, 4.5 s at 1024); the gathers and reductions the hooks launch sit
+  on the device side of that maximum. Prior: measured on CPU by ``benchmarks/zero3_hook_cpu.py``.
 - **QLoRA dequantization** (``qlora_dequant_factor``): the NF4 -> bf16 passes of
   ``qlora.dequantization_s`` (forward, backward, recompute) times the traffic an
   implementation moves over the fused kernel's.
@@ -72,6 +72,7 @@ import numpy as np
 from planner.cost.timing.ceiling import POWER_CAPPED, attention_ceiling, matmul_ceiling
 from planner.cost.timing.efficiency import DEFAULT_MAX_EFFICIENCY
 from planner.cost.timing.host import HOST_OVERHEAD_S_PER_OP, host_ops_per_micro_batch, is_cpu
+from planner.cost.timing.zero3_hooks import zero3_fetch_cost_units
 from planner.errors import PlannerError
 
 CONSTANTS_FILE = ("time_model", "constants.json")
@@ -93,10 +94,10 @@ PRIOR: dict[str, float] = {
     "communication.native": 1.0,
     "attention_core": 3.5 / 3.0,  # derived, not fitted: see DERIVED
     "selective_recompute": 0.1,  # torchtitan's per-op SAC reruns about every other matmul's input op
-    # measured: DeepSpeed 0.19.8's fetch_sub_module on this project's 2-core CPU machine, a 32-layer Llama
-    # (benchmarks/zero3_hook_cpu.py: 0.51 ms at 8 layers, 0.54 at 16, 0.57 at 32); a GPU host also waits on
-    # CUDA events, and a faster host core takes less
-    "zero3_s_per_module_visit.hf": 5.7e-4,
+    # measured: DeepSpeed 0.19.8's extra host cost of ZeRO-3 per module fetch, full fine-tuning of a 32-layer Llama on
+    # this project's 2-core CPU machine (benchmarks/zero3_hook_cpu.py: 0.38 ms at 8 layers, 0.43 at 32); a GPU host
+    # also waits on CUDA events, and a faster host core takes less
+    "zero3_s_per_module_visit.hf": 4.3e-4,
     "qlora_dequant_factor": 1.0,  # bitsandbytes' fused kernel: one read of NF4, one bf16 write per pass
     # device time of the 500 W Grand Teton H100 over the 700 W SXM's: with power ~ clock x voltage^2
     # and voltage ~ clock, 5/7 of the power sustains ~(5/7)^(1/3) = 0.89 of the clock
@@ -141,30 +142,6 @@ def head_share(spec) -> float:
     return head / max(layers + head, 1)
 
 
-ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS = 6
-"""DeepSpeed ZeRO-3 ``fetch_sub_module`` calls per decoder layer and pass besides one per linear: the layer,
-its attention and MLP blocks, the activation and the 2 norms (one fewer in the recompute: the checkpointed
-layer itself is not re-entered). Counted on HF Llama by ``benchmarks/comm_oracle_cpu.py``
-(``tests/data/comm_oracle.json``, case ``ds3-full-ckpt``): 13 forward, 13 backward, 12 recompute with its 7
-linears. Qwen-1's block has as many modules. Stacked experts (transformers 5) are one module; older
-transformers ran one module per expert, which this count does not price."""
-ZERO3_FETCHES_ROOT = 11
-"""The same outside the layers per micro-batch (6 forward, 5 backward: the model, embedding, final norm,
-head, rotary embedding; same count)."""
-
-
-def zero3_module_visits(spec, setup) -> float:
-    """Module fetches of DeepSpeed ZeRO-3 under HF Trainer in one step: ``fetch_sub_module`` (its
-    ``PartitionedParameterCoordinator``, a Python hook) runs before every module's forward and again
-    before its backward, and before its recompute under full checkpointing, every micro-batch
-    (``ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS`` plus one per linear); 0 for other stacks and stages."""
-    if setup.stack != "hf" or setup.zero != 3:
-        return 0.0
-    per_pass = sum(ZERO3_FETCHES_PER_LAYER_BESIDES_LINEARS + len(layer.linears) for layer in spec.layers)
-    passes = 2.0 * per_pass + (per_pass - spec.num_layers if setup.checkpointing == "full" else 0.0)
-    return (passes / setup.pipeline_parallel + ZERO3_FETCHES_ROOT) * setup.grad_accum
-
-
 def host_s(spec, setup) -> float:
     """Host seconds of a step's micro-batches on one pipeline stage (``host.host_ops_per_micro_batch``
     at ``host.HOST_OVERHEAD_S_PER_OP``; a stage dispatches its share of the layers' ops)."""
@@ -176,7 +153,7 @@ def features(spec, setup, gpu) -> dict:
     """What ``ground`` reads of a set-up and its GPU, as plain values (one row of a fit's table)."""
     return {
         "head_share": head_share(spec) if setup.pipeline_parallel > 1 else 0.0,
-        "zero3_module_visits": zero3_module_visits(spec, setup),
+        "zero3_module_visits": zero3_fetch_cost_units(spec, setup),
         "ceiling": matmul_ceiling(gpu, setup.precision)[0],
         "attention_ceiling": attention_ceiling(gpu)[0],
         "flash": setup.attention == "sdpa",
@@ -240,7 +217,12 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
     # DeepSpeed ZeRO-3's fetch hooks are Python on the host: they run ahead of the device like any host op
     host = np.asarray(feats["host_s"], dtype=np.float64) + values["zero3_s_per_module_visit.hf"] * np.asarray(
         feats["zero3_module_visits"], dtype=np.float64)
-    out["overhead_s"] = exposed_host_s(device + out["dequantization_s"], host, feats["cpu"], values["host_overlap_p"])
+    # the device is busy with its kernels; under HF + ZeRO-3 also with the gathers and reductions the hooks
+    # launch every micro-batch, which the host's time overlaps too (elsewhere the step's collectives stay serial:
+    # a DDP reduction ends the step, and the search's step stays affine in the accumulation)
+    gathers = np.where(np.asarray(feats["zero3_module_visits"]) > 0, out["communication_s"], 0.0)
+    busy = device + out["dequantization_s"] + gathers
+    out["overhead_s"] = exposed_host_s(busy, host, feats["cpu"], values["host_overlap_p"])
     out["pipeline_bubble_s"] = device * feats["bubble"]
     return out
 

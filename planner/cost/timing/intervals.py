@@ -86,6 +86,11 @@ TIME_LEAVES_OUT = ("time leaves out: data loading (assumed hidden behind the ste
                    "start-up and torch.compile warm-up, stragglers, failures and restarts")
 
 
+def near_capacity(headroom_share: float | None) -> bool:
+    """Whether a set-up that fits leaves under ``NEAR_CAPACITY_HEADROOM_SHARE`` of the GPU's memory free."""
+    return headroom_share is not None and 0.0 <= headroom_share < NEAR_CAPACITY_HEADROOM_SHARE
+
+
 def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
     """What the time answer assumes and leaves out, in words; ``headroom_share``: the GPU's memory left
     free by the estimate (a warning below ``NEAR_CAPACITY_HEADROOM_SHARE``)."""
@@ -94,7 +99,7 @@ def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
     t = fields["time"]
     notes = [f"time: {'calibrated' if t['calibrated'] else 'grounded default model'}; "
              f"{t['interval']:.0%} interval from the {t['interval_basis']}", TIME_LEAVES_OUT]
-    if headroom_share is not None and 0.0 <= headroom_share < NEAR_CAPACITY_HEADROOM_SHARE:
+    if near_capacity(headroom_share):
         notes.append(f"time: only {headroom_share:.1%} of the GPU's memory is left free; this close to the limit "
                      "PyTorch's allocator may free its cache and retry allocations (num_alloc_retries), which slows "
                      "steps and is not priced; a smaller micro-batch (or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
@@ -109,13 +114,24 @@ FIT_ROW_KEYS = ("step_time_s", "step_time_s_low", "step_time_s_high", "tokens_pe
                 "usd_per_million_tokens_low", "usd_per_million_tokens_high")
 
 
-def fit_row_times(spec, row: dict, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
-    """``planner fit``'s time columns of one row: at the largest micro-batch that fits (the
-    fastest the row allows), ``time_micro_batch``; nothing for a row that does not fit."""
+def fit_row_times(spec, row: dict, setup, gpu, seq_len: int, cluster_name: str | None = None, profile=None) -> dict:
+    """``planner fit``'s time columns of one row at ``seq_len`` (the fit's sequence, which its rows'
+    set-ups do not carry): at the largest micro-batch that fits (the fastest the row allows),
+    ``time_micro_batch``, with the memory that micro-batch leaves free; nothing for a row that does not fit."""
     if not row.get("fits") or not row.get("max_micro_batch"):
         return {}
-    at = setup.model_copy(update={"micro_batch": int(row["max_micro_batch"])})
+    at = setup.model_copy(update={"micro_batch": int(row["max_micro_batch"]), "seq_len": int(seq_len)})
     fields = time_fields(spec, at, gpu, cluster_name, profile)
     if "time_not_priced" in fields:
         return {"time_not_priced": fields["time_not_priced"]}
-    return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields}}
+    share = _headroom_share(spec, at, gpu, profile)
+    return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields},
+            "time_headroom_share": share, "near_capacity": near_capacity(share)}
+
+
+def _headroom_share(spec, setup, gpu, profile) -> float:
+    """The GPU's memory a set-up leaves free, as a share (``planner.cost.memory.device``)."""
+    from planner.cost.memory.device import memory_verdict, peak_allocated_bytes
+
+    peak = float(peak_allocated_bytes(spec, setup, profile=profile))
+    return memory_verdict(peak, gpu, profile, setup.stack)["gpu"]["headroom_bytes"] / gpu.memory_bytes
