@@ -66,6 +66,7 @@ class FitRow:
     max_seq_len: int  # at micro-batch 1; 0 when even SEQ_STEP does not fit
     headroom_bytes: float  # memory minus device bytes at micro-batch 1 (negative: short by), as in estimate
     calibrated: bool = False  # whether a calibration profile set the numbers above
+    max_micro_batch_peak_bytes: float = 0.0  # peak allocated at max_micro_batch (0 when none fits)
 
     def as_dict(self) -> dict:
         s = self.setup
@@ -82,6 +83,7 @@ class FitRow:
             "max_seq_len": self.max_seq_len,
             "headroom_bytes": self.headroom_bytes,
             "calibrated": self.calibrated,
+            "max_micro_batch_peak_bytes": self.max_micro_batch_peak_bytes,
         }
 
 
@@ -99,14 +101,17 @@ def fit_row(spec: ModelSpec, setup: TrainingSetup, seq_len: int, gpu: GpuSpec, m
     seqs = np.arange(SEQ_STEP, max_seq_len + 1, SEQ_STEP)
     seq_peaks = peak_allocated_bytes(spec, setup, 1, seqs, profile=profile)
     need = float(device_memory.device_bytes(peak1, device_memory.overheads(gpu, profile, setup.stack)))
+    max_micro_batch = _largest_fitting(MICRO_BATCHES, np.asarray(batch_peaks), budget)
+    at_max = np.asarray(batch_peaks)[np.asarray(MICRO_BATCHES) == max_micro_batch]
     return FitRow(
         setup=setup,
         peak_bytes=peak1,
         fits=peak1 <= budget,
-        max_micro_batch=_largest_fitting(MICRO_BATCHES, np.asarray(batch_peaks), budget),
+        max_micro_batch=max_micro_batch,
         max_seq_len=_largest_fitting(seqs, np.asarray(seq_peaks), budget),
         headroom_bytes=gpu.memory_bytes - need,
         calibrated=profile is not None,
+        max_micro_batch_peak_bytes=float(at_max[0]) if at_max.size else 0.0,
     )
 
 

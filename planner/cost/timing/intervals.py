@@ -124,14 +124,15 @@ def fit_row_times(spec, row: dict, setup, gpu, seq_len: int, cluster_name: str |
     fields = time_fields(spec, at, gpu, cluster_name, profile)
     if "time_not_priced" in fields:
         return {"time_not_priced": fields["time_not_priced"]}
-    share = _headroom_share(spec, at, gpu, profile)
+    share = _headroom_share(spec, at, gpu, profile, row.get("max_micro_batch_peak_bytes"))
     return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields},
             "time_headroom_share": share, "near_capacity": near_capacity(share)}
 
 
-def _headroom_share(spec, setup, gpu, profile) -> float:
-    """The GPU's memory a set-up leaves free, as a share (``planner.cost.memory.device``)."""
+def _headroom_share(spec, setup, gpu, profile, peak_bytes: float | None = None) -> float:
+    """The GPU's memory a set-up leaves free, as a share (``planner.cost.memory.device``); ``peak_bytes``:
+    its peak allocated when the caller has it (``fit``'s rows do)."""
     from planner.cost.memory.device import memory_verdict, peak_allocated_bytes
 
-    peak = float(peak_allocated_bytes(spec, setup, profile=profile))
+    peak = float(peak_bytes) if peak_bytes else float(peak_allocated_bytes(spec, setup, profile=profile))
     return memory_verdict(peak, gpu, profile, setup.stack)["gpu"]["headroom_bytes"] / gpu.memory_bytes
