@@ -26,17 +26,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-HIDDEN, INTERMEDIATE, VOCAB, TOKENS, GRAD_ACCUM, LORA_RANK, WARMUP_STEPS = 64, 192, 512, 16, 4, 16, 2
-
-
-def _lora(model):
-    import peft.import_utils
-    import peft.tuners.lora.torchao as lora_torchao
-    from peft import LoraConfig, get_peft_model
-
-    # peft probes torchao for every adapted linear and refuses the installed 0.11 (torchtune's pin): no torchao layers
-    peft.import_utils.is_torchao_available = lora_torchao.is_torchao_available = lambda: False
-    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+HIDDEN, INTERMEDIATE, VOCAB, TOKENS, GRAD_ACCUM, WARMUP_STEPS = 64, 192, 512, 16, 4, 2
 
 
 def engine(stage: int, layers: int, lora: bool):
@@ -61,7 +51,10 @@ def engine(stage: int, layers: int, lora: bool):
             model = LlamaForCausalLM(llama)
     else:
         model = LlamaForCausalLM(llama)
-    model = _lora(model) if lora else model
+    if lora:
+        from comm_oracle_cpu import _lora  # the oracle's peft wrapper (benchmarks/ is on the script's path)
+
+        model = _lora(model)
     model.gradient_checkpointing_enable()
     if lora:
         model.enable_input_require_grads()

@@ -169,7 +169,7 @@ def test_time_says_what_it_leaves_out_and_warns_near_the_memory_limit(capsys):
     assert any(n.startswith("time: only") for n in tight["notes"])
     assert tight["time"]["near_capacity"] and not roomy["time"]["near_capacity"]
     _, out, _ = run(capsys, *args, "--seq-len", "3840")
-    assert "warning: only" in out and "allocator retries" in out
+    assert "warning: only" in out and "num_alloc_retries" in out
 
 
 def test_near_capacity_note_threshold():

@@ -148,9 +148,10 @@ def _time_lines(result: dict) -> list[str]:
                      f"at {fmt_usd(r['price_usd_per_gpu_hour'])} per GPU-hour")
     if "reserved_bytes" in r:
         lines.append(f"  calibrated reserved memory {fmt_bytes(r['reserved_bytes'])}")
-    if t.get("near_capacity"):  # intervals.time_notes: the one time note a reader of the table needs
-        lines.append(f"  warning: only {t['headroom_share']:.1%} of the GPU's memory is left free: allocator retries "
-                     "may slow the step (not priced); a smaller micro-batch avoids it")
+    if t.get("near_capacity"):  # the one time note a reader of the table needs
+        from planner.cost.timing.intervals import near_capacity_warning
+
+        lines.append(f"  warning: {near_capacity_warning(t['headroom_share'])}")
     return lines
 
 

@@ -153,7 +153,7 @@ def features(spec, setup, gpu) -> dict:
     """What ``ground`` reads of a set-up and its GPU, as plain values (one row of a fit's table)."""
     return {
         "head_share": head_share(spec) if setup.pipeline_parallel > 1 else 0.0,
-        "zero3_module_visits": zero3_fetch_cost_units(spec, setup),
+        "zero3_fetch_units": zero3_fetch_cost_units(spec, setup),
         "ceiling": matmul_ceiling(gpu, setup.precision)[0],
         "attention_ceiling": attention_ceiling(gpu)[0],
         "flash": setup.attention == "sdpa",
@@ -216,11 +216,11 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
     device = out["compute_s"] + out["attention_s"] + out["memory_s"] + out["recompute_s"]
     # DeepSpeed ZeRO-3's fetch hooks are Python on the host: they run ahead of the device like any host op
     host = np.asarray(feats["host_s"], dtype=np.float64) + values["zero3_s_per_module_visit.hf"] * np.asarray(
-        feats["zero3_module_visits"], dtype=np.float64)
+        feats["zero3_fetch_units"], dtype=np.float64)
     # the device is busy with its kernels; under HF + ZeRO-3 also with the gathers and reductions the hooks
     # launch every micro-batch, which the host's time overlaps too (elsewhere the step's collectives stay serial:
     # a DDP reduction ends the step, and the search's step stays affine in the accumulation)
-    gathers = np.where(np.asarray(feats["zero3_module_visits"]) > 0, out["communication_s"], 0.0)
+    gathers = np.where(np.asarray(feats["zero3_fetch_units"]) > 0, out["communication_s"], 0.0)
     busy = device + out["dequantization_s"] + gathers
     out["overhead_s"] = exposed_host_s(busy, host, feats["cpu"], values["host_overlap_p"])
     out["pipeline_bubble_s"] = device * feats["bubble"]

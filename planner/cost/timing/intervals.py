@@ -91,6 +91,14 @@ def near_capacity(headroom_share: float | None) -> bool:
     return headroom_share is not None and 0.0 <= headroom_share < NEAR_CAPACITY_HEADROOM_SHARE
 
 
+def near_capacity_warning(headroom_share: float) -> str:
+    """The near-capacity warning, in words (the estimate's notes and the table under its time)."""
+    return (f"only {headroom_share:.1%} of the GPU's memory is left free; this close to the limit PyTorch's "
+            "allocator may free its cache and retry allocations (num_alloc_retries), which slows steps and is not "
+            "priced; a smaller micro-batch (or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which cuts "
+            "fragmentation) makes it less likely")
+
+
 def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
     """What the time answer assumes and leaves out, in words; ``headroom_share``: the GPU's memory left
     free by the estimate (a warning below ``NEAR_CAPACITY_HEADROOM_SHARE``)."""
@@ -100,10 +108,7 @@ def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
     notes = [f"time: {'calibrated' if t['calibrated'] else 'grounded default model'}; "
              f"{t['interval']:.0%} interval from the {t['interval_basis']}", TIME_LEAVES_OUT]
     if near_capacity(headroom_share):
-        notes.append(f"time: only {headroom_share:.1%} of the GPU's memory is left free; this close to the limit "
-                     "PyTorch's allocator may free its cache and retry allocations (num_alloc_retries), which slows "
-                     "steps and is not priced; a smaller micro-batch (or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
-                     "which cuts fragmentation) makes it less likely")
+        notes.append("time: " + near_capacity_warning(headroom_share))
     if t["cluster"] == "default":
         notes.append(f"cluster: none named (--cluster): {t['cluster_description']}")
     return notes
@@ -124,15 +129,10 @@ def fit_row_times(spec, row: dict, setup, gpu, seq_len: int, cluster_name: str |
     fields = time_fields(spec, at, gpu, cluster_name, profile)
     if "time_not_priced" in fields:
         return {"time_not_priced": fields["time_not_priced"]}
-    share = _headroom_share(spec, at, gpu, profile, row.get("max_micro_batch_peak_bytes"))
+    from planner.cost.memory.device import memory_verdict
+
+    # the row's peak at that micro-batch, as the fit computed it
+    verdict = memory_verdict(float(row["max_micro_batch_peak_bytes"]), gpu, profile, at.stack)["gpu"]
+    share = verdict["headroom_bytes"] / gpu.memory_bytes
     return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields},
             "time_headroom_share": share, "near_capacity": near_capacity(share)}
-
-
-def _headroom_share(spec, setup, gpu, profile, peak_bytes: float | None = None) -> float:
-    """The GPU's memory a set-up leaves free, as a share (``planner.cost.memory.device``); ``peak_bytes``:
-    its peak allocated when the caller has it (``fit``'s rows do)."""
-    from planner.cost.memory.device import memory_verdict, peak_allocated_bytes
-
-    peak = float(peak_bytes) if peak_bytes else float(peak_allocated_bytes(spec, setup, profile=profile))
-    return memory_verdict(peak, gpu, profile, setup.stack)["gpu"]["headroom_bytes"] / gpu.memory_bytes
