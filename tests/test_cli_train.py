@@ -23,7 +23,7 @@ def test_estimate_json_contract(capsys):
     )
     assert code == 0
     result = json.loads(out)
-    for key in ("peak_bytes", "flops_per_step", "phases", "components"):
+    for key in ("peak_bytes", "flops_per_micro_batch", "phases", "components"):
         assert key in result
     assert result["peak_bytes"] == max(result["phases"].values())
     assert set(result["phases"]) == {"forward", "backward", "optimizer"}

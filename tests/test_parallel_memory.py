@@ -293,10 +293,18 @@ def test_bad_layouts_are_one_line_errors(fields, message):
     (dict(num_gpus=64, pipeline_parallel=64), "at most 32"),
     (dict(num_gpus=3, context_parallel=3, seq_len=2048), "multiple of 6"),
     (dict(num_gpus=2, expert_parallel=2), "dense"),
+    (dict(num_gpus=8, zero=3, pipeline_parallel=2, grad_accum=4), "ZeRO-0/1 only"),
+    (dict(num_gpus=8, zero=2, pipeline_parallel=4, grad_accum=4), "ZeRO-0/1 only"),
 ])
 def test_layouts_the_model_cannot_take(llama, fields, message):
     with pytest.raises(PlannerError, match=message):
         check_setup(llama, TrainingSetup(**fields))
+
+
+def test_deepspeed_pipelines_take_zero_0_and_1(llama):
+    """DeepSpeed's pipeline engine asserts ZeRO < 2; ZeRO-1 with stages, and ZeRO-3 without, are fine."""
+    check_setup(llama, TrainingSetup(num_gpus=8, zero=1, pipeline_parallel=2))
+    check_setup(llama, TrainingSetup(num_gpus=8, zero=3))
 
 
 def test_torchtune_refuses_layouts_it_does_not_run(llama):
@@ -321,6 +329,7 @@ def test_search_pipeline_ladder_and_floor():
     assert ladder == [(0, "none", 1, 8, 2), (2, "full", 1, 8, 2), (0, "none", 1, 8, 4), (2, "full", 1, 8, 4),
                       (0, "none", 1, 8, 8), (2, "full", 1, 8, 8)]
     assert pipeline_combos([(0, "none", 1, 8)], 64, 5) == [(0, "none", 1, 8, 2), (0, "none", 1, 8, 4)]
+    assert pipeline_combos([(0, "none", 3, 8), (0, "none", 2, 1)], 64, 32) == []  # --zero 2/3 only: no stages
     base = TrainingSetup(precision="bf16-mixed")
     # 405B, ZeRO-1 bf16-mixed (2 + 2 bytes of weight and gradient), TP 8: 203 GB / pp per GPU
     assert not fits_states_floor(base, 405e9, (0, "none", 1, 8, 2), 75 * GIB)

@@ -12,7 +12,7 @@ from planner.cost.timing import grounding as time_model
 from planner.cost.timing.intervals import calibrated_log_interval, time_fields
 from planner.cost.timing.step_time import step_time
 from planner.errors import PlannerError
-from planner.specs.catalog import load_gpu, load_spec
+from planner.specs.catalog import catalog_root, load_gpu, load_spec
 from planner.specs.cluster import default_cluster, load_cluster
 from planner.specs.setup import TrainingSetup
 
@@ -215,10 +215,26 @@ def test_fit_times_a_row_as_estimate_does(capsys):
 
 
 def test_plan_confidence_holds_the_deadline(capsys):
+    """The search holds the deadline at the 95% quantile of the run's time, and the report says so: the
+    deadline binds at that quantile (its median time alone would look like slack), and the plan's time and
+    cost carry the 80% interval of the set-up's regime."""
     base = ("plan", "--compute", "1e21", "--deadline-hours", "2", "--gpu-counts", "64", "--json")
     _, median, _ = run(capsys, *base)
     _, held, _ = run(capsys, *base, "--confidence", "0.95")
-    assert json.loads(held)["recommended"]["tokens"] < json.loads(median)["recommended"]["tokens"]
+    median, held = json.loads(median), json.loads(held)
+    assert held["recommended"]["tokens"] < median["recommended"]["tokens"]
+    rec = held["recommended"]
+    deadline = next(c for c in held["constraints"] if c["name"] == "deadline")
+    assert deadline["binding"] and deadline["quantile"] == 0.95
+    assert deadline["used"] == pytest.approx(rec["time_s"] * rec["held_factor"]) == pytest.approx(2 * 3600, rel=1e-6)
+    assert rec["held_factor"] > 1 and rec["time_s"] < 2 * 3600
+    assert rec["time_s_low"] < rec["time_s"] < rec["time_s_high"]
+    assert rec["cost_usd_high"] / rec["cost_usd"] == pytest.approx(rec["time_s_high"] / rec["time_s"])
+    assert rec["tokens_per_s_low"] < rec["tokens_per_s"] < rec["tokens_per_s_high"]
+    assert "multi-node" in rec["interval_basis"]
+    with pytest.raises(SystemExit) as stop:  # argparse's one-line error
+        main([*base, "--confidence", "0.2"])
+    assert stop.value.code == 2 and "more likely exceeds than not" in capsys.readouterr().err
 
 
 def test_compare_allocation_integers_and_pinned_micro_batch(capsys):
@@ -226,6 +242,8 @@ def test_compare_allocation_integers_and_pinned_micro_batch(capsys):
     assert code == 0, err
     code, _, err = run(capsys, "compare", "--compute", "1e21", "--alloc", "x:model=llama-3.2-1b,zero=three")
     assert code == 2 and "not a whole number" in err
+    code, _, err = run(capsys, "compare", "--compute", "1e21", "--alloc", "x:model=llama-3.2-1b,zero=5")
+    assert code == 2 and "allocation 'x', zero:" in err  # the allocation by its name, not "allocations.0"
     code, out, _ = run(capsys, "compare", "--compute", "1e21", "--alloc",
                        "x:model=llama-3.1-70b,method=full,num_gpus=1,micro_batch=4")
     assert "micro-batch 4" in out and "micro-batch 1)" not in out
@@ -396,3 +414,61 @@ def test_hf_zero3_step_does_not_shrink_with_longer_sequences(method):
                                                  precision="bf16-mixed" if method == "full" else "bf16"),
                              A100)["step_time_s"]) for seq in (128, 256, 512, 1024, 2048)]
     assert all(later >= earlier * (1 - 1e-3) for earlier, later in zip(steps[:-1], steps[1:], strict=True))
+
+
+def test_estimate_step_counts_every_micro_batch_of_the_accumulation(capsys):
+    """`tokens_per_step` is one optimizer step (all the micro-batches of the accumulation, every replica):
+    the tokens `tokens_per_s` x `step_time_s` account for; `tokens_per_micro_batch` is one of them."""
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--num-gpus", "8", "--zero", "3",
+                    "--grad-accum", "4", "--json")
+    result = json.loads(out)
+    assert result["tokens_per_step"] == 4 * result["tokens_per_micro_batch"] == 4 * 8 * 2048
+    assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(result["tokens_per_step"])
+
+
+def test_time_of_a_set_up_that_does_not_fit_says_so(capsys):
+    """A set-up past the GPU's memory still gets its time (what it would cost with more memory), flagged
+    in the notes and under the time table."""
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--json")
+    result = json.loads(out)
+    assert not result["gpu"]["fits"] and any("priced as if the set-up fit" in n for n in result["notes"])
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "rtx-4090")
+    assert "warning: priced as if the set-up fit" in out
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "h100-sxm", "--json")
+    assert not any("priced as if" in n for n in json.loads(out)["notes"])
+
+
+def test_a_cluster_of_another_gpu_is_named_in_the_notes(capsys):
+    """dgx-a100's links priced under an H100 are a what-if the answer must say it made."""
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--num-gpus", "16", "--zero", "3",
+                    "--cluster", "dgx-a100", "--json")
+    assert any("described with a100-80gb GPUs, not h100-sxm" in n for n in json.loads(out)["notes"])
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--num-gpus", "16", "--zero", "3",
+                    "--cluster", "dgx-a100", "--json")
+    assert not any("described with" in n for n in json.loads(out)["notes"])
+
+
+def test_estimate_of_a_torchtune_fit_row_needs_no_hidden_flag(capsys):
+    """`fit` prices torchtune rows with its recipes' fused AdamW; `estimate --stack torchtune` defaults to the
+    same implementation, so the row's visible set-up reproduces its peak and step time."""
+    _, out, _ = run(capsys, "fit", "llama-3.2-1b", "--gpu", "h100-sxm", "--seq-len", "4096", "--stack", "torchtune", "--json")
+    row = next(r for r in json.loads(out)["rows"] if r["method"] == "full" and r["optimizer"] == "adamw"
+               and r["checkpointing"] == "full" and r["techniques"] == ["chunked CE"] and "step_time_s" in r)
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "h100-sxm", "--seq-len", "4096",
+                    "--stack", "torchtune", "--loss", "chunked", "--method", "full", "--precision", row["precision"],
+                    "--optimizer", "adamw", "--checkpointing", "full", "--micro-batch", str(row["time_micro_batch"]), "--json")
+    alone = json.loads(out)
+    assert alone["setup"]["optimizer_impl"] == "fused"
+    assert row["step_time_s"] == pytest.approx(alone["step_time_s"], rel=1e-9)
+    assert row["max_micro_batch_peak_bytes"] == pytest.approx(alone["peak_bytes"], rel=1e-9)
+
+
+def test_a_calibration_applied_beyond_its_runs_says_so(capsys):
+    """The bundled CPU profile timed fp32 at up to 192 tokens: bf16 at 2048 is an extrapolation its interval
+    does not cover (it reads an MFU above 100%), and the answer says so; its own kind of run does not warn."""
+    profile = str(catalog_root().joinpath("calibrations", "cpu-smollm2-135m-instruct.json"))
+    _, out, _ = run(capsys, "estimate", "--model", "smollm2-135m-instruct", "--calibration", profile, "--json")
+    assert any("beyond what the profile timed: precision bf16" in n for n in json.loads(out)["notes"])
+    _, out, _ = run(capsys, "estimate", "--model", "smollm2-135m-instruct", "--calibration", profile, "--precision", "fp32",
+                    "--seq-len", "128", "--json")
+    assert not any("beyond what the profile timed" in n for n in json.loads(out)["notes"])

@@ -96,6 +96,17 @@ def test_committed_fit_is_reproduced(tab):
     assert load_constants()["values"] == committed["values"]
 
 
+def test_a_large_source_does_not_set_the_interval_alone():
+    """One source of 200 runs within 1% and three of 5 runs within 20%: counting each run once, the
+    80% interval is the large source's 1%; weighted as in the fit (20 + 3 x 5 runs), it is 20%."""
+    sources = np.array(["big"] * 200 + ["a"] * 5 + ["b"] * 5 + ["c"] * 5)
+    log_err = np.concatenate([np.full(200, 0.01), np.full(15, 0.2)])
+    regimes = np.array(["multi-node"] * len(sources))
+    assert time_fit.regime_interval(log_err, regimes, "multi-node")[1] == pytest.approx(0.01)
+    assert time_fit.regime_interval(log_err, regimes, "multi-node", None, sources)[1] == pytest.approx(0.2)
+    assert time_fit.source_weights(sources)[:200].sum() == pytest.approx(time_fit.RUNS_PER_SOURCE_CAP)
+
+
 def test_held_out_errors_are_held_out(tab):
     """A source's held-out error comes from constants fitted without it: refitting with the
     source in changes its error (the score is not in-sample)."""
@@ -134,6 +145,9 @@ def test_leave_one_source_out_targets(tab):
     assert scores["by_source"]["llmfoundry_bench"]["median_abs_error"] <= 0.08
     assert summary["median_abs_error"] <= 0.08
     assert summary["interval_coverage"] >= 0.85
+    # a new source's runs, not the largest table's, are what the interval is for: 69% at the median with
+    # every run counted once, 82% with each source weighted as in the fit (fit.source_weights)
+    assert np.median([s["interval_coverage"] for s in scores["by_source"].values()]) >= 0.8
     assert summary["sources"] >= 14
     errors = dict(zip(tab["id"], time_fit.throughput_errors(result["log_errors"]), strict=True))
     assert max(abs(e) for e in errors.values()) < 0.35

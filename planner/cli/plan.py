@@ -64,7 +64,8 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-loss", type=float, help="objective cost/time: cheapest/fastest plan reaching this loss")
     p.add_argument("--law", help="scaling law: catalog name or JSON path (default besiroglu2024)")
     p.add_argument("--calibration", metavar="PROFILE.json", help="calibration profile (planner calibrate)")
-    p.add_argument("--confidence", type=float, help="hold the deadline/budgets at this quantile of the step time (e.g. 0.9)")
+    p.add_argument("--confidence", type=confidence_level,
+                   help="hold the deadline/budgets at this quantile of the step time, 0.5 (the median) to below 1 (e.g. 0.9)")
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--global-batch-tokens", type=_quantity("--global-batch-tokens"))
     p.add_argument("--methods", help="full,lora,qlora")
@@ -132,6 +133,20 @@ def register(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------- building requests
+
+
+def confidence_level(text: str) -> float:
+    """``--confidence``: the quantile a budget is held at; below 0.5 a plan would more likely overrun it than not."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: use 0.5 (the median) to below 1, e.g. 0.9") from None
+    works = "use 0.5 (the median) to below 1, e.g. 0.9"
+    if value < 0.5:
+        raise argparse.ArgumentTypeError(f"{text} holds the budgets at a time the run more likely exceeds than not: {works}")
+    if not value < 1.0:  # 1, above, or nan
+        raise argparse.ArgumentTypeError(f"{text} asks for a certainty no estimate has: {works}")
+    return value
 
 
 def _split(text: str, kind, flag: str) -> tuple:
@@ -311,7 +326,12 @@ def build_compare(args):
         return CompareRequest(base=PlanRequest.model_validate(base), allocations=allocations)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = [str(p) for p in first["loc"]]
+        where = ".".join(loc)
+        if loc[:1] == ["allocations"] and len(loc) > 1 and loc[1].isdigit() and int(loc[1]) < len(allocations):
+            # "allocations.0.zero" names a list index; the user named the allocation
+            name = allocations[int(loc[1])].get("name", loc[1])
+            where = f"allocation {name!r}" + (f", {'.'.join(loc[2:])}" if loc[2:] else "")
         raise PlannerError(f"{where}: {first['msg']}") from None
 
 

@@ -27,8 +27,10 @@ def plan_text(p) -> str:
         f"  set-up: {r.precision} {r.optimizer}{_stack_text(r)}, checkpointing {r.checkpointing}, {r.num_gpus} GPU(s) ZeRO-{r.zero} "
         f"TP {r.tensor_parallel}{_pipeline_text(r)}, micro-batch {r.micro_batch} x {r.grad_accum} accumulation x {r.seq_len} tokens "
         f"= {fmt_count(r.global_batch_tokens)} tokens/step, {r.steps:,} steps",
-        f"  predicted loss {r.loss:.4f} ({_trust(r)}); {fmt_seconds(r.time_s)} wall, {r.gpu_hours:,.0f} GPU-hours, {fmt_usd(r.cost_usd)}, "
+        f"  predicted loss {r.loss:.4f} ({_trust(r)}); {fmt_seconds(r.time_s)} wall{_range(r, 'time_s', fmt_seconds)}, "
+        f"{r.gpu_hours:,.0f} GPU-hours, {fmt_usd(r.cost_usd)}{_range(r, 'cost_usd', fmt_usd)}, "
         f"{fmt_flops(r.compute_flops)}; MFU {fmt_percent(r.mfu)}; peak {fmt_bytes(r.peak_bytes)} of {fmt_bytes(r.usable_bytes)} per GPU",
+        *_interval_lines(r),
         "",
         "constraints:",
     ]
@@ -37,7 +39,8 @@ def plan_text(p) -> str:
         used = _fmt_unit(c.used, c.unit)
         change = "" if c.loss_change_if_relaxed is None else f"; 10% looser: {req.objective} {c.loss_change_if_relaxed:+.4g}"
         state = "BINDING" if c.binding else "slack " + fmt_percent(c.slack_fraction)
-        lines.append(f"  {c.name:<20} {used:>14} of {limit:<14} {state}{change}")
+        held = "" if c.quantile is None else f" (at the {c.quantile:.0%} quantile)"
+        lines.append(f"  {c.name:<20} {used:>14} of {limit:<14} {state}{held}{change}")
         if c.binding and c.source:
             lines.append(f"  {'':<20} ({c.source})")
     lines += _evidence_lines(p) + _inference_lines(p)
@@ -68,6 +71,25 @@ def plan_text(p) -> str:
     lines.append(f"\nsearched {p.search.setups_evaluated} set-ups ({p.search.rows_feasible} set-up x micro-batch rows fit), "
                  f"{p.search.candidates:,} candidates in {p.search.wall_s:.2f} s")
     return "\n".join(lines)
+
+
+def _range(r, field: str, fmt) -> str:
+    """" [low - high]" of a candidate's 80% interval ("" without one)."""
+    low, high = getattr(r, f"{field}_low", None), getattr(r, f"{field}_high", None)
+    return "" if low is None or high is None else f" [{fmt(low)} - {fmt(high)}]"
+
+
+def _interval_lines(r) -> list[str]:
+    """What the brackets are, and the run's time and cost at the request's confidence."""
+    from planner.units import fmt_seconds, fmt_usd
+
+    if r.time_s_low is None:
+        return []
+    out = [f"  [80% interval: {r.interval_basis}]"]
+    if r.confidence is not None:
+        out.append(f"  at the {r.confidence:.0%} quantile (--confidence, what the budgets are held at): "
+                   f"{fmt_seconds(r.time_s * r.held_factor)} wall, {fmt_usd(r.cost_usd * r.held_factor)}")
+    return out
 
 
 def _fmt_unit(value: float, unit: str) -> str:
@@ -129,7 +151,9 @@ def compare_text(rows: list[dict]) -> str:
             continue
         data = "all" if r["selection"] == "all" else f"{r['selection']} {r['keep_fraction']:.2g}"
         table.append({
-            "allocation": r["name"], "loss": f"{r['loss']:.4f}", "cost": fmt_usd(r["cost_usd"]), "time": fmt_seconds(r["time_s"]),
+            "allocation": r["name"], "loss": f"{r['loss']:.4f}",
+            "cost [80%]": fmt_usd(r["cost_usd"]) + _cell_range(r, "cost_usd", fmt_usd),
+            "time [80%]": fmt_seconds(r["time_s"]) + _cell_range(r, "time_s", fmt_seconds),
             "peak/GPU": fmt_bytes(r["peak_bytes"]), "model": r["model"], "method": r["method"],
             **({"stack": " + ".join([r["stack"], *r["techniques"]])} if stacks else {}), "gpus": r["num_gpus"],
             "tokens": fmt_count(r["tokens"]), "epochs": "-" if r["epochs"] is None else f"{r['epochs']:.2f}", "data": data,
@@ -140,6 +164,11 @@ def compare_text(rows: list[dict]) -> str:
     if notes:
         out += "\n\n" + "\n".join(notes)
     return out
+
+
+def _cell_range(r: dict, field: str, fmt) -> str:
+    low, high = r.get(f"{field}_low"), r.get(f"{field}_high")
+    return "" if low is None or high is None else f" [{fmt(low)}-{fmt(high)}]"
 
 
 def _stack_text(r) -> str:

@@ -60,7 +60,9 @@ def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="full")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    parser.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="foreach")
+    parser.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default=None,
+                        help="default: the stack's recipes' (fused AdamW for torchtune, torchtitan and megatron, as plan and "
+                             "fit price them), else foreach")
     parser.add_argument("--micro-batch", type=positive_int, default=1)
     parser.add_argument("--seq-len", type=positive_int, default=None, help=SEQ_LEN_HELP)
     parser.add_argument("--checkpointing", choices=CHECKPOINTINGS, default="none")
@@ -122,6 +124,14 @@ STACK_ARGUMENTS = ("stack", "loss_impl", "loss_chunks", "optimizer_in_backward",
                    "context_parallel", "expert_parallel")
 
 
+def _recipe_optimizer_impl(args) -> str:
+    """The optimizer implementation of the stack's recipes (``planner.search.stacks.stack_fields``): what a
+    `fit` or `plan` row of that stack priced, so that `estimate` of the row's set-up agrees with it."""
+    from planner.search.stacks import stack_fields
+
+    return stack_fields(getattr(args, "stack", "hf"), args.method, args.optimizer).get("optimizer_impl", "foreach")
+
+
 def setup_from_args(args) -> object:
     from planner.specs.setup import TrainingSetup
 
@@ -129,7 +139,7 @@ def setup_from_args(args) -> object:
         method=args.method,
         precision=args.precision,
         optimizer=args.optimizer,
-        optimizer_impl=args.optimizer_impl,
+        optimizer_impl=args.optimizer_impl or _recipe_optimizer_impl(args),
         micro_batch=args.micro_batch,
         seq_len=args.seq_len or DEFAULT_SEQ_LEN,
         checkpointing=args.checkpointing,
@@ -216,10 +226,13 @@ def run_estimate(args) -> int:
     if profile is not None:
         from planner.cost.calibrated import apply_profile
         from planner.cost.estimate import calibrated_fields
-        from planner.cost.timing.intervals import time_fields
+        from planner.cost.timing.intervals import time_fields, time_notes
 
         result = apply_profile(profile, spec, setup, result, gpu)
-        result.update(time_fields(spec, setup, gpu or profile.device_spec(), args.cluster, profile))
+        timing = time_fields(spec, setup, gpu or profile.device_spec(), args.cluster, profile)
+        result.update(timing)
+        if gpu is None:  # estimate() priced no time without a GPU: its notes come with the profile's device
+            result["notes"] = result["notes"] + time_notes(timing)
         result["calibrated_fields"] = calibrated_fields(result)
     if args.json:
         print(to_json(result))

@@ -75,7 +75,7 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
         "peak_phase": str(peak_phase),
         "phases": phases,
         "components": {name: float(value) for name, value in memory.components.items()},
-        "flops_per_step": float(flops.model),
+        "flops_per_micro_batch": float(flops.model),  # the whole model's, one micro-batch (step_time: the step's)
         "flops": {
             "forward": float(flops.forward),
             "backward": float(flops.backward),
@@ -93,7 +93,8 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
             "norms": counts.norms,
             "lm_head": counts.lm_head,
         },
-        "tokens_per_step": setup.micro_batch * setup.seq_len * setup.data_parallel,
+        "tokens_per_micro_batch": setup.micro_batch * setup.seq_len * setup.data_parallel,  # every replica's
+        "tokens_per_step": setup.micro_batch * setup.seq_len * setup.grad_accum * setup.data_parallel,
         "notes": _notes(spec, setup),
     }
     # one verdict for every verb: planner.cost.memory.device (the profile's device when no GPU is named)
@@ -108,7 +109,7 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
         headroom = verdict["headroom_bytes"] / verdict["memory_bytes"] if verdict.get("fits") else None
         if "time" in timing:
             timing["time"].update(headroom_share=headroom, near_capacity=near_capacity(headroom))
-        result["notes"] = result["notes"] + time_notes(timing, headroom)
+        result["notes"] = result["notes"] + time_notes(timing, headroom, fits=verdict.get("fits", True))
     if profile is not None:
         result["calibrated_fields"] = calibrated_fields(result)
     return result
@@ -139,7 +140,8 @@ def sweep(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank
     """Peak bytes and FLOPs over arrays of micro-batch, sequence length and LoRA rank."""
     memory = training_memory(spec, setup, micro_batch, seq_len, lora_rank)
     flops = training_flops(spec, setup, micro_batch, seq_len, lora_rank)
-    return {"peak_bytes": memory.peak_bytes, "flops_per_step": np.broadcast_to(flops.model, np.shape(memory.peak_bytes))}
+    return {"peak_bytes": memory.peak_bytes,
+            "flops_per_micro_batch": np.broadcast_to(flops.model, np.shape(memory.peak_bytes))}
 
 
 def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:

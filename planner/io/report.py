@@ -107,7 +107,7 @@ def estimate_text(result: dict) -> str:
         f"+ allocator reserve {fmt_bytes(over['allocator_reserve_bytes'])} + CUDA context "
         f"{fmt_bytes(over['cuda_context_bytes'])} = {fmt_bytes(over['estimated_device_bytes'])} on the device"
         + (" (calibrated)" if over.get("calibrated") else ""),
-        f"FLOPs per micro-batch: {fmt_flops(result['flops_per_step'])} "
+        f"FLOPs per micro-batch: {fmt_flops(result['flops_per_micro_batch'])} "
         f"(forward {fmt_flops(result['flops']['forward'])}, backward {fmt_flops(result['flops']['backward'])}"
         + (f", recompute {fmt_flops(result['flops']['recompute'])}" if result["flops"]["recompute"] else "")
         + ")",
@@ -148,10 +148,14 @@ def _time_lines(result: dict) -> list[str]:
                      f"at {fmt_usd(r['price_usd_per_gpu_hour'])} per GPU-hour")
     if "reserved_bytes" in r:
         lines.append(f"  calibrated reserved memory {fmt_bytes(r['reserved_bytes'])}")
-    if t.get("near_capacity"):  # the one time note a reader of the table needs
-        from planner.cost.timing.intervals import near_capacity_warning
+    from planner.cost.timing.intervals import NOT_FITTING_WARNING, near_capacity_warning
 
+    if t.get("near_capacity"):  # the time notes a reader of the table needs
         lines.append(f"  warning: {near_capacity_warning(t['headroom_share'])}")
+    if not r.get("gpu", {}).get("fits", True):
+        lines.append(f"  warning: {NOT_FITTING_WARNING}")
+    if t.get("profile_note"):
+        lines.append(f"  warning: {t['profile_note'].removeprefix('time: ')}")
     return lines
 
 

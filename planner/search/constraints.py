@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner.cost.timing.grounding import quantile_factor
 from planner.errors import PlannerError
 from planner.search.context import RELAX, Context, Limits
 from planner.search.pareto import choose
@@ -35,9 +36,16 @@ def best_value(ctx: Context, state, data, limits: Limits, objective: str) -> flo
     return float(scored[{"loss": "loss", "cost": "cost_usd", "time": "time_s"}[objective]][i])
 
 
+TIME_BUDGETS = ("budget_usd", "gpu_hours", "deadline_s")
+"""The budgets a run uses in proportion to its time: held at the request's confidence (``--confidence``)."""
+
+
 def _used(rec: Candidate) -> dict[str, float]:
-    return {"compute_flops": rec.compute_flops, "budget_usd": rec.cost_usd, "gpu_hours": rec.gpu_hours,
-            "deadline_s": rec.time_s, "usable_bytes": rec.peak_bytes}
+    """What the recommended run uses of each limit; time, dollars and GPU-hours at the request's
+    confidence (the search held them there: ``scoring._token_caps``), not at the median."""
+    held = rec.held_factor
+    return {"compute_flops": rec.compute_flops, "budget_usd": rec.cost_usd * held, "gpu_hours": rec.gpu_hours * held,
+            "deadline_s": rec.time_s * held, "usable_bytes": rec.peak_bytes}
 
 
 def constraints(ctx: Context, state, data, limits: Limits, rec: Candidate) -> list[ConstraintReport]:
@@ -58,7 +66,8 @@ def constraints(ctx: Context, state, data, limits: Limits, rec: Candidate) -> li
         binding = ratio >= 1 - 1e-6 if name != "usable_bytes" else (change is not None and change < -1e-12)
         out.append(ConstraintReport(name=CONSTRAINT_NAMES[name], limit=limit, used=used[name], unit=UNITS[name],
                                     binding=bool(binding), slack_fraction=1 - ratio, loss_change_if_relaxed=change,
-                                    kind="hardware" if name == "usable_bytes" else "budget"))
+                                    kind="hardware" if name == "usable_bytes" else "budget",
+                                    quantile=req.confidence if name in TIME_BUDGETS else None))
     if req.data_pool_tokens is not None:
         unique = rec.unique_tokens or 0.0
         out.append(ConstraintReport(name="data_pool", limit=req.data_pool_tokens, used=unique, unit="tokens",
@@ -115,11 +124,12 @@ def stopping(ctx: Context, state, data, limits: Limits, rec: Candidate) -> Stopp
     """
     steps = max(rec.steps, 1)
     t, loss = _loss_curve(ctx, state, data, rec)
+    held = rec.held_factor  # a time budget held at the request's confidence is spent at that quantile's pace
     per_step = {
         "compute_flops": rec.compute_flops / rec.tokens * rec.global_batch_tokens,
-        "budget_usd": rec.cost_usd / rec.tokens * rec.global_batch_tokens,
-        "gpu_hours": rec.gpu_hours / rec.tokens * rec.global_batch_tokens,
-        "deadline_s": rec.step_time_s,
+        "budget_usd": rec.cost_usd * held / rec.tokens * rec.global_batch_tokens,
+        "gpu_hours": rec.gpu_hours * held / rec.tokens * rec.global_batch_tokens,
+        "deadline_s": rec.step_time_s * held,
     }
     binding = _binding_budget(limits, rec)
     threshold = None
@@ -159,7 +169,9 @@ def memory_shortfall(ctx: Context, state) -> str:
     short = peak - ctx.usable_bytes
     fixes = cheapest_fixes(entry.spec, ctx.gpu, setup, ctx.request.seq_len, ctx.usable_bytes,
                            max(ctx.request.seq_len, 4096), ctx.profile)
-    fix_text = "; ".join(f["fix"] for f in fixes) if fixes else "a GPU with more memory"
+    fix_text = "; ".join(f["fix"] for f in fixes) if fixes else (
+        "no single change tried fits it (a smaller micro-batch, a shorter sequence, ZeRO-3 over up to 128 GPUs, a "
+        "larger catalog GPU): change the method (LoRA / QLoRA), the model, or several of these at once")
     from planner.specs.techniques import stack_label
 
     stack = "" if setup.stack == "hf" else f" on {stack_label(setup)}"
@@ -176,8 +188,9 @@ def _one_step_shortfalls(ctx: Context, state, rows) -> list[str]:
     req = ctx.request
     tps = rows["tokens_per_step"].astype(np.float64)
     i = int(np.argmin(rows["step_time_s"] * rows["num_gpus"]))
-    step_s = float(rows["step_time_s"][i])
     g = int(rows["num_gpus"][i])
+    per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
+    step_s = float(rows["step_time_s"][i]) * float(quantile_factor(g, req.confidence, per_node))  # at --confidence
     flops_step = float(budget_flops_per_token(state.models[int(rows["model"][i])].params_n,
                                               rows["work_ratio"][i])) * float(tps[i])
     parts = []

@@ -119,9 +119,12 @@ def make_context(request: PlanRequest) -> Context:
 
 def _cluster(request: PlanRequest, gpu, notes: list[str]):
     """The request's cluster (``--cluster``), or the default one, written into the assumptions."""
-    from planner.specs.cluster import resolve_cluster
+    from planner.specs.cluster import other_gpu_note, resolve_cluster
 
     cluster = resolve_cluster(request.cluster, gpu)
+    other = other_gpu_note(cluster, gpu)
+    if other:
+        notes.append(other)
     if request.cluster:
         notes.append(f"cluster: {cluster.name} ({cluster.gpus_per_node} GPUs per node, {cluster.intra_node_link} "
                      f"inside a node, {cluster.inter_node_link} between nodes): communication and step times")

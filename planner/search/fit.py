@@ -172,30 +172,89 @@ def what_fits(
 def cheapest_fixes(
     spec: ModelSpec, gpu: GpuSpec, lightest: TrainingSetup, seq_len: int, budget: float, limit: int, profile=None
 ) -> list[dict]:
-    """Fixes for a job where no set-up fits, cheapest first: a shorter sequence with the lightest
-    set-up, sharding over more GPUs of this kind (ZeRO-3), a larger GPU of the catalog. A
-    calibration ``profile`` of ``gpu`` corrects the peaks (another GPU gets the defaults' overheads)."""
+    """Fixes for a job where no set-up fits, cheapest first: a smaller micro-batch, a shorter
+    sequence, sharding over more GPUs of this kind (ZeRO-3), a larger GPU of the catalog.
+
+    Each fix is one change to ``lightest`` *as it was evaluated*, at its own micro-batch
+    (``lightest.micro_batch``: the one an allocation pinned, or the search's lightest) and at
+    ``seq_len``, and is offered only if that one change makes it fit: pricing the fixes at
+    micro-batch 1 while the set-up pinned 64 offered sequences longer than the run's and GPUs
+    smaller than this one (issue 11, item 6). ``limit`` caps the sequence search. A calibration
+    ``profile`` of ``gpu`` corrects the peaks (another GPU gets the defaults' overheads)."""
+    micro_batch = lightest.micro_batch
+    fixes = [
+        _smaller_micro_batch_fix(spec, lightest, micro_batch, seq_len, budget, profile),
+        _shorter_sequence_fix(spec, lightest, micro_batch, min(seq_len - 1, limit), budget, profile),
+        _more_gpus_fix(spec, gpu, lightest, micro_batch, seq_len, budget, profile),
+        _larger_gpu_fix(spec, gpu, lightest, micro_batch, seq_len, profile),
+    ]
+    return [fix for fix in fixes if fix is not None]
+
+
+def _smaller_micro_batch_fix(spec: ModelSpec, setup: TrainingSetup, micro_batch: int, seq_len: int, budget: float,
+                             profile=None) -> dict | None:
+    """The largest micro-batch below ``micro_batch`` (every integer up to ``MICRO_BATCHES``' top)
+    that fits at ``seq_len``: when a pinned micro-batch is itself what does not fit, it is the
+    cheapest fix. It keeps the global batch by gradient accumulation, so it is priced accumulating
+    (gradients live through forward), as the plan search prices it (``planner.search.setups._peak``);
+    a set-up stepping its optimizer in backward cannot accumulate and is priced as it is. None at
+    micro-batch 1, or when even micro-batch 1 does not fit."""
+    smaller = np.arange(1, min(micro_batch, int(MICRO_BATCHES[-1]) + 1))
+    if not smaller.size:
+        return None
+    if not setup.optimizer_in_backward:
+        setup = setup.model_copy(update={"grad_accum": max(2, setup.grad_accum, setup.pipeline_parallel)})
+    peaks = np.asarray(peak_allocated_bytes(spec, setup, smaller, seq_len, profile=profile))
+    best = _largest_fitting(smaller, peaks, budget)
+    if not best:
+        return None
+    return {"fix": f"micro-batch <= {best}", "change": "micro_batch", "value": best}
+
+
+def _shorter_sequence_fix(spec: ModelSpec, setup: TrainingSetup, micro_batch: int, longest: int, budget: float,
+                          profile=None) -> dict | None:
+    """The longest sequence, a multiple of ``SEQ_STEP`` up to ``longest`` (below the run's own),
+    that fits at ``micro_batch``; None when none does: a sequence no shorter than the run's is no fix."""
+    seqs = np.arange(SEQ_STEP, longest + 1, SEQ_STEP)
+    if not seqs.size:
+        return None
+    peaks = np.asarray(peak_allocated_bytes(spec, setup, micro_batch, seqs, profile=profile))
+    best = _largest_fitting(seqs, peaks, budget)
+    if not best:
+        return None
+    return {"fix": f"shorter sequences: up to {best} tokens", "change": "seq_len", "value": best}
+
+
+def _more_gpus_fix(spec: ModelSpec, gpu: GpuSpec, setup: TrainingSetup, micro_batch: int, seq_len: int, budget: float,
+                   profile=None) -> dict | None:
+    """The fewest GPUs of this kind, no fewer than the set-up's own, over which its sharded form
+    (``_sharded``) fits at ``micro_batch``; None when 128 do not suffice (activations do not shard)."""
+    for n in (2, 4, 8, 16, 32, 64, 128):
+        if n < setup.num_gpus or n % (setup.tensor_parallel * setup.pipeline_parallel):
+            continue  # fewer GPUs than the run has is no fix; the model-parallel group must divide the GPUs
+        sharded, how = _sharded(spec, setup, n)
+        if float(peak_allocated_bytes(spec, sharded, micro_batch, seq_len, profile=profile)) <= budget:
+            return {"fix": f"{n} x {gpu.name} with {how}", "change": "num_gpus", "value": n}
+    return None
+
+
+def _larger_gpu_fix(spec: ModelSpec, gpu: GpuSpec, setup: TrainingSetup, micro_batch: int, seq_len: int,
+                    profile=None) -> dict | None:
+    """The smallest GPU of the catalog with more memory than ``gpu`` that computes in the set-up's
+    precision (``GpuSpec.computes_in``: no bf16 on a T4 or V100) and on which the set-up fits at
+    ``micro_batch`` (its stack's default overheads); None when there is none."""
     from planner.specs.catalog import list_gpus
 
-    fixes = []
-    seqs = np.arange(SEQ_STEP, limit + 1, SEQ_STEP)
-    max_seq = _largest_fitting(seqs, np.asarray(peak_allocated_bytes(spec, lightest, 1, seqs, profile=profile)), budget)
-    if max_seq:
-        fixes.append({"fix": f"shorter sequences: up to {max_seq} tokens", "change": "seq_len", "value": max_seq})
-    for n in (2, 4, 8, 16, 32, 64, 128):
-        if n % (lightest.tensor_parallel * lightest.pipeline_parallel):
-            continue  # the model-parallel group must divide the GPUs (else no data-parallel rank)
-        sharded, how = _sharded(spec, lightest, n)
-        if float(peak_allocated_bytes(spec, sharded, 1, seq_len, profile=profile)) <= budget:
-            fixes.append({"fix": f"{n} x {gpu.name} with {how}", "change": "num_gpus", "value": n})
-            break
-    need = float(peak_allocated_bytes(spec, lightest, 1, seq_len, profile=profile))
-    bigger = sorted(
-        (g for g in list_gpus() if usable_allocated_bytes(g) >= need), key=lambda g: g.memory_bytes
+    need = float(peak_allocated_bytes(spec, setup, micro_batch, seq_len, profile=profile))
+    larger = sorted(
+        (g for g in list_gpus()
+         if g.memory_bytes > gpu.memory_bytes and g.computes_in(setup.precision)
+         and device_memory.usable_allocated_bytes(g, None, setup.stack) >= need),
+        key=lambda g: g.memory_bytes,
     )
-    if bigger:
-        fixes.append({"fix": f"a larger GPU: {bigger[0].name}", "change": "gpu", "value": bigger[0].name})
-    return fixes
+    if not larger:
+        return None
+    return {"fix": f"a larger GPU: {larger[0].name}", "change": "gpu", "value": larger[0].name}
 
 
 def _sharded(spec: ModelSpec, setup: TrainingSetup, num_gpus: int) -> tuple[TrainingSetup, str]:

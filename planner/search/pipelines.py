@@ -31,10 +31,13 @@ def wants_pipeline(num_gpus: int, method: str, fits_without_sharded_weights: boo
 
 def pipeline_combos(combos: list[tuple], num_gpus: int, num_layers: int) -> list[tuple]:
     """(checkpointing rank, checkpointing, ZeRO, TP, pipeline degree) to try: each layout of
-    ``combos`` with ZeRO 0 or 1 (all of them if the request allows no such stage) at pipeline
+    ``combos`` with ZeRO 0 or 1 (none if the request allows no such stage: DeepSpeed's pipeline engine
+    refuses ZeRO-2/3, and the memory model prices no pipeline for the FSDP stacks) at pipeline
     degrees in powers of two with ``tp x pp`` dividing the GPU count and a layer per stage; fewest
     stages first, then lightest checkpointing (the order the search's skipping relies on)."""
-    low = [c for c in combos if c[2] in PIPELINE_ZERO] or list(combos)
+    low = [c for c in combos if c[2] in PIPELINE_ZERO]
+    if not low:
+        return []
     # tensor parallelism fills a node before the pipeline splits across nodes: the widest TP only
     widest = max(c[3] for c in low)
     low = [c for c in low if c[3] == widest and c[2] == max(z for _, _, z, t in low if t == widest)]

@@ -64,8 +64,9 @@ class PlanRequest(_Frozen):
     loss_tolerance: float = Field(0.01, ge=0, description="objective cost/time without target: best loss + this")
     law: str = "besiroglu2024"
     calibration: str | None = Field(None, description="calibration profile JSON (planner calibrate)")
-    confidence: float | None = Field(None, gt=0, lt=1, description="hold deadline/dollar/GPU-hour budgets at this "
-                                     "quantile of the step time (planner.cost.timing.grounding); None: the median")
+    confidence: float | None = Field(None, ge=0.5, lt=1, description="hold deadline/dollar/GPU-hour budgets at this "
+                                     "quantile of the step time (planner.cost.timing.grounding), 0.5 (the median) to "
+                                     "below 1; None: the median")
     seq_len: int = Field(2048, gt=0)
     global_batch_tokens: int = Field(2**19, gt=0, description="tokens per optimizer step (grad accumulation fills it)")
     methods: tuple[Literal["full", "lora", "qlora"], ...] = METHODS_ALL
@@ -242,6 +243,21 @@ class Candidate(_Frozen):
     step_time_s: float
     tokens_per_s: float
     mfu: float
+    time_s_low: float | None = Field(None, description="80% interval of time_s (planner.cost.timing.intervals)")
+    time_s_high: float | None = None
+    cost_usd_low: float | None = Field(None, description="80% interval of cost_usd (the same factors)")
+    cost_usd_high: float | None = None
+    step_time_s_low: float | None = None
+    step_time_s_high: float | None = None
+    tokens_per_s_low: float | None = None
+    tokens_per_s_high: float | None = None
+    mfu_low: float | None = None
+    mfu_high: float | None = None
+    interval_basis: str = Field("", description="what the 80% interval comes from")
+    confidence: float | None = Field(None, description="the request's --confidence: budgets of time, dollars and "
+                                     "GPU-hours are held at this quantile of the run's time")
+    held_factor: float = Field(1.0, description="the run's time (and dollars, GPU-hours) at ``confidence`` over "
+                               "the predicted (median) one; 1 without a confidence")
     peak_bytes: float
     usable_bytes: float
     selection: str
@@ -273,6 +289,8 @@ class ConstraintReport(_Frozen):
     )
     kind: Literal["budget", "hardware", "data", "plausibility"] = "budget"
     source: str = Field("", description="where a plausibility default comes from, or what the limit excluded")
+    quantile: float | None = Field(None, description="a time, dollar or GPU-hour budget held at this quantile of the "
+                                   "run's time (--confidence): ``used`` is the run's use at it")
 
 
 class Stopping(_Frozen):

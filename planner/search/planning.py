@@ -232,6 +232,7 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
     inf_flops = 0.0 if not ctx.request.inference_tokens else float(
         inference_flops(entry.params_n, ctx.request.inference_tokens, ctx.request.inference_cost_ratio))
     return _with_techniques(Candidate(
+        **_interval_fields(ctx, row, float(scored["time_s"][i]), float(scored["cost_usd"][i])),
         loss_law=loss_law, loss_trust=trust, loss_extrapolation=factor, inference_flops=inf_flops,
         inference_cost_usd=float(scored["cost_usd"][i]) * inf_flops / flops if flops > 0 else 0.0,
         model=entry.name,
@@ -271,6 +272,23 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
         stack=str(row.get("stack", "hf")),
         setup_fields=json.loads(row.get("variant") or "{}"),
     ))
+
+
+def _interval_fields(ctx: Context, row, time_s: float, cost_usd: float) -> dict:
+    """A candidate's 80% intervals (its set-up's regime, or the calibration profile's held-out points:
+    ``planner.cost.timing.intervals``) and its time at the request's confidence over the median."""
+    from planner.cost.timing.grounding import quantile_factor
+    from planner.cost.timing.intervals import interval_factors
+
+    per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
+    g = int(row["num_gpus"])
+    low, high, basis = interval_factors(g, per_node, ctx.profile)
+    step, tps, mfu = float(row["step_time_s"]), float(row["tokens_per_s"]), float(row["mfu"])
+    return {"time_s_low": time_s * low, "time_s_high": time_s * high, "cost_usd_low": cost_usd * low,
+            "cost_usd_high": cost_usd * high, "step_time_s_low": step * low, "step_time_s_high": step * high,
+            "tokens_per_s_low": tps / high, "tokens_per_s_high": tps / low, "mfu_low": mfu / high, "mfu_high": mfu / low,
+            "interval_basis": basis, "confidence": ctx.request.confidence,
+            "held_factor": float(quantile_factor(g, ctx.request.confidence, per_node))}
 
 
 def _with_techniques(c: Candidate) -> Candidate:

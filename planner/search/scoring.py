@@ -79,9 +79,9 @@ class _Rows:
         self.params = np.array([models[i].params_n for i in rows["model"]])[:, None]
         self.g = rows["num_gpus"].astype(f64)[:, None]
         self.tps = rows["tokens_per_s"].astype(f64)[:, None]
-        # throughput the time budgets are held at: the request's quantile of the step time
+        # the time budgets are held at the request's quantile of the run time: its time over the median
         per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
-        self.tps_held = self.tps / quantile_factor(self.g, ctx.request.confidence, per_node)
+        self.held_factor = quantile_factor(self.g, ctx.request.confidence, per_node)
         mfu = rows["mfu"].astype(f64)[:, None]
         peak_rate = np.array([ctx.gpu.peak_flops_for(p) for p in rows["precision"]])[:, None]
         self.fpt = budget_flops_per_token(self.params, rows["work_ratio"].astype(f64)[:, None])
@@ -108,7 +108,7 @@ def _token_caps(ctx: Context, r: _Rows, data: DataChoices, limits: Limits) -> li
     if limits.deadline_s is not None:
         seconds.append(np.full_like(r.g, limits.deadline_s))
     if seconds:
-        caps.append((np.minimum.reduce(seconds) - r.scoring_time) * r.tps_held)
+        caps.append((np.minimum.reduce(seconds) / r.held_factor - r.scoring_time) * r.tps)
     plaus = ctx.plausibility
     max_epochs = req.max_epochs if plaus is None else plaus.max_epochs
     if pool is not None:

@@ -149,15 +149,19 @@ def _affine_step(ctx: Context, spec, setup, mb, seq, rank_arg, cache: dict | Non
     return AffineStep(three - two, 3.0 * two - 2.0 * three, one)
 
 
-def _track_lightest(stats, entry, setup, peak, ranks, micro_batches):
+def _track_lightest(stats, entry, setup, peak, ranks, micro_batches, grad_accum):
     i = np.unravel_index(int(np.argmin(peak)), peak.shape)
     value = float(peak[i])
     by_method = stats.setdefault("lightest_by_method", {})
     if setup.method not in by_method or value < by_method[setup.method]:
         by_method[setup.method] = value  # what memory excluded (planner.search.constraints)
     if stats["lightest"] is None or value < stats["lightest"][0]:
-        # the set-up as evaluated at its lightest point: the micro-batch the search tried there
-        lightest = setup.model_copy(update={"micro_batch": int(micro_batches[i[0]])})
+        # the set-up as evaluated at its lightest point: the micro-batch, accumulation and LoRA rank the
+        # search priced there (the infeasibility message's fixes are priced on it: constraints.memory_shortfall)
+        rank = int(ranks[i[1]])
+        lightest = setup.model_copy(update={"micro_batch": int(micro_batches[i[0]]),
+                                            "grad_accum": int(np.asarray(grad_accum).reshape(-1)[i[0]]),
+                                            **({"lora_rank": rank} if setup.method != "full" and rank > 0 else {})})
         stats["lightest"] = (value, entry.name, lightest, int(ranks[i[1]]))
 
 
@@ -313,7 +317,7 @@ def _gpu_count_rows(ctx: Context, grp: _Group, g: int, combos: list[tuple], exha
         fits = peak <= ctx.usable_bytes
         # rows within the memory sensitivity's 10% are kept too (filtered when reduced)
         near = peak <= ctx.usable_bytes * (1 + RELAX)
-        _track_lightest(stats, grp.entry, setup, peak, grp.ranks, grp.mb)
+        _track_lightest(stats, grp.entry, setup, peak, grp.ranks, grp.mb, ga)
         done.append((key, fits))
         twins[(grp.key, g, key)] = fits
         useful = near.copy()

@@ -206,7 +206,8 @@ def load_gpu(name: str) -> GpuSpec:
             return gpu
     suggestions = ", ".join(_closest(str(name), [g.name for g in gpus]))
     raise PlannerError(
-        f"unknown GPU {name!r}: closest catalog names are {suggestions} (or describe one in a hardware JSON)"
+        f"unknown GPU {name!r}: closest catalog names are {suggestions} (`planner catalog gpus` lists them all; "
+        f"a new GPU is an entry of models_catalog/{GPUS_FILE} with its datasheet's figures)"
     )
 
 

@@ -129,3 +129,12 @@ def load_cluster(name: str) -> ClusterSpec:
 def resolve_cluster(name: str | None, gpu: GpuSpec) -> ClusterSpec:
     """``--cluster NAME`` or, without one, ``default_cluster(gpu)``."""
     return default_cluster(gpu) if not name else load_cluster(name)
+
+
+def other_gpu_note(cluster: ClusterSpec, gpu: GpuSpec) -> str | None:
+    """A note when a named cluster was described with another GPU than the one priced: its links are used
+    as described (a deliberate what-if, or a slip the user should see)."""
+    if cluster.gpu is None or cluster.gpu == gpu.name:
+        return None
+    return (f"cluster: {cluster.name} is described with {cluster.gpu} GPUs, not {gpu.name}: its links "
+            f"({cluster.intra_node_link} inside a node, {cluster.inter_node_link} between nodes) are used as described")

@@ -120,7 +120,8 @@ class TrainingSetup(_Frozen):
         if self.num_gpus % model_parallel:
             raise ValueError(
                 f"num_gpus={self.num_gpus} is not a multiple of tensor_parallel x pipeline_parallel x "
-                f"context_parallel = {model_parallel}: use a GPU count that is"
+                f"context_parallel = {model_parallel}: use a GPU count that is a multiple of {model_parallel} "
+                f"(--num-gpus {model_parallel * max(1, -(-self.num_gpus // model_parallel))}), or smaller degrees"
             )
         _check_layout_flags(self)
         if not self.lora_targets:
@@ -223,9 +224,15 @@ def check_setup(spec: ModelSpec, setup: TrainingSetup) -> None:
 
 
 def _check_parallel_layout(spec: ModelSpec, setup: TrainingSetup) -> None:
-    """Pipeline stages need a layer each; context parallelism splits each sequence into 2 x cp
-    chunks (the load-balanced causal split of Megatron-LM and torchtitan); expert parallelism
-    needs experts to spread."""
+    """Pipeline stages need a layer each (and, under DeepSpeed, ZeRO-0/1); context parallelism
+    splits each sequence into 2 x cp chunks (the load-balanced causal split of Megatron-LM and
+    torchtitan); expert parallelism needs experts to spread."""
+    if setup.stack == "hf" and setup.pipeline_parallel > 1 and setup.zero >= 2:
+        # deepspeed/runtime/pipe/engine.py asserts it: "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"
+        raise PlannerError(
+            f"pipeline parallel {setup.pipeline_parallel} with ZeRO-{setup.zero}: DeepSpeed's pipeline engine runs "
+            "ZeRO-0/1 only: use --zero 1 with pipeline stages, or --pipeline-parallel 1 with ZeRO-2/3"
+        )
     chunks = setup.pipeline_parallel * setup.virtual_stages
     if chunks > spec.num_layers:
         raise PlannerError(

@@ -15,7 +15,7 @@ import numpy as np
 from planner.cost.support import unpriced
 from planner.cost.timing import grounding as time_model
 from planner.cost.timing.step_time import price_usd_per_gpu_hour, step_time
-from planner.specs.cluster import resolve_cluster
+from planner.specs.cluster import other_gpu_note, resolve_cluster
 
 INTERVAL = 0.8
 """The central share the ``_low``/``_high`` fields span."""
@@ -34,6 +34,32 @@ def calibrated_log_interval(profile) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
+PROFILE_TOKENS_REACH = 4
+"""How far past its largest measured micro-batch (in tokens) a calibration profile's interval is trusted."""
+
+
+def profile_range_note(profile, setup) -> str | None:
+    """A note when ``setup`` lies outside what ``profile`` timed (another precision or method, or micro-batches
+    of more than ``PROFILE_TOKENS_REACH`` times its largest): the calibrated interval comes from the profile's
+    held-out points, which say nothing of an extrapolation (a CPU profile of a 2-layer fp32 model at 128 tokens
+    applied to bf16 at 2048 gave an MFU above 100%)."""
+    timed = [m.setup for m in getattr(profile, "measurements", []) if m.status == "ok" and m.step_time_s]
+    if not timed:
+        return None
+    precisions = sorted({t.precision for t in timed})
+    methods = sorted({t.method for t in timed})
+    tokens = max(t.micro_batch * t.seq_len for t in timed)
+    outside = [what for what, out in (
+        (f"precision {setup.precision} (timed: {', '.join(precisions)})", setup.precision not in precisions),
+        (f"method {setup.method} (timed: {', '.join(methods)})", setup.method not in methods),
+        (f"{setup.micro_batch * setup.seq_len:,} tokens per micro-batch (timed: up to {tokens:,})",
+         setup.micro_batch * setup.seq_len > PROFILE_TOKENS_REACH * tokens)) if out]
+    if not outside:
+        return None
+    return ("time: calibrated beyond what the profile timed: " + "; ".join(outside)
+            + ": the interval covers the profile's own points only; calibrate on a set-up like this one")
+
+
 def _bounds(step: float, regime: str, profile) -> tuple[float, float, str]:
     if profile is not None:
         interval = calibrated_log_interval(profile)
@@ -41,6 +67,12 @@ def _bounds(step: float, regime: str, profile) -> tuple[float, float, str]:
             return step * np.exp(interval[0]), step * np.exp(interval[1]), "calibration profile's held-out points"
     low, high = time_model.interval(step, regime)
     return float(low), float(high), f"leave-one-source-out errors of the {regime} regime (published throughput)"
+
+
+def interval_factors(num_gpus: int, gpus_per_node: int, profile=None) -> tuple[float, float, str]:
+    """(low, high, basis): the 80% interval of a set-up's time as factors of the predicted time (the
+    plan search's candidates, whose time is the step time times the steps)."""
+    return _bounds(1.0, time_model.regime(num_gpus, gpus_per_node), profile)
 
 
 def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
@@ -67,6 +99,8 @@ def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None)
             "parts_s": {k: v for k, v in parts.items() if k.endswith("_s") and not k.endswith("_per_s") and k != "step_time_s"},
             "regime": regime, "interval": INTERVAL, "interval_basis": basis,
             "calibrated": profile is not None, "cluster": cluster.name, "cluster_description": cluster.description,
+            "cluster_note": other_gpu_note(cluster, gpu),
+            "profile_note": None if profile is None else profile_range_note(profile, setup),
         },
     }
     price = price_usd_per_gpu_hour(gpu)
@@ -82,6 +116,7 @@ NEAR_CAPACITY_HEADROOM_SHARE = 0.05
 ``cudaMalloc`` fails, PyTorch's caching allocator frees its cached blocks and tries again, a device
 synchronisation each time (``torch.cuda.memory_stats()["num_alloc_retries"]``). 5% is about twice the
 memory model's median error against published peaks (2.4%, benchmarks/README.md)."""
+NOT_FITTING_WARNING = "priced as if the set-up fit: it does not fit the GPU's memory, so it would not run as stated"
 TIME_LEAVES_OUT = ("time leaves out: data loading (assumed hidden behind the step), evaluation, checkpoint saving, "
                    "start-up and torch.compile warm-up, stragglers, failures and restarts")
 
@@ -99,16 +134,20 @@ def near_capacity_warning(headroom_share: float) -> str:
             "fragmentation) makes it less likely")
 
 
-def time_notes(fields: dict, headroom_share: float | None = None) -> list[str]:
+def time_notes(fields: dict, headroom_share: float | None = None, fits: bool = True) -> list[str]:
     """What the time answer assumes and leaves out, in words; ``headroom_share``: the GPU's memory left
-    free by the estimate (a warning below ``NEAR_CAPACITY_HEADROOM_SHARE``)."""
+    free by the estimate (a warning below ``NEAR_CAPACITY_HEADROOM_SHARE``); ``fits``: False says the time
+    is of a set-up that would not run."""
     if "time_not_priced" in fields:
         return [f"time: {fields['time_not_priced']}"]
     t = fields["time"]
     notes = [f"time: {'calibrated' if t['calibrated'] else 'grounded default model'}; "
              f"{t['interval']:.0%} interval from the {t['interval_basis']}", TIME_LEAVES_OUT]
+    if not fits:
+        notes.append("time: " + NOT_FITTING_WARNING)
     if near_capacity(headroom_share):
         notes.append("time: " + near_capacity_warning(headroom_share))
+    notes += [t[key] for key in ("profile_note", "cluster_note") if t.get(key)]
     if t["cluster"] == "default":
         notes.append(f"cluster: none named (--cluster): {t['cluster_description']}")
     return notes
