@@ -9,7 +9,13 @@ import pytest
 
 from planner.cli import main
 from planner.cost.timing import grounding as time_model
-from planner.cost.timing.intervals import calibrated_log_interval, time_fields
+from planner.cost.timing.bounds import (
+    calibrated_log_interval,
+    quantile_factor,
+    regime_log_bounds,
+    time_log_bounds,
+)
+from planner.cost.timing.intervals import time_fields
 from planner.cost.timing.step_time import step_time
 from planner.errors import PlannerError
 from planner.specs.catalog import catalog_root, load_gpu, load_spec
@@ -135,10 +141,30 @@ def test_calibration_profile_narrows_the_interval():
     assert calibrated_log_interval(SimpleNamespace(accuracy=[])) is None
 
 
-def test_quantile_factor():
+def test_quantile_factor_is_the_quantile_of_the_interval_shown():
+    """A budget held at 90% is held at the 80% interval's top, whatever the regime; the median is the
+    prediction's centre; no confidence holds it at the prediction."""
     g = np.array([1, 8, 64])
-    assert np.all(time_model.quantile_factor(g, 0.9) > time_model.quantile_factor(g, 0.5))
-    assert np.all(time_model.quantile_factor(g, None) == 1)
+    low, high = regime_log_bounds(g, 8)
+    assert np.exp(high) == pytest.approx(quantile_factor(low, high, 0.9))
+    q95, q90, q50 = (quantile_factor(low, high, q) for q in (0.95, 0.9, 0.5))
+    assert np.all(q95 > q90) and np.all(q90 > q50)
+    assert np.all(quantile_factor(low, high, None) == 1)
+
+
+def test_a_profile_narrows_only_what_it_timed():
+    """Inside what the bundled CPU profile timed (fp32 full and LoRA on one device, up to 192 tokens), the
+    interval is the profile's held-out spread; beyond it (bf16, 16 GPUs) the wider of it and the regime's."""
+    from planner.specs.profile import load_profile
+
+    profile = load_profile(catalog_root().joinpath("calibrations", "cpu-smollm2-135m-instruct.json"))
+    own = calibrated_log_interval(profile)
+    low, high, outside = time_log_bounds(np.array([1, 1, 16]), 8, profile, np.array(["full", "full", "full"]),
+                                         np.array(["fp32", "bf16", "fp32"]), np.array([128, 128, 128]))
+    assert list(outside) == [False, True, True]
+    assert (low[0], high[0]) == pytest.approx(own)
+    published_low, published_high = regime_log_bounds(np.array([1, 16]), 8)
+    assert high[1] == pytest.approx(max(own[1], published_high[0])) and high[2] == pytest.approx(max(own[1], published_high[1]))
 
 
 def test_estimate_json_contract(capsys):
@@ -418,12 +444,15 @@ def test_hf_zero3_step_does_not_shrink_with_longer_sequences(method):
 
 def test_estimate_step_counts_every_micro_batch_of_the_accumulation(capsys):
     """`tokens_per_step` is one optimizer step (all the micro-batches of the accumulation, every replica):
-    the tokens `tokens_per_s` x `step_time_s` account for; `tokens_per_micro_batch` is one of them."""
+    the tokens `tokens_per_s` x `step_time_s` account for; `tokens_per_micro_batch` is one replica's
+    micro-batch, the one `flops_per_micro_batch` counts."""
     _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--num-gpus", "8", "--zero", "3",
                     "--grad-accum", "4", "--json")
     result = json.loads(out)
-    assert result["tokens_per_step"] == 4 * result["tokens_per_micro_batch"] == 4 * 8 * 2048
+    assert result["tokens_per_step"] == 4 * 8 * result["tokens_per_micro_batch"] == 4 * 8 * 2048
     assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(result["tokens_per_step"])
+    per_token = result["flops_per_micro_batch"] / result["tokens_per_micro_batch"]
+    assert 6 * 8.03e9 < per_token < 7 * 8.03e9  # 6N plus attention: one replica's FLOPs over its tokens
 
 
 def test_time_of_a_set_up_that_does_not_fit_says_so(capsys):
@@ -446,6 +475,8 @@ def test_a_cluster_of_another_gpu_is_named_in_the_notes(capsys):
     _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--num-gpus", "16", "--zero", "3",
                     "--cluster", "dgx-a100", "--json")
     assert not any("described with" in n for n in json.loads(out)["notes"])
+    _, out, _ = run(capsys, "fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--num-gpus", "16", "--cluster", "dgx-a100")
+    assert "note: cluster: dgx-a100 is described with a100-80gb GPUs" in out
 
 
 def test_estimate_of_a_torchtune_fit_row_needs_no_hidden_flag(capsys):
@@ -468,7 +499,18 @@ def test_a_calibration_applied_beyond_its_runs_says_so(capsys):
     does not cover (it reads an MFU above 100%), and the answer says so; its own kind of run does not warn."""
     profile = str(catalog_root().joinpath("calibrations", "cpu-smollm2-135m-instruct.json"))
     _, out, _ = run(capsys, "estimate", "--model", "smollm2-135m-instruct", "--calibration", profile, "--json")
-    assert any("beyond what the profile timed: precision bf16" in n for n in json.loads(out)["notes"])
+    assert any("beyond what the profile timed: full at bf16" in n for n in json.loads(out)["notes"])
     _, out, _ = run(capsys, "estimate", "--model", "smollm2-135m-instruct", "--calibration", profile, "--precision", "fp32",
                     "--seq-len", "128", "--json")
     assert not any("beyond what the profile timed" in n for n in json.loads(out)["notes"])
+
+
+def test_plan_and_compare_text_show_the_interval_and_the_quantile(capsys):
+    """The tables people read carry what the JSON does: the 80% interval of time and cost, and the quantile
+    the budgets were judged at."""
+    _, out, _ = run(capsys, "plan", "--compute", "1e21", "--deadline-hours", "2", "--gpu-counts", "64", "--confidence", "0.9")
+    assert "wall [" in out and "80% interval: leave-one-source-out errors of the multi-node regime" in out
+    assert "BINDING (at the 90% quantile)" in out and "at the 90% quantile (--confidence" in out
+    _, out, _ = run(capsys, "compare", "--gpu", "h100-sxm", "--num-gpus", "8", "--budget-usd", "500", "--data-pool", "100B",
+                    "--confidence", "0.95", "--alloc", "a:model=llama-3.2-1b,method=full")
+    assert "time [80%]" in out and "budgets held at the 95% quantile of each run's time" in out

@@ -312,8 +312,9 @@ def build_compare(args):
     from planner.io.planfiles import load_compare
     from planner.search.plan import CompareRequest, PlanRequest
 
-    base = load_compare(args.file).base.model_dump(exclude_unset=True) if args.file else {}
-    allocations = [a.model_dump(exclude_unset=True) for a in load_compare(args.file).allocations] if args.file else []
+    loaded = load_compare(args.file) if args.file else None  # read once
+    base = loaded.base.model_dump(exclude_unset=True) if loaded else {}
+    allocations = [a.model_dump(exclude_unset=True) for a in loaded.allocations] if loaded else []
     if args.request:
         from planner.io.planfiles import load_request
 
@@ -325,14 +326,10 @@ def build_compare(args):
     try:
         return CompareRequest(base=PlanRequest.model_validate(base), allocations=allocations)
     except ValidationError as exc:
+        from planner.io.planfiles import error_location
+
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        where = ".".join(loc)
-        if loc[:1] == ["allocations"] and len(loc) > 1 and loc[1].isdigit() and int(loc[1]) < len(allocations):
-            # "allocations.0.zero" names a list index; the user named the allocation
-            name = allocations[int(loc[1])].get("name", loc[1])
-            where = f"allocation {name!r}" + (f", {'.'.join(loc[2:])}" if loc[2:] else "")
-        raise PlannerError(f"{where}: {first['msg']}") from None
+        raise PlannerError(f"{error_location(first['loc'], {'allocations': allocations})}: {first['msg']}") from None
 
 
 def run_compare(args) -> int:

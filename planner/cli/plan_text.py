@@ -39,6 +39,9 @@ def plan_text(p) -> str:
         used = _fmt_unit(c.used, c.unit)
         change = "" if c.loss_change_if_relaxed is None else f"; 10% looser: {req.objective} {c.loss_change_if_relaxed:+.4g}"
         state = "BINDING" if c.binding else "slack " + fmt_percent(c.slack_fraction)
+        if c.slack_fraction < -1e-6:  # a lifetime plan (--inference-tokens) may train past a budget: say so
+            state = f"OVER by {fmt_percent(-c.slack_fraction)}" + (" (lifetime plan: budgets bound the loss)"
+                                                                   if p.inference is not None else "")
         held = "" if c.quantile is None else f" (at the {c.quantile:.0%} quantile)"
         lines.append(f"  {c.name:<20} {used:>14} of {limit:<14} {state}{held}{change}")
         if c.binding and c.source:
@@ -161,6 +164,11 @@ def compare_text(rows: list[dict]) -> str:
         })
     columns = list(dict.fromkeys(k for row in table for k in row))  # infeasible rows: "-", not NaN (GPUs stay whole)
     out = render_table([{k: row.get(k, "-") for k in columns} for row in table])
+    held = [r for r in rows if r["feasible"] and r.get("confidence") is not None]
+    if held:  # what the binding column was judged on
+        out += (f"\n\nbudgets held at the {held[0]['confidence']:.0%} quantile of each run's time (--confidence): "
+                + "; ".join(f"{r['name']}: {fmt_seconds(r['time_s'] * r['held_factor'])}, "
+                            f"{fmt_usd(r['cost_usd'] * r['held_factor'])}" for r in held))
     if notes:
         out += "\n\n" + "\n".join(notes)
     return out

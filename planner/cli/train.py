@@ -225,14 +225,10 @@ def run_estimate(args) -> int:
     result = estimate(spec, setup, gpu, cluster=args.cluster, profile=profile)
     if profile is not None:
         from planner.cost.calibrated import apply_profile
-        from planner.cost.estimate import calibrated_fields
-        from planner.cost.timing.intervals import time_fields, time_notes
+        from planner.cost.estimate import calibrated_fields, time_keys
 
-        result = apply_profile(profile, spec, setup, result, gpu)
-        timing = time_fields(spec, setup, gpu or profile.device_spec(), args.cluster, profile)
-        result.update(timing)
-        if gpu is None:  # estimate() priced no time without a GPU: its notes come with the profile's device
-            result["notes"] = result["notes"] + time_notes(timing)
+        timing = {k: result[k] for k in time_keys(result)}  # estimate() priced them on the cluster, with its notes
+        result = {**apply_profile(profile, spec, setup, result, gpu), **timing}
         result["calibrated_fields"] = calibrated_fields(result)
     if args.json:
         print(to_json(result))
@@ -293,10 +289,13 @@ def run_fit(args) -> int:
         "rows": [{**row.as_dict(), **fit_row_times(spec, row.as_dict(), row.setup, gpu, args.seq_len, args.cluster,
                                                     profile)}
                  for row in result["rows"]],
+        "notes": [],
         "short_by_bytes": result.get("short_by_bytes"),
         "fixes": result["fixes"],
         "calibrated_fields": list(FIT_CALIBRATED_FIELDS) if profile is not None else [],
     }
+    # the rows' time notes (a cluster of another GPU, a profile beyond its runs) once for the table
+    payload["notes"] = list(dict.fromkeys(n for r in payload["rows"] for n in r.pop("time_notes", [])))
     print(to_json(payload) if args.json else fit_text(payload))
     return 0
 

@@ -93,17 +93,17 @@ def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, 
             "norms": counts.norms,
             "lm_head": counts.lm_head,
         },
-        "tokens_per_micro_batch": setup.micro_batch * setup.seq_len * setup.data_parallel,  # every replica's
-        "tokens_per_step": setup.micro_batch * setup.seq_len * setup.grad_accum * setup.data_parallel,
+        "tokens_per_micro_batch": setup.tokens_per_micro_batch,  # one replica's, as flops_per_micro_batch
+        "tokens_per_step": setup.tokens_per_micro_batch * setup.grad_accum * setup.data_parallel,  # every replica's
         "notes": _notes(spec, setup),
     }
     # one verdict for every verb: planner.cost.memory.device (the profile's device when no GPU is named)
-    result.update(memory_verdict(peak, gpu or (profile.device_spec() if profile is not None else None), profile,
-                                 setup.stack))
-    if gpu is not None:
+    device = gpu or (profile.device_spec() if profile is not None else None)
+    result.update(memory_verdict(peak, device, profile, setup.stack))
+    if device is not None:  # time on the GPU, or on the profile's device (once, with its verdict's notes)
         from planner.cost.timing.intervals import near_capacity, time_fields, time_notes
 
-        timing = time_fields(spec, setup, gpu, cluster, profile)
+        timing = time_fields(spec, setup, device, cluster, profile)
         result.update(timing)
         verdict = result.get("gpu", {})
         headroom = verdict["headroom_bytes"] / verdict["memory_bytes"] if verdict.get("fits") else None
@@ -130,10 +130,13 @@ def calibrated_fields(result: dict) -> list[str]:
 
     timed = result.get("time", {}).get("calibrated")
     keys = [k for k in CALIBRATED_MEMORY_FIELDS if k in result]
-    if timed:
-        keys += [k for k in result if k.startswith(("step_time_s", "tokens_per_s", "mfu", "usd_per_million_tokens"))]
-        keys += [k for k in ("achieved_flops_per_s", "time") if k in result]
-    return keys
+    return keys + (time_keys(result) if timed else [])
+
+
+def time_keys(result: dict) -> list[str]:
+    """The keys of an estimate that ``planner.cost.timing.intervals.time_fields`` wrote."""
+    return [k for k in result if k.startswith(("step_time_s", "tokens_per_s", "mfu", "usd_per_million_tokens"))
+            or k in ("achieved_flops_per_s", "price_usd_per_gpu_hour", "time")]
 
 
 def sweep(spec: ModelSpec, setup: TrainingSetup, micro_batch, seq_len, lora_rank=None) -> dict[str, np.ndarray]:

@@ -40,12 +40,24 @@ def read_data(path: str | Path) -> dict:
     return data
 
 
+def error_location(loc, data: dict) -> str:
+    """Where a validation error is, in the user's words: ``allocations.0.zero`` names a list index, the
+    user named the allocation (``allocation 'x', zero``)."""
+    parts = [str(p) for p in loc]
+    allocations = data.get("allocations") if isinstance(data, dict) else None
+    if parts[:1] == ["allocations"] and len(parts) > 1 and parts[1].isdigit() and isinstance(allocations, list) \
+            and int(parts[1]) < len(allocations) and isinstance(allocations[int(parts[1])], dict):
+        name = allocations[int(parts[1])].get("name", parts[1])
+        return f"allocation {name!r}" + (f", {'.'.join(parts[2:])}" if parts[2:] else "")
+    return ".".join(parts)
+
+
 def _validate(model, data: dict, path) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        where = error_location(first["loc"], data) or "(top level)"
         raise PlannerError(f"{path}: {where}: {first['msg']}") from None
 
 

@@ -214,6 +214,7 @@ def fit_text(payload: dict) -> str:
     best = _best_fit_words(payload["rows"])
     if best:
         lines.append(best)
+    lines += [f"note: {n.removeprefix('time: ')}" for n in payload.get("notes", [])]
     if payload.get("short_by_bytes") is not None:
         lines.append(f"\nnothing fits: the lightest set-up is short by {fmt_bytes(payload['short_by_bytes'])}")
         for i, fix in enumerate(payload["fixes"], 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.timing.grounding import quantile_factor
+from planner.cost.timing.bounds import quantile_factor
 from planner.errors import PlannerError
 from planner.search.context import RELAX, Context, Limits
 from planner.search.pareto import choose
@@ -187,10 +187,11 @@ def _one_step_shortfalls(ctx: Context, state, rows) -> list[str]:
 
     req = ctx.request
     tps = rows["tokens_per_step"].astype(np.float64)
-    i = int(np.argmin(rows["step_time_s"] * rows["num_gpus"]))
+    low, high, _ = ctx.time_log_bounds(rows["num_gpus"], rows["method"], rows["precision"], rows["micro_batch"])
+    held = quantile_factor(low, high, req.confidence)  # one step at --confidence's quantile (1: the median)
+    i = int(np.argmin(rows["step_time_s"] * held * rows["num_gpus"]))
     g = int(rows["num_gpus"][i])
-    per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
-    step_s = float(rows["step_time_s"][i]) * float(quantile_factor(g, req.confidence, per_node))  # at --confidence
+    step_s = float(rows["step_time_s"][i] * held[i])
     flops_step = float(budget_flops_per_token(state.models[int(rows["model"][i])].params_n,
                                               rows["work_ratio"][i])) * float(tps[i])
     parts = []
@@ -198,12 +199,14 @@ def _one_step_shortfalls(ctx: Context, state, rows) -> list[str]:
         parts.append(f"--compute {fmt_flops(req.compute_flops)} is short by {fmt_flops(flops_step - req.compute_flops)} "
                      f"of one optimizer step ({fmt_count(tps[i])} tokens)")
     cost_step = step_s * g * ctx.price / 3600
+    at = "" if req.confidence is None else f" at the {req.confidence:.0%} quantile"
     if req.budget_usd is not None and req.budget_usd < cost_step:
-        parts.append(f"--budget-usd {fmt_usd(req.budget_usd)} is short by {fmt_usd(cost_step - req.budget_usd)} of one step")
+        parts.append(f"--budget-usd {fmt_usd(req.budget_usd)} is short by {fmt_usd(cost_step - req.budget_usd)} of one "
+                     f"step{at}")
     if req.deadline_s is not None and req.deadline_s < step_s:
-        parts.append(f"the deadline {fmt_seconds(req.deadline_s)} is shorter than one step ({fmt_seconds(step_s)})")
+        parts.append(f"the deadline {fmt_seconds(req.deadline_s)} is shorter than one step{at} ({fmt_seconds(step_s)})")
     if req.gpu_hours is not None and req.gpu_hours < step_s * g / 3600:
-        parts.append(f"--gpu-hours {req.gpu_hours:g} is short of one step ({step_s * g / 3600:.3g} GPU-hours)")
+        parts.append(f"--gpu-hours {req.gpu_hours:g} is short of one step{at} ({step_s * g / 3600:.3g} GPU-hours)")
     return parts
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.errors import PlannerError
 from planner.loss import evidence, scaling
 from planner.search.plan import PlanRequest
@@ -34,6 +36,19 @@ class Context:
     assumptions: tuple[str, ...]
     plausibility: object = None  # planner.loss.evidence.Plausibility: the task's methods, epochs, tokens per parameter
     cluster: object = None  # planner.specs.cluster.ClusterSpec: the network every step time is priced on
+
+    @property
+    def gpus_per_node(self) -> int:
+        """The cluster's GPUs per node: where a set-up's time interval changes regime."""
+        return self.cluster.gpus_per_node if self.cluster is not None else 8
+
+    def time_log_bounds(self, num_gpus, method, precision, micro_batch):
+        """(low, high, beyond the profile) of set-ups' 80% time interval in log space
+        (``planner.cost.timing.bounds.time_log_bounds``; arrays of one shape)."""
+        from planner.cost.timing.bounds import time_log_bounds
+
+        tokens = np.asarray(micro_batch) * self.request.seq_len
+        return time_log_bounds(num_gpus, self.gpus_per_node, self.profile, method, precision, tokens)
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,11 @@ def allocation_gp(
 
 def _nd_caps(ctx, rec: Candidate) -> dict[str, float]:
     """The request's budgets as caps on N x D at the recommended set-up's measured seconds per
-    model FLOP (its scoring time taken out)."""
+    model FLOP (its scoring time taken out; at the request's confidence, as the grid holds them)."""
     req = ctx.request
     model_flops = scaling.FLOPS_PER_PARAM_TOKEN * rec.params * rec.tokens
     train_time = rec.time_s - (rec.scoring_flops / (rec.mfu * ctx.gpu.peak_flops_for(rec.precision) * rec.num_gpus))
-    s_per_flop = train_time / model_flops
+    s_per_flop = train_time * rec.held_factor / model_flops  # at --confidence's quantile, as the grid held it
     caps = {}
     if req.compute_flops is not None:
         caps["compute_flops"] = req.compute_flops / scaling.FLOPS_PER_PARAM_TOKEN

@@ -275,20 +275,23 @@ def _candidate(ctx: Context, state: SearchState, rows: SetupTable, data, scored,
 
 
 def _interval_fields(ctx: Context, row, time_s: float, cost_usd: float) -> dict:
-    """A candidate's 80% intervals (its set-up's regime, or the calibration profile's held-out points:
-    ``planner.cost.timing.intervals``) and its time at the request's confidence over the median."""
-    from planner.cost.timing.grounding import quantile_factor
-    from planner.cost.timing.intervals import interval_factors
+    """A candidate's 80% intervals (``planner.cost.timing.bounds``: its regime's, or the calibration
+    profile's inside what it timed) and its time at the request's confidence over the median (the
+    quantile of the same interval, as the search held it: ``scoring._Rows``)."""
+    from planner.cost.timing import grounding as time_model
+    from planner.cost.timing.bounds import basis_words, calibrated_log_interval, quantile_factor
 
-    per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
     g = int(row["num_gpus"])
-    low, high, basis = interval_factors(g, per_node, ctx.profile)
+    low, high, outside = ctx.time_log_bounds(g, str(row["method"]), str(row["precision"]), int(row["micro_batch"]))
+    low, high = float(np.exp(low)), float(np.exp(high))
+    calibrated = ctx.profile is not None and calibrated_log_interval(ctx.profile) is not None
+    basis = basis_words(time_model.regime(g, ctx.gpus_per_node), calibrated, bool(outside))
     step, tps, mfu = float(row["step_time_s"]), float(row["tokens_per_s"]), float(row["mfu"])
+    held = float(quantile_factor(np.log(low), np.log(high), ctx.request.confidence))
     return {"time_s_low": time_s * low, "time_s_high": time_s * high, "cost_usd_low": cost_usd * low,
             "cost_usd_high": cost_usd * high, "step_time_s_low": step * low, "step_time_s_high": step * high,
             "tokens_per_s_low": tps / high, "tokens_per_s_high": tps / low, "mfu_low": mfu / high, "mfu_high": mfu / low,
-            "interval_basis": basis, "confidence": ctx.request.confidence,
-            "held_factor": float(quantile_factor(g, ctx.request.confidence, per_node))}
+            "interval_basis": basis, "confidence": ctx.request.confidence, "held_factor": held}
 
 
 def _with_techniques(c: Candidate) -> Candidate:

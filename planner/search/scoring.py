@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from planner.cost.timing.grounding import quantile_factor
+from planner.cost.timing.bounds import quantile_factor
 from planner.errors import PlannerError
 from planner.loss import pruning, scaling
 from planner.search.candidates import DataChoices, ModelEntry, token_lattice
@@ -79,9 +79,10 @@ class _Rows:
         self.params = np.array([models[i].params_n for i in rows["model"]])[:, None]
         self.g = rows["num_gpus"].astype(f64)[:, None]
         self.tps = rows["tokens_per_s"].astype(f64)[:, None]
-        # the time budgets are held at the request's quantile of the run time: its time over the median
-        per_node = ctx.cluster.gpus_per_node if ctx.cluster is not None else 8
-        self.held_factor = quantile_factor(self.g, ctx.request.confidence, per_node)
+        # the time budgets are held at the request's quantile of the run time (the quantile of the interval
+        # each candidate shows): its time over the median
+        low, high, _ = ctx.time_log_bounds(rows["num_gpus"], rows["method"], rows["precision"], rows["micro_batch"])
+        self.held_factor = quantile_factor(low, high, ctx.request.confidence)[:, None]
         mfu = rows["mfu"].astype(f64)[:, None]
         peak_rate = np.array([ctx.gpu.peak_flops_for(p) for p in rows["precision"]])[:, None]
         self.fpt = budget_flops_per_token(self.params, rows["work_ratio"].astype(f64)[:, None])

@@ -121,7 +121,7 @@ class TrainingSetup(_Frozen):
             raise ValueError(
                 f"num_gpus={self.num_gpus} is not a multiple of tensor_parallel x pipeline_parallel x "
                 f"context_parallel = {model_parallel}: use a GPU count that is a multiple of {model_parallel} "
-                f"(--num-gpus {model_parallel * max(1, -(-self.num_gpus // model_parallel))}), or smaller degrees"
+                f"(num_gpus / --num-gpus {model_parallel * max(1, -(-self.num_gpus // model_parallel))}), or smaller degrees"
             )
         _check_layout_flags(self)
         if not self.lora_targets:

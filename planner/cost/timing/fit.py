@@ -120,7 +120,8 @@ def loso(tab: dict) -> dict:
 def regime_interval(log_err: np.ndarray, regimes: np.ndarray, reg: str, mask=None,
                     sources: np.ndarray | None = None) -> tuple[float, float]:
     """The 80% interval of regime ``reg`` in log space: +- the 80th percentile of the absolute
-    held-out log errors, each source weighted as in the fit when ``sources`` are given (all regimes pooled when it has fewer than 5 runs, or, given ``sources``,
+    held-out log errors, each source weighted as min(its runs in the pool, ``RUNS_PER_SOURCE_CAP``) runs when
+    ``sources`` are given, the fit's cap (all regimes pooled when it has fewer than 5 runs, or, given ``sources``,
     runs of fewer than ``MIN_SOURCES_PER_REGIME`` sources: the spread of one or two sources says
     little about a new one; with the single-GPU runs of two torchtune READMEs alone, 44% of the
     Qwen README's single-GPU runs fell inside). Symmetric, because
@@ -131,8 +132,11 @@ def regime_interval(log_err: np.ndarray, regimes: np.ndarray, reg: str, mask=Non
     here = mask & (regimes == reg)
     enough = here.sum() >= 5 and (sources is None or len(np.unique(sources[here])) >= MIN_SOURCES_PER_REGIME)
     pool = here if enough else mask
-    weights = None if sources is None else source_weights(sources[pool])
-    half = float(np.quantile(np.abs(log_err[pool]), INTERVAL, weights=weights, method="inverted_cdf"))
+    if sources is None:
+        half = float(np.quantile(np.abs(log_err[pool]), INTERVAL))
+    else:  # each source as min(its runs in the pool, RUNS_PER_SOURCE_CAP) runs
+        half = float(np.quantile(np.abs(log_err[pool]), INTERVAL, weights=source_weights(sources[pool]),
+                                 method="inverted_cdf"))
     return -half, half
 
 
@@ -182,7 +186,7 @@ def committed(tab: dict) -> dict:
                    "time) over the log of the constants, each source weighted as min(runs, RUNS_PER_SOURCE_CAP) "
                    "runs, ridge toward time_model.PRIOR (RIDGE_LOG_SIGMA); interval_log_ratio = +- the 80th percentile of "
                    "the absolute held-out log errors of each regime (leave one source out), each source weighted "
-                   "the same way",
+                   "as min(its runs in the regime, RUNS_PER_SOURCE_CAP) runs",
             "data": "models_catalog/measurements/throughput.csv (see THROUGHPUT_SOURCES.md), runs mapped by "
                     "planner.cost.timing.published",
             "ridge_log_sigma": RIDGE_LOG_SIGMA, "runs_per_source_cap": RUNS_PER_SOURCE_CAP, "loss_scale": LOSS_SCALE,

@@ -4,8 +4,8 @@ the plan search show.
 Uncalibrated, the step time is the grounded model (``planner.cost.timing.grounding``) and its 80%
 interval comes from the leave-one-source-out errors of the set-up's regime (single GPU, one
 node, several nodes). With a calibration profile the step time is the calibrated one and the
-interval comes from the profile's own held-out points (``Profile.accuracy``): a profile measured
-on the target GPU narrows it.
+interval comes from the profile's own held-out points (``Profile.accuracy``) inside what it timed:
+a profile measured on the target GPU narrows it (``planner.cost.timing.bounds``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ import numpy as np
 
 from planner.cost.support import unpriced
 from planner.cost.timing import grounding as time_model
+from planner.cost.timing.bounds import (
+    basis_words,
+    calibrated_log_interval,
+    profile_scope,
+    scope_gaps,
+    time_log_bounds,
+)
 from planner.cost.timing.step_time import price_usd_per_gpu_hour, step_time
 from planner.specs.cluster import other_gpu_note, resolve_cluster
 
@@ -21,58 +28,25 @@ INTERVAL = 0.8
 """The central share the ``_low``/``_high`` fields span."""
 
 
-def calibrated_log_interval(profile) -> tuple[float, float] | None:
-    """(low, high) log(measured / calibrated step time) over the profile's held-out points (their
-    10th and 90th percentiles; the extremes with fewer than 5 points), None without any."""
-    ratios = [np.log(row.measured_step_time_s / row.after_step_time_s) for row in getattr(profile, "accuracy", [])
-              if row.split == "holdout" and row.measured_step_time_s and row.after_step_time_s]
-    if not ratios:
-        return None
-    if len(ratios) < 5:
-        return float(min(min(ratios), 0.0)), float(max(max(ratios), 0.0))
-    low, high = np.quantile(ratios, (0.1, 0.9))
-    return float(low), float(high)
-
-
-PROFILE_TOKENS_REACH = 4
-"""How far past its largest measured micro-batch (in tokens) a calibration profile's interval is trusted."""
-
-
 def profile_range_note(profile, setup) -> str | None:
-    """A note when ``setup`` lies outside what ``profile`` timed (another precision or method, or micro-batches
-    of more than ``PROFILE_TOKENS_REACH`` times its largest): the calibrated interval comes from the profile's
-    held-out points, which say nothing of an extrapolation (a CPU profile of a 2-layer fp32 model at 128 tokens
-    applied to bf16 at 2048 gave an MFU above 100%)."""
-    timed = [m.setup for m in getattr(profile, "measurements", []) if m.status == "ok" and m.step_time_s]
-    if not timed:
+    """A note when ``setup`` lies beyond what ``profile`` timed (``bounds.scope_gaps``): its interval is then
+    the wider of the profile's and the published regime's (a CPU profile of a 2-layer fp32 model at 128
+    tokens applied to bf16 at 2048 gave an MFU above 100%)."""
+    gaps = scope_gaps(profile_scope(profile), setup)
+    if not gaps:
         return None
-    precisions = sorted({t.precision for t in timed})
-    methods = sorted({t.method for t in timed})
-    tokens = max(t.micro_batch * t.seq_len for t in timed)
-    outside = [what for what, out in (
-        (f"precision {setup.precision} (timed: {', '.join(precisions)})", setup.precision not in precisions),
-        (f"method {setup.method} (timed: {', '.join(methods)})", setup.method not in methods),
-        (f"{setup.micro_batch * setup.seq_len:,} tokens per micro-batch (timed: up to {tokens:,})",
-         setup.micro_batch * setup.seq_len > PROFILE_TOKENS_REACH * tokens)) if out]
-    if not outside:
-        return None
-    return ("time: calibrated beyond what the profile timed: " + "; ".join(outside)
-            + ": the interval covers the profile's own points only; calibrate on a set-up like this one")
+    return ("time: calibrated beyond what the profile timed: " + "; ".join(gaps)
+            + ": the interval is the wider of the profile's and the published one; calibrate on a set-up like this one")
 
 
-def _bounds(step: float, regime: str, profile) -> tuple[float, float, str]:
-    if profile is not None:
-        interval = calibrated_log_interval(profile)
-        if interval is not None:
-            return step * np.exp(interval[0]), step * np.exp(interval[1]), "calibration profile's held-out points"
-    low, high = time_model.interval(step, regime)
-    return float(low), float(high), f"leave-one-source-out errors of the {regime} regime (published throughput)"
-
-
-def interval_factors(num_gpus: int, gpus_per_node: int, profile=None) -> tuple[float, float, str]:
-    """(low, high, basis): the 80% interval of a set-up's time as factors of the predicted time (the
-    plan search's candidates, whose time is the step time times the steps)."""
-    return _bounds(1.0, time_model.regime(num_gpus, gpus_per_node), profile)
+def interval_bounds(setup, gpus_per_node: int, profile=None) -> tuple[float, float, str]:
+    """(low, high, basis): the 80% interval of ``setup``'s time as factors of the predicted time
+    (``planner.cost.timing.bounds``)."""
+    low, high, outside = time_log_bounds(setup.num_gpus, gpus_per_node, profile, setup.method, setup.precision,
+                                         setup.micro_batch * setup.seq_len)
+    regime = time_model.regime(setup.num_gpus, gpus_per_node)
+    calibrated = profile is not None and calibrated_log_interval(profile) is not None
+    return float(np.exp(low)), float(np.exp(high)), basis_words(regime, calibrated, bool(outside))
 
 
 def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
@@ -87,7 +61,8 @@ def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None)
     parts = {k: float(np.asarray(v)) for k, v in step_time(spec, setup, gpu, profile=profile, cluster=cluster).items()}
     regime = time_model.regime(setup.num_gpus, cluster.gpus_per_node)
     step = parts["step_time_s"]
-    low, high, basis = _bounds(step, regime, profile)
+    low_factor, high_factor, basis = interval_bounds(setup, cluster.gpus_per_node, profile)
+    low, high = step * low_factor, step * high_factor
     tokens_per_step = step * parts["tokens_per_s"]
     out = {
         "step_time_s": step, "step_time_s_low": low, "step_time_s_high": high,
@@ -173,5 +148,6 @@ def fit_row_times(spec, row: dict, setup, gpu, seq_len: int, cluster_name: str |
     # the row's peak at that micro-batch, as the fit computed it
     verdict = memory_verdict(float(row["max_micro_batch_peak_bytes"]), gpu, profile, at.stack)["gpu"]
     share = verdict["headroom_bytes"] / gpu.memory_bytes
+    notes = [fields["time"][key] for key in ("profile_note", "cluster_note") if fields["time"].get(key)]
     return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields},
-            "time_headroom_share": share, "near_capacity": near_capacity(share)}
+            "time_headroom_share": share, "near_capacity": near_capacity(share), "time_notes": notes}
