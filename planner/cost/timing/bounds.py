@@ -89,19 +89,16 @@ def regime_log_bounds(num_gpus, gpus_per_node: int) -> tuple[np.ndarray, np.ndar
     return pick(0), pick(1)
 
 
-def time_log_bounds(num_gpus, gpus_per_node: int, profile=None, method=None, precision=None, tokens=0):
+def time_log_bounds(num_gpus, gpus_per_node: int, profile, method, precision, tokens):
     """(low, high) log(measured / predicted time) of each set-up's 80% interval and whether it is beyond
     what ``profile`` timed: the profile's held-out spread inside its scope, the wider of it and the
-    regime's outside, the regime's without a profile."""
+    regime's outside, the regime's without a profile (``method``, ``precision``, ``tokens`` per
+    micro-batch and ``num_gpus``: scalars or arrays of one shape)."""
     low, high = regime_log_bounds(num_gpus, gpus_per_node)
     own = None if profile is None else calibrated_log_interval(profile)
     if own is None:
         return low, high, np.zeros(np.shape(low), bool)
-    scope = profile_scope(profile)
-    if method is None:
-        outside = np.asarray(num_gpus) > (scope.num_gpus if scope else 1)
-    else:
-        outside = outside_scope(scope, method, precision, tokens, num_gpus)
+    outside = outside_scope(profile_scope(profile), method, precision, tokens, num_gpus)
     return (np.where(outside, np.minimum(own[0], low), own[0]), np.where(outside, np.maximum(own[1], high), own[1]),
             outside)
 
