@@ -514,3 +514,13 @@ def test_plan_and_compare_text_show_the_interval_and_the_quantile(capsys):
     _, out, _ = run(capsys, "compare", "--gpu", "h100-sxm", "--num-gpus", "8", "--budget-usd", "500", "--data-pool", "100B",
                     "--confidence", "0.95", "--alloc", "a:model=llama-3.2-1b,method=full")
     assert "time [80%]" in out and "budgets held at the 95% quantile of each run's time" in out
+
+
+def test_hf_experts_say_which_implementation_is_priced(capsys):
+    """An HF mixture of experts is priced as transformers 5's grouped GEMMs; the note names the older loop's
+    measured cost, and a dense model or another stack gets no such note."""
+    _, out, _ = run(capsys, "estimate", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--num-gpus", "8", "--zero", "3",
+                    "--json")
+    assert any("grouped_mm" in n and "8.7x" in n for n in json.loads(out)["notes"])
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--json")
+    assert not any("grouped_mm" in n for n in json.loads(out)["notes"])

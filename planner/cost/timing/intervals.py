@@ -39,6 +39,19 @@ def profile_range_note(profile, setup) -> str | None:
             + ": the interval is the wider of the profile's and the published one; calibrate on a set-up like this one")
 
 
+def hf_experts_note(spec, setup) -> str | None:
+    """What the time of a mixture of experts under the Hugging Face stack assumes: transformers 5's
+    default ``experts_implementation="grouped_mm"`` (a few grouped GEMMs per layer, one module per
+    layer's experts; ``modeling_mixtral.MixtralExperts`` in 5.24), not the per-expert modules of releases
+    before 4.51 (one module per expert, looped in Python), which ms-swift's benchmark measured 2x (ZeRO-2)
+    and 8.7x (ZeRO-3) slower than this model prices (``THROUGHPUT_SOURCES.md``, swift_megatron_benchmark)."""
+    if setup.stack != "hf" or not any(layer.num_experts for layer in spec.layers):
+        return None
+    return ("time: experts priced as transformers 5's grouped_mm kernels; per-expert modules looped in Python "
+            "(transformers before 4.51) ran 2x slower under ZeRO-2 and 8.7x under ZeRO-3 in a published benchmark "
+            "(ms-swift, Qwen1.5-MoE on 8 A800s)")
+
+
 def interval_bounds(setup, gpus_per_node: int, profile=None) -> tuple[float, float, str]:
     """(low, high, basis): the 80% interval of ``setup``'s time as factors of the predicted time
     (``planner.cost.timing.bounds``)."""
@@ -76,6 +89,7 @@ def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None)
             "calibrated": profile is not None, "cluster": cluster.name, "cluster_description": cluster.description,
             "cluster_note": other_gpu_note(cluster, gpu),
             "profile_note": None if profile is None else profile_range_note(profile, setup),
+            "experts_note": hf_experts_note(spec, setup),
         },
     }
     price = price_usd_per_gpu_hour(gpu)
@@ -122,7 +136,7 @@ def time_notes(fields: dict, headroom_share: float | None = None, fits: bool = T
         notes.append("time: " + NOT_FITTING_WARNING)
     if near_capacity(headroom_share):
         notes.append("time: " + near_capacity_warning(headroom_share))
-    notes += [t[key] for key in ("profile_note", "cluster_note") if t.get(key)]
+    notes += [t[key] for key in ("profile_note", "cluster_note", "experts_note") if t.get(key)]
     if t["cluster"] == "default":
         notes.append(f"cluster: none named (--cluster): {t['cluster_description']}")
     return notes
@@ -148,6 +162,6 @@ def fit_row_times(spec, row: dict, setup, gpu, seq_len: int, cluster_name: str |
     # the row's peak at that micro-batch, as the fit computed it
     verdict = memory_verdict(float(row["max_micro_batch_peak_bytes"]), gpu, profile, at.stack)["gpu"]
     share = verdict["headroom_bytes"] / gpu.memory_bytes
-    notes = [fields["time"][key] for key in ("profile_note", "cluster_note") if fields["time"].get(key)]
+    notes = [fields["time"][key] for key in ("profile_note", "cluster_note", "experts_note") if fields["time"].get(key)]
     return {"time_micro_batch": at.micro_batch, **{k: fields[k] for k in FIT_ROW_KEYS if k in fields},
             "time_headroom_share": share, "near_capacity": near_capacity(share), "time_notes": notes}
