@@ -110,9 +110,8 @@ def quantile_factor(low, high, quantile: float | None):
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     if quantile is None:
         return np.ones_like(low)
-    from statistics import (
-        NormalDist,  # only when a confidence is asked (statistics imports fractions, decimal)
-    )
+    # imported only when a confidence is asked (statistics imports fractions and decimal)
+    from statistics import NormalDist
 
     z_q, z_top = NormalDist().inv_cdf(quantile), NormalDist().inv_cdf(INTERVAL_QUANTILE)
     return np.exp((low + high) / 2.0 + z_q * (high - low) / (2.0 * z_top))
