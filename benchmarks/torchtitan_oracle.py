@@ -231,6 +231,35 @@ def loss_saved(vocab: int = 128256, s: int = 256) -> dict:
     return out
 
 
+def recompute_flops(flavor: str, s: int = 256) -> dict:
+    """Per AC mode: one block's FLOPs of forward + backward (``FlopCounterMode`` over one step of the model at
+    depths 2 and 4, the difference over 2) and, beside none, what the mode reruns; ``sac_matmuls``: the
+    forward FLOPs of the block's even-numbered matmuls, ``wo`` and ``w3`` of ``wqkv, wo, w1, w3, w2``, which
+    ``SelectiveAC`` recomputes (``_get_custom_policy``: every second mm)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchtitan.components.loss import cross_entropy_loss
+
+    def step(ac: str, layers: int) -> float:
+        fake_mode = FakeTensorMode()
+        model = fake_model(fake_mode, flavor, layers, s, ac)
+        with fake_mode, FlopCounterMode(display=False) as counter:
+            tokens, labels = torch.randint(0, 1000, (1, s)), torch.randint(0, 1000, (1, s))
+            cross_entropy_loss(model(tokens), labels).backward()
+        return float(counter.get_total_flops())
+
+    block = {ac: (step(ac, 4) - step(ac, 2)) / 2 for ac in ("none", "selective", "full")}
+    dim, hidden = SHAPES[flavor]
+    out = {ac: {"block_flops": v, "recompute_flops": v - block["none"]} for ac, v in block.items()}
+    out["sac_matmuls"] = 2.0 * s * (dim * dim + dim * hidden)  # wo (dim x dim) and w3 (dim x hidden)
+    return out
+
+
+SHAPES = {"8B": (4096, 14336), "13B-like": (5120, 13824)}
+"""(dim, FFN hidden) of the traced flavours."""
+
+
 def _saved_per_block(flavor: str, mode: str, s: int, recipe: str | None = None, ac: str = "none") -> dict:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -269,6 +298,10 @@ if __name__ == "__main__":
     recipe = sys.argv[sys.argv.index("--float8") + 1] if "--float8" in sys.argv else None
     if "--loss" in sys.argv:
         print("loss", json.dumps(loss_saved(), indent=1))
+        sys.exit(0)
+    if "--flops" in sys.argv:
+        for name in FLAVORS:
+            print(name, json.dumps(recompute_flops(name), indent=1))
         sys.exit(0)
     for name in FLAVORS:
         if "--compile" in sys.argv:

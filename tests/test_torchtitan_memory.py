@@ -25,6 +25,11 @@ MEASURED_LAYER = {  # model -> AC mode -> bytes per token and block (eager, bf16
 MEASURED_COMPILED = {"llama-3.1-8b": 139400, "llama-2-13b": 165032}  # aot_eager_decomp_partition, no AC
 MEASURED_FORWARD_REST = {"llama-3.1-8b": 1323524, "llama-2-13b": 371204}
 MEASURED_LOSS_BACKWARD_TEMP = {"llama-3.1-8b": 4202692608 // 4096}  # Temp at the backward's peak, T = 4096
+MEASURED_BLOCK_FLOPS = {  # model -> AC mode -> one block's forward + backward FLOPs at 256 tokens (FlopCounterMode;
+    # `torchtitan_oracle.py --flops`, 2026-11-29): SelectiveAC reruns wo and w3, full the whole forward
+    "llama-3.1-8b": {"none": 335007449088, "selective": 373662154752, "full": 446676598784},
+    "llama-2-13b": {"none": 487210352640, "selective": 536870912000, "full": 649613803520},
+}
 
 
 @pytest.mark.parametrize("name", sorted(MEASURED_LAYER))
@@ -80,3 +85,22 @@ def test_unpriced_models_and_setups_are_refused():
         training_memory(load_spec("qwen2.5-0.5b"), _setup(num_gpus=1, zero=0))
     with pytest.raises(ValueError, match="bf16-mixed"):
         tt.compute_bytes("bf16")
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED_BLOCK_FLOPS))
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_flops_match_torchtitans_block(name, mode):
+    """What each AC mode reruns of one block, as torchtitan 0.3.0's own block counts it (the selective
+    policy's every second matmul: wo and w3; full: the whole forward, down projection included: its
+    wrappers pass early_stop=False). FlopCounterMode counts nothing for the CPU flash kernel, so the
+    attention core, which full AC reruns too, is left out of the comparison."""
+    from planner.cost.estimate import training_flops
+    from planner.cost.flops import attention_core_forward_flops
+
+    spec = load_spec(name)
+    setup = _setup(checkpointing=mode, micro_batch=1, seq_len=256)
+    per_block = float(training_flops(spec, setup).recompute) / spec.num_layers
+    if mode == "full":
+        per_block -= float(attention_core_forward_flops(spec.layers[0], 1, 256))
+    measured = MEASURED_BLOCK_FLOPS[name]
+    assert per_block == pytest.approx(measured[mode] - measured["none"], rel=1e-9)

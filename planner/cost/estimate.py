@@ -6,9 +6,11 @@ here imports torch or transformers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from planner.cost.flops import step_flops
+from planner.cost.flops import every_second_matmul_flops, step_flops
 from planner.cost.memory.activation_memory import compute_setup
 from planner.cost.memory.device import memory_verdict
 from planner.cost.memory.phases import training_memory
@@ -22,8 +24,27 @@ from planner.specs.setup import TrainingSetup
 
 def recompute_fraction(setup: TrainingSetup) -> float:
     """Share of the layers' forward FLOPs rerun in backward: all of it for full checkpointing;
-    none of the matmuls for op-level selective checkpointing (only elementwise ops rerun)."""
+    none for op-level selective checkpointing but for torchtitan's every second matmul
+    (``reruns_every_second_matmul``)."""
     return 1.0 if setup.checkpointing == "full" else 0.0
+
+
+def checkpoint_early_stops(setup: TrainingSetup) -> bool:
+    """Whether activation checkpointing stops recomputing once backward has what it needs (torch's
+    non-reentrant default since it exists, which leaves each dense layer's down projection out:
+    ``flops.step_flops``). torchtitan passes ``early_stop=False`` to its wrappers since its PR #1580
+    (2025-08-29; 0.3.0's ``distributed/activation_checkpoint.py``, and its block traced under
+    FlopCounterMode reruns the whole forward: ``tests/test_torchtitan_memory.py``); a set-up may say."""
+    return setup.checkpoint_early_stop if setup.checkpoint_early_stop is not None else setup.stack != "torchtitan"
+
+
+def reruns_every_second_matmul(setup: TrainingSetup) -> bool:
+    """torchtitan's ``SelectiveAC`` reruns every second matmul of a block (``flops.every_second_matmul_flops``);
+    its float8 linears run ``aten._scaled_mm``, which it neither counts as a matmul nor reruns (torch's
+    ``compute_intensive_ops``, in 0.3.0's save set); the Hugging Face stack's op-level selective
+    checkpointing keeps every matmul output (the memory model's ``selective_kept_per_token``) and reruns
+    elementwise ops only."""
+    return setup.checkpointing == "selective" and setup.stack == "torchtitan" and not setup.float8
 
 
 def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_len=None, lora_rank=None):
@@ -32,8 +53,9 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
     rank = setup.lora_rank if lora_rank is None else lora_rank
     adapted = tuple(lora_targets(spec, setup.lora_targets)) if setup.method != "full" else ()
     experts = tuple(lora_expert_targets(spec, setup.lora_targets)) if setup.method != "full" else ()
-    skips_down = not (setup.stack == "torchtune" and setup.method != "full") and not setup.float8
-    return step_flops(
+    skips_down = (checkpoint_early_stops(setup) and not (setup.stack == "torchtune" and setup.method != "full")
+                  and not setup.float8)
+    flops = step_flops(
         spec,
         b,
         s,
@@ -46,6 +68,10 @@ def training_flops(spec: ModelSpec, setup: TrainingSetup, micro_batch=None, seq_
         expert_lora=experts,
         input_requires_grad=setup.stack == "hf" and setup.checkpointing != "none",
     )
+    if reruns_every_second_matmul(setup):
+        tokens = np.asarray(b, dtype=np.float64) * np.asarray(s, dtype=np.float64)
+        flops = dataclasses.replace(flops, recompute=flops.recompute + every_second_matmul_flops(spec, tokens))
+    return flops
 
 
 def estimate(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None, device: str = "cuda",

@@ -99,6 +99,9 @@ class TrainingSetup(_Frozen):
     )
     adapter_dtype: AdapterDtype = "auto"
     modules_to_save: tuple[str, ...] = Field((), description="peft modules_to_save: fully trained, e.g. embed_tokens, lm_head")
+    checkpoint_early_stop: bool | None = Field(
+        None, description="activation checkpointing stops recomputing once backward has what it needs (torch's "
+        "non-reentrant default); None: the stack's (torchtitan 0.3.0 passes early_stop=False; priced in FLOPs and time)")
     # --- parallel layout beyond data parallel, ZeRO and tensor parallel (issue 10)
     pipeline_parallel: int = Field(1, gt=0, le=MAX_NUM_GPUS, description="pipeline stages")
     pipeline_schedule: PipelineSchedule = "1f1b"
@@ -153,7 +156,7 @@ class TrainingSetup(_Frozen):
 STACK_FIELDS: tuple[str, ...] = (
     "stack", "loss_impl", "optimizer_in_backward", "activation_offload", "packed", "compile", "float8",
     "float8_all_gather", "dora",
-    "kbit_preparation", "adapter_dtype", "modules_to_save", "pipeline_parallel", "virtual_stages",
+    "kbit_preparation", "adapter_dtype", "modules_to_save", "checkpoint_early_stop", "pipeline_parallel", "virtual_stages",
     "sequence_parallel", "context_parallel", "expert_parallel",
 )
 """Fields of ``TrainingSetup`` beyond the Hugging Face eager baseline (``is_hf_baseline``)."""

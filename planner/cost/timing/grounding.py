@@ -31,8 +31,10 @@ differently). ``ground`` applies, per set-up:
   torchtitan without compile; ``memory.fused``: Megatron's fused kernels, or ``--compile``).
 - **framework time** per stack (``framework.<stack>``): a factor on the device time (Python,
   launch gaps, hooks, synchronisations that the roofline does not see).
-- **selective recompute** (``selective_recompute``): the share of the forward matmuls a
-  stack's selective checkpointing reruns (torchtitan's op-level SAC reruns some matmuls).
+- **selective recompute** (``selective_recompute``): op-level selective checkpointing's rerun beyond
+  what the roofline counts (the elementwise forward, and torchtitan's every second matmul, which are
+  FLOPs: ``flops.every_second_matmul_flops``), as a share of the forward matmul time; the published
+  runs inform it little, so it stays near its prior.
 - **DeepSpeed ZeRO-3 under HF Trainer** (``zero3_s_per_module_visit.hf``): host seconds per module
   fetch of full fine-tuning (``zero3_hooks``: every module of every layer in forward, backward and
   recompute, as counted on the real engine; a LoRA run's fetch costs a measured 0.67 of one), the Python that makes HF + ZeRO-3 runs several times slower than
@@ -93,7 +95,7 @@ PRIOR: dict[str, float] = {
     "communication.hf": 1.5,
     "communication.native": 1.0,
     "attention_core": 3.5 / 3.0,  # derived, not fitted: see DERIVED
-    "selective_recompute": 0.1,  # torchtitan's per-op SAC reruns about every other matmul's input op
+    "selective_recompute": 0.1,  # per-op SAC's rerun of small ops (views, casts, RoPE) beyond the counted work
     # measured: DeepSpeed 0.19.8's extra host cost of ZeRO-3 per module fetch, full fine-tuning of a 32-layer Llama on
     # this project's 2-core CPU machine (benchmarks/zero3_hook_cpu.py: 0.38 ms at 8 layers, 0.43 at 32); a GPU host
     # also waits on CUDA events, and a faster host core takes less
@@ -191,7 +193,7 @@ def ground(parts: dict, feats: dict, values: dict) -> dict:
     flash_rate = np.asarray(feats["attention_ceiling"]) * values["efficiency.attention"]
     flash_scale = capped * DEFAULT_MAX_EFFICIENCY / flash_rate
     attention = parts["attention_s"] * np.where(feats["flash"], flash_scale * values["attention_core"], scale)
-    # op-level selective checkpointing (HF, torchtitan) reruns some matmuls; Megatron's selective
+    # op-level selective checkpointing (HF, torchtitan) reruns small ops beyond the counted work; Megatron's selective
     # mode reruns only the attention core's softmax and dropout (Korthikanti et al. 2022 sec. 4.2)
     op_level = np.asarray(feats["selective"]) & (np.asarray(feats["stack"]) != "megatron")
     recompute = parts["recompute_s"] * scale + np.where(op_level, values["selective_recompute"] / 3.0, 0.0) * compute

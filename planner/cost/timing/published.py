@@ -259,6 +259,8 @@ def _setup_fields(row: dict) -> dict | str:
         return "expert parallelism is not priced by the time model"
     if row.get("sequence_parallel", "").strip().lower() == "true":
         fields["sequence_parallel"] = True
+    if stack == "torchtitan":  # every FSDP run here predates torchtitan's early_stop=False (PR #1580, 2025-08-29)
+        fields["checkpoint_early_stop"] = True
     return {**fields, **ROW_TECHNIQUES.get(row["id"], {})}
 
 

@@ -23,7 +23,8 @@ calibration corrects), each in its own module:
   those ops write), at ``MEMORY_BANDWIDTH_EFFICIENCY`` x the memory bandwidth; plus the
   embedding gradient and the accumulation of gradients.
 - **recompute_s** -- activation checkpointing: full reruns each layer's forward matmuls
-  (``flops.recompute``) and its elementwise forward; selective reruns only the elementwise part.
+  (``flops.recompute``) and its elementwise forward; selective reruns the elementwise part, and under
+  torchtitan every second matmul (``flops.every_second_matmul_flops``).
 - **optimizer_s** -- the optimizer step (``planner.cost.timing.optimizer_step``): its bytes at the
   memory bandwidth, or over PCIe and at host bandwidth with ``offload_optimizer``.
 - **communication_s** -- exposed data- and tensor-parallel collectives and pipeline sends
@@ -55,7 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.cost.estimate import recompute_fraction, training_flops
+from planner.cost.estimate import recompute_fraction, reruns_every_second_matmul, training_flops
 from planner.cost.flops import StepFlops
 from planner.cost.memory import activations as act
 from planner.cost.memory.activation_memory import layer_activations
@@ -213,7 +214,8 @@ def micro_batch_flops(spec: ModelSpec, setup: TrainingSetup, b, s, rank, cache: 
     ``step_time``) under what it reads: the method, the share of the forward checkpointing
     reruns, the LoRA targets."""
     # any checkpointing makes HF's LoRA inputs require grad (estimate.training_flops, input_requires_grad)
-    key = (*setup_key("flops", setup, _NOT_READ_BY_FLOPS), recompute_fraction(setup), setup.checkpointing != "none")
+    key = (*setup_key("flops", setup, _NOT_READ_BY_FLOPS), recompute_fraction(setup), setup.checkpointing != "none",
+           reruns_every_second_matmul(setup))
     return shared(cache, key, lambda: training_flops(spec, setup, b, s, rank))
 
 
@@ -237,10 +239,8 @@ def micro_batch_work(spec: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, b, s, 
     elementwise_head = ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE * head_traffic / bandwidth * corr.memory_time_factor
     forward_share = 1.0 / ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE
     recompute = _arr(0.0) * tokens
-    if setup.checkpointing == "full":
+    if setup.checkpointing != "none":  # the matmuls it reruns (none for HF's op-level selective) and the elementwise forward
         recompute = _arr(flops.recompute) / tp * layer_per_flop + forward_share * elementwise_layers
-    elif setup.checkpointing == "selective":
-        recompute = forward_share * elementwise_layers
     # DoRA's weight norm and output passes, its own recompute included (planner.cost.timing.dora)
     elementwise_layers = elementwise_layers + dora_micro_batch_s(spec, setup, gpu, tokens, rank, bandwidth, corr,
                                                                  layer_per_flop)
