@@ -524,3 +524,15 @@ def test_hf_experts_say_which_implementation_is_priced(capsys):
     assert any("grouped_mm" in n and "8.7x" in n for n in json.loads(out)["notes"])
     _, out, _ = run(capsys, "estimate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--json")
     assert not any("grouped_mm" in n for n in json.loads(out)["notes"])
+
+
+def test_a_calibrated_plan_says_when_its_run_is_beyond_the_profile(capsys):
+    """The plan's recommended run on the CPU profile trains bf16 on several devices, which the profile never
+    timed: its assumptions say so, and its interval is the wider one."""
+    profile = str(catalog_root().joinpath("calibrations", "cpu-smollm2-135m-instruct.json"))
+    _, out, _ = run(capsys, "plan", "--model", "smollm2-135m-instruct", "--calibration", profile, "--deadline-hours", "200",
+                    "--data-pool", "1B", "--price-usd-per-hour", "0.1", "--global-batch-tokens", "2048", "--seq-len", "128",
+                    "--json")
+    plan = json.loads(out)
+    assert any("beyond what the profile timed" in a and "(the recommended run)" in a for a in plan["assumptions"])
+    assert "beyond what the profile timed" in plan["recommended"]["interval_basis"]

@@ -164,7 +164,7 @@ def make_plan(request: PlanRequest, exhaustive: bool = False, continuous_check: 
         constraints=constraints(ctx, state, data, limits, rec),
         stopping=stopping(ctx, state, data, limits, rec),
         continuous=_continuous(ctx, state, rows, rec) if req.pretrain and continuous_check else None,
-        assumptions=list(ctx.assumptions) + notes + _standing_assumptions(ctx),
+        assumptions=list(ctx.assumptions) + notes + _standing_assumptions(ctx) + _profile_reach(ctx, rec),
         search=_search_stats(ctx, state, data, scored, start),
         evidence=evidence_report(ctx, state, limits, rec),
         inference=inference,
@@ -188,6 +188,17 @@ def _search_stats(ctx: Context, state: SearchState, data, scored, start: float) 
         candidates_scored=int(scored["loss"].size),
         wall_s=time.perf_counter() - start,
     )
+
+
+def _profile_reach(ctx: Context, rec: Candidate) -> list[str]:
+    """The calibration profile's reach over the recommended run, in words: beyond what it timed, the run's
+    interval is the wider of the profile's and the published one (``planner.cost.timing.bounds``)."""
+    if ctx.profile is None:
+        return []
+    from planner.cost.timing.intervals import profile_range_note
+
+    note = profile_range_note(ctx.profile, candidate_setup(rec))
+    return [note.removeprefix("time: ") + " (the recommended run)"] if note else []
 
 
 def _standing_assumptions(ctx: Context) -> list[str]:
