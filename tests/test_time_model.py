@@ -536,3 +536,13 @@ def test_a_calibrated_plan_says_when_its_run_is_beyond_the_profile(capsys):
     plan = json.loads(out)
     assert any("beyond what the profile timed" in a and "(the recommended run)" in a for a in plan["assumptions"])
     assert "beyond what the profile timed" in plan["recommended"]["interval_basis"]
+
+
+def test_optimizer_offload_without_zero_says_what_it_stands_for(capsys):
+    """HF's optimizer offload is DeepSpeed's ZeRO-Offload, which needs a ZeRO stage: at ZeRO-0 the answer says it
+    prices the paged-optimizer stand-in."""
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "h100-sxm", "--offload-optimizer", "--json")
+    assert any("offload_optimizer with ZeRO-0" in n for n in json.loads(out)["notes"])
+    _, out, _ = run(capsys, "estimate", "--model", "llama-3.2-1b", "--gpu", "h100-sxm", "--offload-optimizer", "--zero", "2",
+                    "--json")
+    assert not any("offload_optimizer with ZeRO-0" in n for n in json.loads(out)["notes"])

@@ -200,6 +200,9 @@ def _notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     if compute_setup(setup) is not setup:
         notes.append("DeepSpeed bf16: weights, activations and adapters in bf16 without autocast, fp32 master "
                      "weights and states in its optimizer")
+    if setup.offload_optimizer and setup.zero == 0 and setup.stack == "hf":
+        notes.append("offload_optimizer with ZeRO-0: optimizer states on the host and a CPU step, the stand-in for "
+                     "paged optimizers; DeepSpeed's ZeRO-Offload itself runs under ZeRO-1/2/3 (--zero 2 on one GPU)")
     if setup.num_gpus > 1:
         from planner.cost.memory import zero_buffers
 
