@@ -76,10 +76,11 @@ def plan_text(p) -> str:
     return "\n".join(lines)
 
 
-def _range(r, field: str, fmt) -> str:
-    """" [low - high]" of a candidate's 80% interval ("" without one)."""
-    low, high = getattr(r, f"{field}_low", None), getattr(r, f"{field}_high", None)
-    return "" if low is None or high is None else f" [{fmt(low)} - {fmt(high)}]"
+def _range(r, field: str, fmt, sep: str = " - ") -> str:
+    """" [low - high]" of a candidate's (or a compare row's) 80% interval ("" without one)."""
+    get = r.get if isinstance(r, dict) else (lambda key: getattr(r, key, None))
+    low, high = get(f"{field}_low"), get(f"{field}_high")
+    return "" if low is None or high is None else f" [{fmt(low)}{sep}{fmt(high)}]"
 
 
 def _interval_lines(r) -> list[str]:
@@ -155,8 +156,8 @@ def compare_text(rows: list[dict]) -> str:
         data = "all" if r["selection"] == "all" else f"{r['selection']} {r['keep_fraction']:.2g}"
         table.append({
             "allocation": r["name"], "loss": f"{r['loss']:.4f}",
-            "cost [80%]": fmt_usd(r["cost_usd"]) + _cell_range(r, "cost_usd", fmt_usd),
-            "time [80%]": fmt_seconds(r["time_s"]) + _cell_range(r, "time_s", fmt_seconds),
+            "cost [80%]": fmt_usd(r["cost_usd"]) + _range(r, "cost_usd", fmt_usd, "-"),
+            "time [80%]": fmt_seconds(r["time_s"]) + _range(r, "time_s", fmt_seconds, "-"),
             "peak/GPU": fmt_bytes(r["peak_bytes"]), "model": r["model"], "method": r["method"],
             **({"stack": " + ".join([r["stack"], *r["techniques"]])} if stacks else {}), "gpus": r["num_gpus"],
             "tokens": fmt_count(r["tokens"]), "epochs": "-" if r["epochs"] is None else f"{r['epochs']:.2f}", "data": data,
@@ -172,11 +173,6 @@ def compare_text(rows: list[dict]) -> str:
     if notes:
         out += "\n\n" + "\n".join(notes)
     return out
-
-
-def _cell_range(r: dict, field: str, fmt) -> str:
-    low, high = r.get(f"{field}_low"), r.get(f"{field}_high")
-    return "" if low is None or high is None else f" [{fmt(low)}-{fmt(high)}]"
 
 
 def _stack_text(r) -> str:

@@ -289,7 +289,6 @@ def run_fit(args) -> int:
         "rows": [{**row.as_dict(), **fit_row_times(spec, row.as_dict(), row.setup, gpu, args.seq_len, args.cluster,
                                                     profile)}
                  for row in result["rows"]],
-        "notes": [],
         "short_by_bytes": result.get("short_by_bytes"),
         "fixes": result["fixes"],
         "calibrated_fields": list(FIT_CALIBRATED_FIELDS) if profile is not None else [],

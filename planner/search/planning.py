@@ -289,14 +289,10 @@ def _interval_fields(ctx: Context, row, time_s: float, cost_usd: float) -> dict:
     """A candidate's 80% intervals (``planner.cost.timing.bounds``: its regime's, or the calibration
     profile's inside what it timed) and its time at the request's confidence over the median (the
     quantile of the same interval, as the search held it: ``scoring._Rows``)."""
-    from planner.cost.timing import grounding as time_model
-    from planner.cost.timing.bounds import basis_words, calibrated_log_interval, quantile_factor
+    from planner.cost.timing.bounds import interval_factors, quantile_factor
 
-    g = int(row["num_gpus"])
-    low, high, outside = ctx.time_log_bounds(g, str(row["method"]), str(row["precision"]), int(row["micro_batch"]))
-    low, high = float(np.exp(low)), float(np.exp(high))
-    calibrated = ctx.profile is not None and calibrated_log_interval(ctx.profile) is not None
-    basis = basis_words(time_model.regime(g, ctx.gpus_per_node), calibrated, bool(outside))
+    low, high, basis = interval_factors(int(row["num_gpus"]), ctx.gpus_per_node, ctx.profile, str(row["method"]),
+                                        str(row["precision"]), int(row["micro_batch"]) * ctx.request.seq_len)
     step, tps, mfu = float(row["step_time_s"]), float(row["tokens_per_s"]), float(row["mfu"])
     held = float(quantile_factor(np.log(low), np.log(high), ctx.request.confidence))
     return {"time_s_low": time_s * low, "time_s_high": time_s * high, "cost_usd_low": cost_usd * low,

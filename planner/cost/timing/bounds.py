@@ -59,10 +59,10 @@ def outside_scope(scope: ProfileScope | None, method, precision, tokens, num_gpu
     g = np.asarray(num_gpus)
     if scope is None:
         return np.zeros(g.shape, bool)
-    pairs = np.array([(m, p) not in scope.pairs
-                      for m, p in zip(np.atleast_1d(method), np.atleast_1d(precision), strict=True)]).reshape(
-        np.shape(np.asarray(method)))
-    return pairs | (np.asarray(tokens) > PROFILE_TOKENS_REACH * scope.tokens) | (g > scope.num_gpus)
+    timed = [f"{m}|{p}" for m, p in scope.pairs]
+    untimed = ~np.isin(np.char.add(np.char.add(np.asarray(method, dtype=str), "|"), np.asarray(precision, dtype=str)),
+                       timed)
+    return untimed | (np.asarray(tokens) > PROFILE_TOKENS_REACH * scope.tokens) | (g > scope.num_gpus)
 
 
 def scope_gaps(scope: ProfileScope | None, setup) -> list[str]:
@@ -115,6 +115,16 @@ def quantile_factor(low, high, quantile: float | None):
 
     z_q, z_top = NormalDist().inv_cdf(quantile), NormalDist().inv_cdf(INTERVAL_QUANTILE)
     return np.exp((low + high) / 2.0 + z_q * (high - low) / (2.0 * z_top))
+
+
+def interval_factors(num_gpus: int, gpus_per_node: int, profile, method: str, precision: str,
+                     tokens: int) -> tuple[float, float, str]:
+    """(low, high, basis) of one set-up: its 80% interval as factors of the predicted time, and where the
+    interval comes from in words (``time_log_bounds``)."""
+    low, high, outside = time_log_bounds(num_gpus, gpus_per_node, profile, method, precision, tokens)
+    regime = time_model.regime(num_gpus, gpus_per_node)
+    calibrated = profile is not None and calibrated_log_interval(profile) is not None
+    return float(np.exp(low)), float(np.exp(high)), basis_words(regime, calibrated, bool(outside))
 
 
 def basis_words(regime: str, calibrated: bool, outside: bool) -> str:

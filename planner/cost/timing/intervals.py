@@ -14,13 +14,7 @@ import numpy as np
 
 from planner.cost.support import unpriced
 from planner.cost.timing import grounding as time_model
-from planner.cost.timing.bounds import (
-    basis_words,
-    calibrated_log_interval,
-    profile_scope,
-    scope_gaps,
-    time_log_bounds,
-)
+from planner.cost.timing.bounds import interval_factors, profile_scope, scope_gaps
 from planner.cost.timing.step_time import price_usd_per_gpu_hour, step_time
 from planner.specs.cluster import other_gpu_note, resolve_cluster
 
@@ -52,16 +46,6 @@ def hf_experts_note(spec, setup) -> str | None:
             "(ms-swift, Qwen1.5-MoE on 8 A800s)")
 
 
-def interval_bounds(setup, gpus_per_node: int, profile=None) -> tuple[float, float, str]:
-    """(low, high, basis): the 80% interval of ``setup``'s time as factors of the predicted time
-    (``planner.cost.timing.bounds``)."""
-    low, high, outside = time_log_bounds(setup.num_gpus, gpus_per_node, profile, setup.method, setup.precision,
-                                         setup.micro_batch * setup.seq_len)
-    regime = time_model.regime(setup.num_gpus, gpus_per_node)
-    calibrated = profile is not None and calibrated_log_interval(profile) is not None
-    return float(np.exp(low)), float(np.exp(high)), basis_words(regime, calibrated, bool(outside))
-
-
 def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None) -> dict:
     """``step_time_s`` with ``step_time_s_low``/``_high`` (the 80% interval), ``tokens_per_s``
     (the whole job), ``mfu``, ``usd_per_million_tokens`` (where the GPU has a price), each with
@@ -74,7 +58,8 @@ def time_fields(spec, setup, gpu, cluster_name: str | None = None, profile=None)
     parts = {k: float(np.asarray(v)) for k, v in step_time(spec, setup, gpu, profile=profile, cluster=cluster).items()}
     regime = time_model.regime(setup.num_gpus, cluster.gpus_per_node)
     step = parts["step_time_s"]
-    low_factor, high_factor, basis = interval_bounds(setup, cluster.gpus_per_node, profile)
+    low_factor, high_factor, basis = interval_factors(setup.num_gpus, cluster.gpus_per_node, profile, setup.method,
+                                                      setup.precision, setup.tokens_per_micro_batch)
     low, high = step * low_factor, step * high_factor
     tokens_per_step = step * parts["tokens_per_s"]
     out = {
